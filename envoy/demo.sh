@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Starts envoy/demo.yaml, waits until it is ready, prints what to try, and stops Envoy on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+envoy=${ENVOY_BIN:-.venv/bin/envoy}
+"$envoy" -c envoy/demo.yaml --concurrency 2 --disable-hot-restart --log-level "${LOG_LEVEL:-warning}" &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT INT TERM
+for _ in $(seq 100); do
+  curl -sf http://127.0.0.1:9901/ready >/dev/null 2>&1 && break
+  kill -0 $pid 2>/dev/null || { echo "Envoy exited; see its log above" >&2; exit 1; }
+  sleep 0.1
+done
+cat <<'TXT'
+
+Envoy is serving the resilience filter on http://127.0.0.1:10000 (admin: http://127.0.0.1:9901).
+
+  # through the filter to the demo upstream
+  curl -i http://127.0.0.1:10000/
+
+  # ask the demo upstream for a failure, or a slow answer
+  curl -i -H 'x-envoy-fault-abort-request: 503' http://127.0.0.1:10000/
+  curl -i -H 'x-envoy-fault-delay-request: 1500' http://127.0.0.1:10000/
+
+  # the filter's metrics
+  curl -s http://127.0.0.1:9901/stats | grep resilience
+
+Ctrl-C stops Envoy.
+TXT
+wait $pid

@@ -1,0 +1,116 @@
+//! Time as the core sees it: plain nanoseconds passed in by the caller.
+//!
+//! Envoy's clock is wall-clock time shared by all workers, and it can step backwards (NTP,
+//! a VM migration). Every difference saturates, so a backwards step reads as "no time passed"
+//! instead of an underflow or a panic.
+
+use std::cell::Cell;
+use std::time::Duration;
+
+/// A point in time, in nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Instant(u64);
+
+impl Instant {
+    pub const fn from_nanos(nanos: u64) -> Self {
+        Self(nanos)
+    }
+
+    pub const fn as_nanos(self) -> u64 {
+        self.0
+    }
+
+    /// Time from `earlier` to `self`; zero when the clock went backwards.
+    pub fn saturating_since(self, earlier: Instant) -> Duration {
+        Duration::from_nanos(self.0.saturating_sub(earlier.0))
+    }
+
+    pub fn saturating_add(self, duration: Duration) -> Instant {
+        Instant(self.0.saturating_add(nanos_saturating(duration)))
+    }
+
+    pub fn saturating_sub(self, duration: Duration) -> Instant {
+        Instant(self.0.saturating_sub(nanos_saturating(duration)))
+    }
+}
+
+/// A `Duration` in nanoseconds, clamped to `u64::MAX` (about 584 years).
+pub fn nanos_saturating(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Where the current time comes from.
+pub trait Clock {
+    fn now(&self) -> Instant;
+}
+
+/// A clock that moves only when told to, in either direction.
+#[derive(Debug, Default)]
+pub struct FakeClock {
+    now: Cell<u64>,
+}
+
+impl FakeClock {
+    pub fn at(now: Instant) -> Self {
+        Self {
+            now: Cell::new(now.0),
+        }
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.now
+            .set(self.now.get().saturating_add(nanos_saturating(by)));
+    }
+
+    /// Steps the clock back, as NTP may do to Envoy's wall clock.
+    pub fn rewind(&self, by: Duration) {
+        self.now
+            .set(self.now.get().saturating_sub(nanos_saturating(by)));
+    }
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> Instant {
+        Instant(self.now.get())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn backwards_step_reads_as_no_time_passed() {
+        let clock = FakeClock::at(Instant::from_nanos(5_000));
+        let before = clock.now();
+        clock.rewind(Duration::from_nanos(3_000));
+        assert_eq!(clock.now().saturating_since(before), Duration::ZERO);
+        assert_eq!(
+            before.saturating_since(clock.now()),
+            Duration::from_nanos(3_000)
+        );
+    }
+
+    #[test]
+    fn arithmetic_saturates_at_both_ends() {
+        let end = Instant::from_nanos(u64::MAX - 1);
+        assert_eq!(
+            end.saturating_add(Duration::from_secs(1)).as_nanos(),
+            u64::MAX
+        );
+        assert_eq!(
+            Instant::from_nanos(1)
+                .saturating_sub(Duration::from_secs(1))
+                .as_nanos(),
+            0
+        );
+        assert_eq!(nanos_saturating(Duration::MAX), u64::MAX);
+        let clock = FakeClock::at(end);
+        clock.advance(Duration::MAX);
+        assert_eq!(clock.now().as_nanos(), u64::MAX);
+        clock.rewind(Duration::MAX);
+        assert_eq!(clock.now().as_nanos(), 0);
+    }
+}

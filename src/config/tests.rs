@@ -1,0 +1,101 @@
+use super::*;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+fn error_path(json: &str) -> String {
+    match Config::parse(json.as_bytes()) {
+        Ok(config) => format!("accepted: {config:?}"),
+        Err(err) => err.path,
+    }
+}
+
+#[test]
+fn empty_configuration_runs_with_defaults() {
+    let defaults = Config {
+        shared_data: SharedDataSettings {
+            on_error: FailureMode::Allow,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+        },
+    };
+    assert_eq!(Config::parse(b""), Ok(defaults.clone()));
+    assert_eq!(Config::parse(b" \n"), Ok(defaults.clone()));
+    assert_eq!(Config::parse(b"{}"), Ok(defaults));
+}
+
+#[test]
+fn settings_are_read() {
+    let config = Config::parse(br#"{"shared_data": {"on_error": "deny", "max_attempts": 3}}"#);
+    assert_eq!(
+        config.map(|c| c.shared_data),
+        Ok(SharedDataSettings {
+            on_error: FailureMode::Deny,
+            max_attempts: 3
+        })
+    );
+}
+
+#[test]
+fn errors_name_the_field() {
+    assert_eq!(
+        error_path(r#"{"shared_data": {"max_attempts": 0}}"#),
+        "shared_data.max_attempts"
+    );
+    assert_eq!(
+        error_path(r#"{"shared_data": {"max_attempts": 65}}"#),
+        "shared_data.max_attempts"
+    );
+    assert_eq!(
+        error_path(r#"{"shared_data": {"max_attempts": -1}}"#),
+        "shared_data.max_attempts"
+    );
+    assert_eq!(
+        error_path(r#"{"shared_data": {"on_error": "maybe"}}"#),
+        "shared_data.on_error"
+    );
+    assert_eq!(
+        error_path(r#"{"shared_data": {"retries": 1}}"#),
+        "shared_data.retries"
+    );
+    assert_eq!(error_path(r#"{"rate_limits": {}}"#), "rate_limits");
+}
+
+#[test]
+fn malformed_documents_are_refused() {
+    assert_eq!(error_path("{"), ".");
+    assert_eq!(error_path("{} {}"), ".");
+    assert_eq!(error_path("[]"), ".");
+    assert_eq!(error_path("\u{feff}{}"), ".");
+}
+
+#[test]
+fn error_message_carries_path_and_reason() {
+    let err = Config::parse(br#"{"shared_data": {"max_attempts": 0}}"#).err();
+    assert_eq!(
+        err.map(|e| e.to_string()),
+        Some(
+            "invalid configuration at `shared_data.max_attempts`: must be between 1 and 64, got 0"
+                .into()
+        )
+    );
+}
+
+#[test]
+fn durations_are_strings_with_units() {
+    let parse = |json: &str| serde_json::from_str::<Duration>(json).map(|d| d.0).ok();
+    assert_eq!(
+        parse(r#""250ms""#),
+        Some(std::time::Duration::from_millis(250))
+    );
+    assert_eq!(parse(r#""30s""#), Some(std::time::Duration::from_secs(30)));
+    assert_eq!(
+        parse(r#""24h""#),
+        Some(std::time::Duration::from_secs(86_400))
+    );
+    assert_eq!(
+        parse(r#""1m 30s""#),
+        Some(std::time::Duration::from_secs(90))
+    );
+    assert_eq!(parse(r#""30""#), None, "a unit is required");
+    assert_eq!(parse("30"), None, "numbers are ambiguous");
+    assert_eq!(parse(r#""-1s""#), None);
+}

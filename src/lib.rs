@@ -1,0 +1,13 @@
+//! Resilience policies for Envoy, as one proxy-wasm HTTP filter.
+//!
+//! The crate is a pure core (`clock`, `store`, `config` and, as they land, one module per
+//! policy) and a thin host adapter (`host`, compiled only for `wasm32-wasip1`). The core never
+//! calls proxy-wasm: it gets the time and a [`store::Store`] as arguments, so the same code is
+//! tested natively, under `wasm-bindgen-test`, and run inside Envoy.
+
+pub mod clock;
+pub mod config;
+pub mod store;
+
+#[cfg(target_os = "wasi")]
+mod host;

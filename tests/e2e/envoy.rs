@@ -1,0 +1,291 @@
+//! Starts a real Envoy with the freshly built filter in front of an [`Upstream`].
+//!
+//! Each Envoy gets free ports, its own directory and `--concurrency 2` or more, so several
+//! worker VMs share the filter's state as in production. It is always stopped on drop, and
+//! when a test fails its log is printed.
+
+use super::upstream::Upstream;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const VM_ID: &str = "resilience-e2e";
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One filter instance in the chain: its plugin name and its JSON configuration.
+pub struct Filter {
+    pub name: String,
+    pub config: String,
+}
+
+pub struct EnvoyBuilder {
+    filters: Vec<Filter>,
+    concurrency: usize,
+}
+
+pub fn envoy() -> EnvoyBuilder {
+    EnvoyBuilder {
+        filters: Vec::new(),
+        concurrency: 2,
+    }
+}
+
+impl EnvoyBuilder {
+    /// Adds a filter instance; instances run in the order they are added.
+    pub fn filter(mut self, name: &str, config: &str) -> Self {
+        self.filters.push(Filter {
+            name: name.to_owned(),
+            config: config.to_owned(),
+        });
+        self
+    }
+
+    pub fn concurrency(mut self, workers: usize) -> Self {
+        self.concurrency = workers;
+        self
+    }
+
+    /// Starts Envoy and waits until its admin endpoint reports it ready.
+    pub async fn start(self, upstream: &Upstream) -> Envoy {
+        let mut envoy = self.spawn(upstream);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = envoy.child.try_wait() {
+                panic!(
+                    "Envoy exited before it was ready ({status}):\n{}",
+                    envoy.log()
+                );
+            }
+            if envoy
+                .admin("/ready")
+                .await
+                .is_some_and(|body| body.trim() == "LIVE")
+            {
+                return envoy;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Envoy not ready after {READY_TIMEOUT:?}:\n{}",
+                envoy.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts Envoy expecting it to refuse its configuration; returns its exit status and log.
+    pub async fn start_expecting_refusal(self, upstream: &Upstream) -> (ExitStatus, String) {
+        let mut envoy = self.spawn(upstream);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = envoy.child.try_wait() {
+                return (status, envoy.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Envoy still running after {READY_TIMEOUT:?}:\n{}",
+                envoy.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn spawn(self, upstream: &Upstream) -> Envoy {
+        let dir = scratch_dir();
+        let port = free_port();
+        let admin_port = free_port();
+        let yaml = self.yaml(port, admin_port, upstream);
+        let config_path = dir.join("envoy.yaml");
+        std::fs::write(&config_path, yaml).expect("write Envoy config");
+        let log_path = dir.join("envoy.log");
+        let log = std::fs::File::create(&log_path).expect("create Envoy log");
+        let child = Command::new(envoy_binary())
+            .arg("-c")
+            .arg(&config_path)
+            .args(["--concurrency", &self.concurrency.to_string()])
+            .args(["--disable-hot-restart", "--log-level", "info"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start Envoy (run `make setup` to install it)");
+        Envoy {
+            child,
+            port,
+            admin_port,
+            log_path,
+            dir,
+        }
+    }
+
+    fn yaml(&self, port: u16, admin_port: u16, upstream: &Upstream) -> String {
+        let wasm = wasm_path();
+        let mut filters = String::new();
+        for filter in &self.filters {
+            let config = serde_json::to_string(&filter.config).expect("quote config");
+            write!(
+                filters,
+                r#"
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: {name}
+                root_id: resilience
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {config}
+                vm_config:
+                  vm_id: {VM_ID}
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{local: {{filename: {wasm}}}}}"#,
+                name = filter.name,
+                wasm = wasm.display(),
+            )
+            .expect("format filter");
+        }
+        format!(
+            r#"
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
+static_resources:
+  listeners:
+  - name: main
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: main
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: upstream, timeout: 30s}}
+          http_filters:{filters}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream_port}}}}}
+"#,
+            upstream_port = upstream.addr.port(),
+        )
+    }
+}
+
+pub struct Envoy {
+    child: Child,
+    pub port: u16,
+    admin_port: u16,
+    log_path: PathBuf,
+    dir: PathBuf,
+}
+
+impl Envoy {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// GET on the admin endpoint; `None` if Envoy does not answer 200.
+    pub async fn admin(&self, path: &str) -> Option<String> {
+        let url = format!("http://127.0.0.1:{}{path}", self.admin_port);
+        let response = reqwest::get(url).await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.text().await.ok()
+    }
+
+    /// A counter or gauge from `/stats`, by its full name.
+    pub async fn stat(&self, name: &str) -> Option<u64> {
+        let stats = self.admin(&format!("/stats?filter=^{name}$")).await?;
+        stats.lines().find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- Envoy log ({}) -----\n{}",
+                self.log_path.display(),
+                self.log()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn envoy_binary() -> PathBuf {
+    std::env::var_os("ENVOY_BIN").map_or_else(|| repo_root().join(".venv/bin/envoy"), PathBuf::from)
+}
+
+/// The release `.wasm`, refused if any source it was built from changed since: a stale filter
+/// would make every end-to-end result a lie. Cargo's dep-info lists exactly those sources.
+fn wasm_path() -> PathBuf {
+    let release = repo_root().join("target/wasm32-wasip1/release");
+    let wasm = release.join("envoy_resilience.wasm");
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let built = modified(&wasm)
+        .unwrap_or_else(|| panic!("{} is missing: run `make build`", wasm.display()));
+    let dep_info = std::fs::read_to_string(release.join("envoy_resilience.d")).unwrap_or_default();
+    let sources = dep_info
+        .lines()
+        .next()
+        .and_then(|line| line.split_once(": "))
+        .map_or("", |(_, s)| s);
+    for source in sources.split_whitespace() {
+        let changed = modified(Path::new(source)).is_none_or(|m| m > built);
+        assert!(
+            !changed,
+            "{source} changed after {} was built: run `make build`",
+            wasm.display()
+        );
+    }
+    wasm
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("free port")
+}
+
+fn scratch_dir() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("resilience-e2e-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
