@@ -7,6 +7,9 @@
 
 pub mod clock;
 pub mod config;
+pub mod matcher;
+pub mod rate_limit;
+pub mod request;
 pub mod store;
 
 #[cfg(target_os = "wasi")]

@@ -9,6 +9,7 @@ mod duration;
 
 pub use duration::Duration;
 
+use crate::rate_limit::{RateLimitConfig, RawRateLimit};
 use serde::Deserialize;
 use std::fmt;
 
@@ -18,6 +19,7 @@ use std::fmt;
 pub struct RawConfig {
     #[serde(default)]
     pub shared_data: RawSharedData,
+    pub rate_limit: Option<RawRateLimit>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -43,6 +45,7 @@ pub enum FailureMode {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub shared_data: SharedDataSettings,
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,7 +78,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl ConfigError {
-    fn at(path: &str, reason: impl Into<String>) -> Self {
+    pub(crate) fn at(path: &str, reason: impl Into<String>) -> Self {
         Self {
             path: path.to_owned(),
             reason: reason.into(),
@@ -127,12 +130,37 @@ impl Config {
                 ),
             ));
         }
+        let rate_limit = raw
+            .rate_limit
+            .map(|raw| RateLimitConfig::validate(raw, "rate_limit"))
+            .transpose()?;
         Ok(Config {
             shared_data: SharedDataSettings {
                 on_error: raw.shared_data.on_error.unwrap_or_default(),
                 max_attempts,
             },
+            rate_limit,
         })
+    }
+
+    /// The request headers any policy reads, each once: the host fetches only these.
+    pub fn request_headers(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .rate_limit
+            .iter()
+            .flat_map(|rate_limit| rate_limit.header_names())
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Whether any policy reads the downstream peer address.
+    pub fn needs_peer(&self) -> bool {
+        self.rate_limit
+            .as_ref()
+            .is_some_and(RateLimitConfig::needs_peer)
     }
 }
 

@@ -16,6 +16,7 @@ fn empty_configuration_runs_with_defaults() {
             on_error: FailureMode::Allow,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
         },
+        rate_limit: None,
     };
     assert_eq!(Config::parse(b""), Ok(defaults.clone()));
     assert_eq!(Config::parse(b" \n"), Ok(defaults.clone()));
@@ -57,6 +58,68 @@ fn errors_name_the_field() {
         "shared_data.retries"
     );
     assert_eq!(error_path(r#"{"rate_limits": {}}"#), "rate_limits");
+    assert_eq!(
+        error_path(r#"{"rate_limit": {"rules": []}}"#),
+        "rate_limit.rules"
+    );
+    let rule = |extra: &str| {
+        format!(
+            r#"{{"rate_limit": {{"rules": [{{"name": "r", "capacity": 5, "refill": {{"tokens": 1, "interval": "1s"}}{extra}}}]}}}}"#
+        )
+    };
+    assert!(Config::parse(rule("").as_bytes()).is_ok());
+    assert_eq!(
+        error_path(&rule(r#", "cost": 6"#)),
+        "rate_limit.rules[0].cost"
+    );
+    assert_eq!(
+        error_path(
+            r#"{"rate_limit": {"rules": [{"name": "r", "capacity": 0, "refill": {"tokens": 1, "interval": "1s"}}]}}"#
+        ),
+        "rate_limit.rules[0].capacity"
+    );
+    assert_eq!(
+        error_path(&rule(r#", "table_size": 5"#)),
+        "rate_limit.rules[0].table_size"
+    );
+    assert_eq!(
+        error_path(&rule(r#", "key": ["client_address"], "table_size": 0"#)),
+        "rate_limit.rules[0].table_size"
+    );
+    assert_eq!(
+        error_path(&rule(r#", "key": [{"header": "bad name"}]"#)),
+        "rate_limit.rules[0].key[0].header"
+    );
+    assert_eq!(
+        error_path(&rule(r#", "key": ["cookie"]"#)),
+        "rate_limit.rules[0].key[0]"
+    );
+    assert_eq!(
+        error_path(&rule(r#", "match": {"path_prefix": "x"}"#)),
+        "rate_limit.rules[0].match.path_prefix"
+    );
+    assert_eq!(
+        error_path(&rule(r#", "burst": 3"#)),
+        "rate_limit.rules[0].burst"
+    );
+    assert_eq!(
+        error_path(
+            r#"{"rate_limit": {"rules": [{"name": "r", "capacity": 5, "refill": {"tokens": 1, "interval": "1"}}]}}"#
+        ),
+        "rate_limit.rules[0].refill.interval"
+    );
+    assert_eq!(
+        error_path(
+            r#"{"rate_limit": {"rules": [{"name": "r", "capacity": 5, "refill": {"tokens": 1, "interval": "1s"}}, {"name": "r", "capacity": 5, "refill": {"tokens": 1, "interval": "1s"}}]}}"#
+        ),
+        "rate_limit.rules[1].name"
+    );
+    assert_eq!(
+        error_path(
+            r#"{"rate_limit": {"rules": [{"name": "r", "capacity": 5, "refill": {"tokens": 1, "interval": "1s"}}], "limited_response": {"status": 200}}}"#
+        ),
+        "rate_limit.limited_response.status"
+    );
 }
 
 #[test]

@@ -49,9 +49,13 @@ pub struct Counter(Option<u32>);
 
 impl Counter {
     pub fn increment(&self) {
+        self.add(1);
+    }
+
+    pub fn add(&self, n: u64) {
         if let Some(id) = self.0 {
             // Ignored: losing one sample is better than failing the request.
-            let _ = hostcalls::increment_metric(id, 1);
+            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 }

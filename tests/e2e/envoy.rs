@@ -159,6 +159,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: main
           codec_type: AUTO
+          use_remote_address: true
           route_config:
             virtual_hosts:
             - name: all
@@ -211,6 +212,25 @@ impl Envoy {
             return None;
         }
         response.text().await.ok()
+    }
+
+    /// Connections each worker accepted on the main listener: proof that load was spread.
+    pub async fn connections_per_worker(&self) -> Vec<u64> {
+        let stats = self
+            .admin("/stats?filter=downstream_cx_total")
+            .await
+            .unwrap_or_default();
+        let prefix = format!("listener.127.0.0.1_{}.worker_", self.port);
+        stats
+            .lines()
+            .filter_map(|line| {
+                line.strip_prefix(&prefix)?
+                    .split_once(".downstream_cx_total: ")?
+                    .1
+                    .parse()
+                    .ok()
+            })
+            .collect()
     }
 
     /// A counter or gauge from `/stats`, by its full name.

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod envoy;
+mod rate_limit;
 mod smoke;
 mod upstream;
 

@@ -1,0 +1,227 @@
+//! Which requests a rule applies to: path (prefix or exact), methods, headers.
+
+use crate::config::ConfigError;
+use crate::request::RequestInfo;
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub path_prefix: Option<String>,
+    pub path: Option<String>,
+    pub methods: Option<Vec<String>>,
+    pub headers: Option<Vec<RawHeaderMatch>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderMatch {
+    pub name: String,
+    pub exact: Option<String>,
+    pub present: Option<bool>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Match {
+    path: PathMatch,
+    /// Upper-case; empty matches every method.
+    methods: Vec<String>,
+    headers: Vec<HeaderMatch>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum PathMatch {
+    Any,
+    Prefix(String),
+    Exact(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct HeaderMatch {
+    /// Lower-case.
+    name: String,
+    rule: HeaderRule,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum HeaderRule {
+    Present(bool),
+    Exact(String),
+}
+
+impl Match {
+    /// Validates `raw`, found at `path` in the configuration.
+    pub fn compile(raw: RawMatch, path: &str) -> Result<Match, ConfigError> {
+        let path_match = match (raw.path_prefix, raw.path) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::at(
+                    path,
+                    "set `path_prefix` or `path`, not both",
+                ));
+            }
+            (Some(prefix), None) => {
+                PathMatch::Prefix(check_path(prefix, &format!("{path}.path_prefix"))?)
+            }
+            (None, Some(exact)) => PathMatch::Exact(check_path(exact, &format!("{path}.path"))?),
+            (None, None) => PathMatch::Any,
+        };
+        let mut methods = Vec::new();
+        for (i, method) in raw.methods.unwrap_or_default().into_iter().enumerate() {
+            if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+                return Err(ConfigError::at(
+                    &format!("{path}.methods[{i}]"),
+                    "must be an HTTP method name",
+                ));
+            }
+            methods.push(method.to_ascii_uppercase());
+        }
+        let mut headers = Vec::new();
+        for (i, header) in raw.headers.unwrap_or_default().into_iter().enumerate() {
+            let at = format!("{path}.headers[{i}]");
+            let name = check_header_name(&header.name, &format!("{at}.name"))?;
+            let rule = match (header.exact, header.present) {
+                (Some(exact), None) => HeaderRule::Exact(exact),
+                (None, Some(present)) => HeaderRule::Present(present),
+                _ => {
+                    return Err(ConfigError::at(
+                        &at,
+                        "set exactly one of `exact` and `present`",
+                    ))
+                }
+            };
+            headers.push(HeaderMatch { name, rule });
+        }
+        Ok(Match {
+            path: path_match,
+            methods,
+            headers,
+        })
+    }
+
+    pub fn matches(&self, request: &RequestInfo) -> bool {
+        let path_ok = match &self.path {
+            PathMatch::Any => true,
+            PathMatch::Prefix(prefix) => request.path.starts_with(prefix.as_str()),
+            PathMatch::Exact(exact) => request.path == *exact,
+        };
+        path_ok
+            && (self.methods.is_empty() || self.methods.contains(&request.method))
+            && self.headers.iter().all(|h| match &h.rule {
+                HeaderRule::Present(present) => request.header(&h.name).is_some() == *present,
+                HeaderRule::Exact(value) => request.header(&h.name) == Some(value.as_str()),
+            })
+    }
+
+    /// Header names this match reads.
+    pub fn header_names(&self) -> impl Iterator<Item = &str> {
+        self.headers.iter().map(|h| h.name.as_str())
+    }
+}
+
+fn check_path(path: String, at: &str) -> Result<String, ConfigError> {
+    if path.starts_with('/') {
+        Ok(path)
+    } else {
+        Err(ConfigError::at(at, "must start with `/`"))
+    }
+}
+
+/// Lower-cases a header name and refuses what HTTP does not allow in one.
+pub fn check_header_name(name: &str, at: &str) -> Result<String, ConfigError> {
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if valid {
+        Ok(name.to_ascii_lowercase())
+    } else {
+        Err(ConfigError::at(at, "must be an HTTP header name"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn compile(json: &str) -> Result<Match, ConfigError> {
+        let raw: RawMatch =
+            serde_json::from_str(json).map_err(|e| ConfigError::at(".", e.to_string()))?;
+        Match::compile(raw, "m")
+    }
+
+    fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> RequestInfo {
+        RequestInfo {
+            method: method.into(),
+            path: path.into(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            peer: None,
+        }
+    }
+
+    #[test]
+    fn everything_matches_an_empty_match() {
+        let m = compile("{}").ok();
+        assert_eq!(
+            m.map(|m| m.matches(&request("DELETE", "/x", &[]))),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn path_methods_and_headers_all_have_to_match() {
+        let m = compile(
+            r#"{"path_prefix": "/api/", "methods": ["post", "PUT"], "headers": [{"name": "X-Tier", "exact": "free"}, {"name": "x-debug", "present": false}]}"#,
+        );
+        let Ok(m) = m else { panic!("{m:?}") };
+        assert!(m.matches(&request("POST", "/api/orders", &[("x-tier", "free")])));
+        assert!(m.matches(&request("PUT", "/api/", &[("x-tier", "free")])));
+        assert!(!m.matches(&request("GET", "/api/orders", &[("x-tier", "free")])));
+        assert!(!m.matches(&request("POST", "/apix", &[("x-tier", "free")])));
+        assert!(!m.matches(&request("POST", "/api/orders", &[("x-tier", "paid")])));
+        assert!(!m.matches(&request(
+            "POST",
+            "/api/orders",
+            &[("x-tier", "free"), ("x-debug", "1")]
+        )));
+        assert_eq!(m.header_names().collect::<Vec<_>>(), ["x-tier", "x-debug"]);
+    }
+
+    #[test]
+    fn exact_path_matches_only_itself() {
+        let Ok(m) = compile(r#"{"path": "/login"}"#) else {
+            panic!()
+        };
+        assert!(m.matches(&request("GET", "/login", &[])));
+        assert!(!m.matches(&request("GET", "/login/x", &[])));
+    }
+
+    #[test]
+    fn bad_matches_name_the_field() {
+        let at = |json| compile(json).err().map(|e| e.path);
+        assert_eq!(
+            at(r#"{"path": "/a", "path_prefix": "/b"}"#).as_deref(),
+            Some("m")
+        );
+        assert_eq!(
+            at(r#"{"path_prefix": "api"}"#).as_deref(),
+            Some("m.path_prefix")
+        );
+        assert_eq!(
+            at(r#"{"methods": ["GET", "P O"]}"#).as_deref(),
+            Some("m.methods[1]")
+        );
+        assert_eq!(
+            at(r#"{"headers": [{"name": "a b", "present": true}]}"#).as_deref(),
+            Some("m.headers[0].name")
+        );
+        assert_eq!(
+            at(r#"{"headers": [{"name": "a"}]}"#).as_deref(),
+            Some("m.headers[0]")
+        );
+    }
+}

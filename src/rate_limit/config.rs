@@ -1,0 +1,296 @@
+//! The `rate_limit` section: rules, each a match, a key and a bucket.
+
+use super::bucket::Bucket;
+use crate::config::{ConfigError, Duration};
+use crate::matcher::{check_header_name, Match, RawMatch};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub rules: Vec<RawRule>,
+    pub trusted_hops: Option<u32>,
+    pub limited_response: Option<RawResponse>,
+    pub headers_on_allowed: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: Option<RawMatch>,
+    pub key: Option<Vec<RawKeyPart>>,
+    pub on_missing_key: Option<MissingKey>,
+    pub capacity: u64,
+    pub refill: RawRefill,
+    pub cost: Option<u64>,
+    pub table_size: Option<u32>,
+    pub shadow: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRefill {
+    pub tokens: u64,
+    pub interval: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResponse {
+    pub status: Option<u16>,
+    pub body: Option<String>,
+    pub headers: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawKeyPart {
+    ClientAddress,
+    Method,
+    Path,
+    Header(String),
+}
+
+/// What a rule does with a request that lacks a part of its key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingKey {
+    /// The rule does not apply to the request.
+    #[default]
+    Skip,
+    /// All such requests share one bucket, the missing part read as "unknown".
+    Shared,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyPart {
+    ClientAddress,
+    Method,
+    Path,
+    /// Lower-case header name.
+    Header(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    pub matcher: Match,
+    /// Empty: one global bucket.
+    pub key: Vec<KeyPart>,
+    pub on_missing_key: MissingKey,
+    pub bucket: Bucket,
+    pub cost: u64,
+    pub table_size: u32,
+    pub shadow: bool,
+    /// This rule's item of the `RateLimit-Policy` header, computed once.
+    pub policy_item: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitedResponse {
+    pub status: u16,
+    pub body: String,
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    pub rules: Vec<Rule>,
+    pub trusted_hops: u32,
+    pub limited_response: LimitedResponse,
+    pub headers_on_allowed: bool,
+}
+
+pub const DEFAULT_TABLE_SIZE: u32 = 10_000;
+pub const MAX_TABLE_SIZE: u32 = 1 << 20;
+pub const MAX_RULES: usize = 64;
+const MAX_TRUSTED_HOPS: u32 = 16;
+
+impl RateLimitConfig {
+    pub fn validate(raw: RawRateLimit, at: &str) -> Result<RateLimitConfig, ConfigError> {
+        if raw.rules.is_empty() || raw.rules.len() > MAX_RULES {
+            return Err(ConfigError::at(
+                &format!("{at}.rules"),
+                format!("must hold 1 to {MAX_RULES} rules"),
+            ));
+        }
+        let mut rules: Vec<Rule> = Vec::with_capacity(raw.rules.len());
+        for (i, rule) in raw.rules.into_iter().enumerate() {
+            let rule = Rule::validate(rule, &format!("{at}.rules[{i}]"))?;
+            if rules.iter().any(|r| r.name == rule.name) {
+                return Err(ConfigError::at(
+                    &format!("{at}.rules[{i}].name"),
+                    format!("duplicate rule name {:?}", rule.name),
+                ));
+            }
+            rules.push(rule);
+        }
+        let trusted_hops = raw.trusted_hops.unwrap_or(0);
+        if trusted_hops > MAX_TRUSTED_HOPS {
+            return Err(ConfigError::at(
+                &format!("{at}.trusted_hops"),
+                format!("must be at most {MAX_TRUSTED_HOPS}"),
+            ));
+        }
+        let response = raw.limited_response.unwrap_or(RawResponse {
+            status: None,
+            body: None,
+            headers: None,
+        });
+        let status = response.status.unwrap_or(429);
+        if !(400..=599).contains(&status) {
+            return Err(ConfigError::at(
+                &format!("{at}.limited_response.status"),
+                "must be a 4xx or 5xx status",
+            ));
+        }
+        let mut headers = Vec::new();
+        for (name, value) in response.headers.unwrap_or_default() {
+            let name_at = format!("{at}.limited_response.headers.{name}");
+            let name = check_header_name(&name, &name_at)?;
+            if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                return Err(ConfigError::at(
+                    &name_at,
+                    "value must not contain CR, LF or NUL",
+                ));
+            }
+            headers.push((name, value));
+        }
+        Ok(RateLimitConfig {
+            rules,
+            trusted_hops,
+            limited_response: LimitedResponse {
+                status,
+                body: response.body.unwrap_or_else(|| "rate limited\n".to_owned()),
+                headers,
+            },
+            headers_on_allowed: raw.headers_on_allowed.unwrap_or(true),
+        })
+    }
+
+    /// Header names the rules read, for the host to fetch.
+    pub fn header_names(&self) -> impl Iterator<Item = &str> {
+        let keyed = self.rules.iter().flat_map(|rule| {
+            rule.key.iter().filter_map(|part| match part {
+                KeyPart::Header(name) => Some(name.as_str()),
+                _ => None,
+            })
+        });
+        let matched = self
+            .rules
+            .iter()
+            .flat_map(|rule| rule.matcher.header_names());
+        let forwarded = (self.trusted_hops > 0).then_some("x-forwarded-for");
+        keyed.chain(matched).chain(forwarded)
+    }
+
+    pub fn needs_peer(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|rule| rule.key.contains(&KeyPart::ClientAddress))
+    }
+}
+
+impl Rule {
+    fn validate(raw: RawRule, at: &str) -> Result<Rule, ConfigError> {
+        let name_ok = (1..=64).contains(&raw.name.len())
+            && raw
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !name_ok {
+            return Err(ConfigError::at(
+                &format!("{at}.name"),
+                "must be 1 to 64 letters, digits, `_` or `-`",
+            ));
+        }
+        let matcher = Match::compile(raw.matcher.unwrap_or_default(), &format!("{at}.match"))?;
+        let mut key = Vec::new();
+        for (i, part) in raw.key.unwrap_or_default().into_iter().enumerate() {
+            key.push(match part {
+                RawKeyPart::ClientAddress => KeyPart::ClientAddress,
+                RawKeyPart::Method => KeyPart::Method,
+                RawKeyPart::Path => KeyPart::Path,
+                RawKeyPart::Header(name) => {
+                    KeyPart::Header(check_header_name(&name, &format!("{at}.key[{i}].header"))?)
+                }
+            });
+        }
+        if !(1..=1_000_000_000).contains(&raw.capacity) {
+            return Err(ConfigError::at(
+                &format!("{at}.capacity"),
+                "must be between 1 and 1000000000",
+            ));
+        }
+        if raw.refill.tokens == 0 {
+            return Err(ConfigError::at(
+                &format!("{at}.refill.tokens"),
+                "must be at least 1",
+            ));
+        }
+        let interval = raw.refill.interval.0;
+        if interval < std::time::Duration::from_millis(1)
+            || interval > std::time::Duration::from_secs(366 * 86_400)
+        {
+            return Err(ConfigError::at(
+                &format!("{at}.refill.interval"),
+                "must be between 1ms and 366 days",
+            ));
+        }
+        let bucket = Bucket::new(raw.capacity, raw.refill.tokens, interval).ok_or_else(|| {
+            ConfigError::at(
+                &format!("{at}.refill"),
+                "refills faster than one token per nanosecond",
+            )
+        })?;
+        let cost = raw.cost.unwrap_or(1);
+        if cost == 0 || cost > raw.capacity {
+            return Err(ConfigError::at(
+                &format!("{at}.cost"),
+                "must be between 1 and the capacity",
+            ));
+        }
+        let table_size = if key.is_empty() {
+            if raw.table_size.is_some_and(|size| size != 1) {
+                return Err(ConfigError::at(
+                    &format!("{at}.table_size"),
+                    "a rule without a key has one global bucket",
+                ));
+            }
+            1
+        } else {
+            raw.table_size.unwrap_or(DEFAULT_TABLE_SIZE)
+        };
+        if !(1..=MAX_TABLE_SIZE).contains(&table_size) {
+            return Err(ConfigError::at(
+                &format!("{at}.table_size"),
+                format!("must be between 1 and {MAX_TABLE_SIZE}"),
+            ));
+        }
+        let policy_item = format!(
+            "\"{}\";q={};w={}",
+            raw.name,
+            raw.capacity,
+            ceil_secs(bucket.window()).max(1)
+        );
+        Ok(Rule {
+            name: raw.name,
+            matcher,
+            key,
+            on_missing_key: raw.on_missing_key.unwrap_or_default(),
+            bucket,
+            cost,
+            table_size,
+            shadow: raw.shadow.unwrap_or(false),
+            policy_item,
+        })
+    }
+}
+
+/// Whole seconds, rounded up: what `Retry-After` and the draft's `t` and `w` carry.
+pub fn ceil_secs(duration: std::time::Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
+}

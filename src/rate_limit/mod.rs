@@ -1,0 +1,19 @@
+//! Token-bucket rate limiting, exact across Envoy's workers.
+//!
+//! Each rule's bucket is GCRA state (one timestamp) in shared data, changed only by
+//! compare-and-swap, so one bucket of C tokens admits C requests per Envoy, not per worker.
+//! Keyed buckets live in a fixed-size table per rule (see [`table`] for the eviction rule).
+//! A request costs one read and one compare-and-swap per matching rule; a refusal writes
+//! nothing.
+
+mod bucket;
+mod config;
+mod limiter;
+mod table;
+
+pub use bucket::{Bucket, Check};
+pub use config::{
+    ceil_secs, KeyPart, LimitedResponse, MissingKey, RateLimitConfig, RawRateLimit, Rule,
+};
+pub use limiter::{client_address, Decision, RateLimiter, RuleOutcome, Verdict};
+pub use table::{shared_seed, KeyHasher, Seed, Slot};

@@ -1,0 +1,254 @@
+//! Rate limiting through real Envoy with several workers.
+
+use super::envoy::envoy;
+use super::join_all;
+use super::upstream::Upstream;
+use reqwest::{Client, Response};
+
+fn rule(fields: &str) -> String {
+    format!(r#"{{"rate_limit": {{"rules": [{{{fields}}}]}}}}"#)
+}
+
+/// A client that opens a new connection for every request, so Envoy spreads them over its
+/// workers.
+fn fresh_connections() -> Client {
+    Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(0)
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+async fn statuses(client: &Client, url: &str, n: usize, headers: &[(&str, &str)]) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for _ in 0..n {
+        let mut request = client.get(url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        statuses.push(request.send().await.unwrap().status().as_u16());
+    }
+    statuses
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|&&s| s == status).count()
+}
+
+fn header(response: &Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_bucket_per_envoy_admits_exactly_its_capacity_across_workers() {
+    let upstream = Upstream::start().await;
+    let config =
+        rule(r#""name": "global", "capacity": 40, "refill": {"tokens": 1, "interval": "1h"}"#);
+    let envoy = envoy()
+        .filter("rl", &config)
+        .concurrency(4)
+        .start(&upstream)
+        .await;
+    let client = fresh_connections();
+    let requests: Vec<_> = (0..200)
+        .map(|_| client.get(envoy.url("/")).send())
+        .collect();
+    let statuses: Vec<u16> = join_all(requests)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+
+    assert_eq!(count(&statuses, 200), 40, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 160);
+    assert_eq!(
+        upstream.count(),
+        40,
+        "refused requests never reach the upstream"
+    );
+    let per_worker = envoy.connections_per_worker().await;
+    assert!(
+        per_worker.len() == 4 && per_worker.iter().filter(|&&n| n > 0).count() >= 2,
+        "{per_worker:?}"
+    );
+    assert_eq!(
+        envoy
+            .stat("wasmcustom.resilience.rl.rate_limit.global.allowed")
+            .await,
+        Some(40)
+    );
+    assert_eq!(
+        envoy
+            .stat("wasmcustom.resilience.rl.rate_limit.global.limited")
+            .await,
+        Some(160)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_carry_retry_after_and_rate_limit_headers() {
+    let upstream = Upstream::start().await;
+    let config = r#"{"rate_limit": {"rules": [{"name": "api", "capacity": 2, "refill": {"tokens": 1, "interval": "10s"}}],
+        "limited_response": {"body": "{\"error\": \"slow down\"}", "headers": {"content-type": "application/json"}}}}"#;
+    let envoy = envoy().filter("rl", config).start(&upstream).await;
+
+    for (protocol, client) in super::clients() {
+        let upstream_before = upstream.count();
+        let mut admitted = Vec::new();
+        let mut refused = None;
+        for _ in 0..3 {
+            let response = client.get(envoy.url("/")).send().await.unwrap();
+            if response.status() == 200 {
+                admitted.push(response);
+            } else {
+                refused = Some(response);
+            }
+        }
+        if protocol == "HTTP/1.1" {
+            assert_eq!(admitted.len(), 2, "{protocol}");
+            assert_eq!(
+                header(&admitted[0], "ratelimit-policy").as_deref(),
+                Some("\"api\";q=2;w=20")
+            );
+            assert_eq!(
+                header(&admitted[0], "ratelimit").as_deref(),
+                Some("\"api\";r=1;t=10")
+            );
+            assert_eq!(
+                header(&admitted[1], "ratelimit").as_deref(),
+                Some("\"api\";r=0;t=20")
+            );
+            assert_eq!(upstream.count(), upstream_before + 2);
+        } else {
+            assert_eq!(
+                admitted.len(),
+                0,
+                "{protocol}: the bucket is shared by both protocols"
+            );
+            assert_eq!(upstream.count(), upstream_before);
+        }
+        let refused = refused.unwrap();
+        assert_eq!(refused.status(), 429, "{protocol}");
+        let retry_after: u64 = header(&refused, "retry-after").unwrap().parse().unwrap();
+        assert!(
+            (1..=10).contains(&retry_after),
+            "{protocol}: Retry-After {retry_after}"
+        );
+        assert_eq!(
+            header(&refused, "ratelimit-policy").as_deref(),
+            Some("\"api\";q=2;w=20")
+        );
+        assert!(
+            header(&refused, "ratelimit")
+                .unwrap()
+                .starts_with("\"api\";r=0;t="),
+            "{protocol}"
+        );
+        assert_eq!(
+            header(&refused, "content-type").as_deref(),
+            Some("application/json")
+        );
+        assert!(
+            !refused.headers().contains_key("x-upstream-seq"),
+            "{protocol}: answered by Envoy"
+        );
+        assert_eq!(refused.text().await.unwrap(), r#"{"error": "slow down"}"#);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shadow_rules_count_would_be_refusals_and_refuse_nothing() {
+    let upstream = Upstream::start().await;
+    let config = rule(
+        r#""name": "trial", "shadow": true, "capacity": 3, "refill": {"tokens": 1, "interval": "1h"}"#,
+    );
+    let envoy = envoy().filter("rl", &config).start(&upstream).await;
+    let statuses = statuses(&fresh_connections(), &envoy.url("/"), 10, &[]).await;
+    assert_eq!(count(&statuses, 200), 10);
+    assert_eq!(upstream.count(), 10);
+    assert_eq!(
+        envoy
+            .stat("wasmcustom.resilience.rl.rate_limit.trial.allowed")
+            .await,
+        Some(3)
+    );
+    assert_eq!(
+        envoy
+            .stat("wasmcustom.resilience.rl.rate_limit.trial.shadow_limited")
+            .await,
+        Some(7)
+    );
+    assert_eq!(
+        envoy
+            .stat("wasmcustom.resilience.rl.rate_limit.trial.limited")
+            .await,
+        Some(0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_keys_do_not_share_tokens() {
+    let upstream = Upstream::start().await;
+    let config = rule(
+        r#""name": "per-key", "key": [{"header": "x-api-key"}], "capacity": 3, "refill": {"tokens": 1, "interval": "1h"}"#,
+    );
+    let envoy = envoy().filter("rl", &config).start(&upstream).await;
+    let client = fresh_connections();
+    let alice = statuses(&client, &envoy.url("/"), 5, &[("x-api-key", "alice")]).await;
+    let bob = statuses(&client, &envoy.url("/"), 5, &[("x-api-key", "bob")]).await;
+    let keyless = statuses(&client, &envoy.url("/"), 5, &[]).await;
+    assert_eq!(alice, [200, 200, 200, 429, 429]);
+    assert_eq!(bob, [200, 200, 200, 429, 429]);
+    assert_eq!(keyless, [200; 5], "no key: the rule is skipped");
+    assert_eq!(upstream.count(), 11);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_for_is_trusted_only_through_the_configured_hops() {
+    let upstream = Upstream::start().await;
+    let per_client = r#""name": "per-client", "key": ["client_address"], "capacity": 2, "refill": {"tokens": 1, "interval": "1h"}"#;
+    let trusting =
+        format!(r#"{{"rate_limit": {{"trusted_hops": 1, "rules": [{{{per_client}}}]}}}}"#);
+    let trusting = envoy().filter("rl", &trusting).start(&upstream).await;
+    let client = fresh_connections();
+    let url = trusting.url("/");
+    assert_eq!(
+        statuses(&client, &url, 3, &[("x-forwarded-for", "192.0.2.1")]).await,
+        [200, 200, 429]
+    );
+    // A client forging an extra entry in front still lands on its real address's bucket.
+    assert_eq!(
+        statuses(
+            &client,
+            &url,
+            2,
+            &[("x-forwarded-for", "198.51.100.7, 192.0.2.1")]
+        )
+        .await,
+        [429, 429]
+    );
+    assert_eq!(
+        statuses(&client, &url, 3, &[("x-forwarded-for", "192.0.2.2")]).await,
+        [200, 200, 429]
+    );
+    drop(trusting);
+
+    // Without trusted hops the header is ignored: every request is the peer 127.0.0.1.
+    let untrusting = envoy()
+        .filter("rl2", &rule(per_client))
+        .start(&upstream)
+        .await;
+    let url = untrusting.url("/");
+    assert_eq!(
+        statuses(&client, &url, 2, &[("x-forwarded-for", "192.0.2.1")]).await,
+        [200, 200]
+    );
+    assert_eq!(
+        statuses(&client, &url, 1, &[("x-forwarded-for", "192.0.2.2")]).await,
+        [429]
+    );
+}
