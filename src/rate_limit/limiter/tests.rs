@@ -39,16 +39,26 @@ fn ns() -> Namespace {
     Namespace::new("t")
 }
 
-struct Run<'a> {
-    limiter: &'a RateLimiter,
+/// A limiter and the store it decides against, as one worker sees them.
+struct Run {
+    limiter: RateLimiter,
     settings: SharedDataSettings,
-    store: &'a MemoryStore,
+    store: MemoryStore,
 }
 
-impl Run<'_> {
+fn run(rate_limit: &str) -> Run {
+    let (limiter, settings) = limiter(rate_limit);
+    Run {
+        limiter,
+        settings,
+        store: MemoryStore::default(),
+    }
+}
+
+impl Run {
     fn decide(&self, request: &RequestInfo, now: Instant) -> Decision {
         self.limiter
-            .decide(self.store, &ns(), request, now, self.settings)
+            .decide(&self.store, &ns(), request, now, self.settings)
     }
 
     fn admitted(&self, request: &RequestInfo, n: usize) -> usize {
@@ -63,28 +73,16 @@ const ONE_RULE: &str =
 
 #[test]
 fn a_global_bucket_admits_its_capacity() {
-    let (limiter, settings) = limiter(ONE_RULE);
-    let store = MemoryStore::default();
-    let run = Run {
-        limiter: &limiter,
-        settings,
-        store: &store,
-    };
+    let run = run(ONE_RULE);
     assert_eq!(run.admitted(&request(&[]), 20), 5);
 }
 
 #[test]
 fn refused_requests_carry_retry_after_and_the_draft_headers() {
-    let (limiter, settings) = limiter(
+    let run = run(
         r#"{"rules": [{"name": "api", "capacity": 2, "refill": {"tokens": 1, "interval": "10s"}}],
             "limited_response": {"status": 503, "body": "slow down", "headers": {"X-Why": "quota"}}}"#,
     );
-    let store = MemoryStore::default();
-    let run = Run {
-        limiter: &limiter,
-        settings,
-        store: &store,
-    };
     let first = run.decide(&request(&[]), NOW);
     let header = |headers: &[(String, String)], name: &str| {
         headers
@@ -136,18 +134,10 @@ fn refused_requests_carry_retry_after_and_the_draft_headers() {
 
 #[test]
 fn a_request_refused_by_one_rule_takes_nothing_from_the_others() {
-    let (limiter, settings) = limiter(
-        r#"{"rules": [
+    let run = run(r#"{"rules": [
             {"name": "wide", "capacity": 5, "refill": {"tokens": 1, "interval": "1h"}},
             {"name": "narrow", "match": {"headers": [{"name": "x-narrow", "present": true}]},
-             "capacity": 1, "refill": {"tokens": 1, "interval": "1h"}}]}"#,
-    );
-    let store = MemoryStore::default();
-    let run = Run {
-        limiter: &limiter,
-        settings,
-        store: &store,
-    };
+             "capacity": 1, "refill": {"tokens": 1, "interval": "1h"}}]}"#);
     let narrow = request(&[("x-narrow", "1")]);
     assert_eq!(run.admitted(&narrow, 10), 1, "narrow admits one");
     // The nine refusals took and gave back a "wide" token each: four are left, not zero.
@@ -156,15 +146,9 @@ fn a_request_refused_by_one_rule_takes_nothing_from_the_others() {
 
 #[test]
 fn shadow_rules_count_but_never_refuse() {
-    let (limiter, settings) = limiter(
+    let run = run(
         r#"{"rules": [{"name": "s", "shadow": true, "capacity": 2, "refill": {"tokens": 1, "interval": "1h"}}]}"#,
     );
-    let store = MemoryStore::default();
-    let run = Run {
-        limiter: &limiter,
-        settings,
-        store: &store,
-    };
     let outcomes: Vec<RuleOutcome> = (0..5)
         .flat_map(|_| run.decide(&request(&[]), NOW).outcomes)
         .collect();
@@ -187,15 +171,9 @@ fn shadow_rules_count_but_never_refuse() {
 
 #[test]
 fn keys_do_not_share_tokens() {
-    let (limiter, settings) = limiter(
+    let run = run(
         r#"{"rules": [{"name": "k", "key": [{"header": "x-api-key"}], "capacity": 3, "refill": {"tokens": 1, "interval": "1h"}}]}"#,
     );
-    let store = MemoryStore::default();
-    let run = Run {
-        limiter: &limiter,
-        settings,
-        store: &store,
-    };
     assert_eq!(run.admitted(&request(&[("x-api-key", "alice")]), 5), 3);
     assert_eq!(run.admitted(&request(&[("x-api-key", "bob")]), 5), 3);
     assert_eq!(
@@ -207,15 +185,9 @@ fn keys_do_not_share_tokens() {
 
 #[test]
 fn requests_without_a_key_can_share_one_bucket() {
-    let (limiter, settings) = limiter(
+    let run = run(
         r#"{"rules": [{"name": "k", "key": [{"header": "x-api-key"}], "on_missing_key": "shared", "capacity": 3, "refill": {"tokens": 1, "interval": "1h"}}]}"#,
     );
-    let store = MemoryStore::default();
-    let run = Run {
-        limiter: &limiter,
-        settings,
-        store: &store,
-    };
     assert_eq!(run.admitted(&request(&[]), 5), 3);
     assert_eq!(
         run.admitted(&request(&[("x-api-key", "")]), 5),
@@ -226,15 +198,9 @@ fn requests_without_a_key_can_share_one_bucket() {
 
 #[test]
 fn method_and_path_parts_split_buckets() {
-    let (limiter, settings) = limiter(
+    let run = run(
         r#"{"rules": [{"name": "k", "key": ["method", "path"], "capacity": 1, "refill": {"tokens": 1, "interval": "1h"}}]}"#,
     );
-    let store = MemoryStore::default();
-    let run = Run {
-        limiter: &limiter,
-        settings,
-        store: &store,
-    };
     let mut post = request(&[]);
     post.method = "POST".into();
     let mut other_path = request(&[]);
@@ -284,15 +250,9 @@ fn forwarded_for_counts_only_through_trusted_hops() {
 
 #[test]
 fn client_address_keys_follow_trusted_hops() {
-    let (limiter, settings) = limiter(
+    let run = run(
         r#"{"trusted_hops": 1, "rules": [{"name": "c", "key": ["client_address"], "capacity": 2, "refill": {"tokens": 1, "interval": "1h"}}]}"#,
     );
-    let store = MemoryStore::default();
-    let run = Run {
-        limiter: &limiter,
-        settings,
-        store: &store,
-    };
     let arrived = |xff: &str| request(&[("x-forwarded-for", &format!("{xff}, 10.0.0.1"))]);
     assert_eq!(run.admitted(&arrived("1.1.1.1"), 3), 2);
     assert_eq!(
@@ -305,38 +265,26 @@ fn client_address_keys_follow_trusted_hops() {
 
 #[test]
 fn memory_is_bounded_by_the_table_size() {
-    let (limiter, settings) = limiter(
+    let run = run(
         r#"{"rules": [{"name": "k", "key": [{"header": "x-api-key"}], "table_size": 64, "capacity": 3, "refill": {"tokens": 1, "interval": "1s"}}]}"#,
     );
-    let store = MemoryStore::default();
-    let run = Run {
-        limiter: &limiter,
-        settings,
-        store: &store,
-    };
     for i in 0..10_000 {
         let now = NOW.saturating_add(Duration::from_millis(i));
         run.decide(&request(&[("x-api-key", &i.to_string())]), now);
     }
     assert!(
-        store.len() <= 64 + 1,
+        run.store.len() <= 64 + 1,
         "{} keys: 64 slots and the witness",
-        store.len()
+        run.store.len()
     );
 }
 
 #[test]
 fn colliding_keys_never_exceed_the_limit() {
     // A one-slot table: every key collides. Busy keys share, so together they get one limit.
-    let (limiter, settings) = limiter(
+    let run = run(
         r#"{"rules": [{"name": "k", "key": [{"header": "x-api-key"}], "table_size": 1, "capacity": 4, "refill": {"tokens": 1, "interval": "1h"}}]}"#,
     );
-    let store = MemoryStore::default();
-    let run = Run {
-        limiter: &limiter,
-        settings,
-        store: &store,
-    };
     let total: usize = (0..10)
         .map(|i| run.admitted(&request(&[("x-api-key", &i.to_string())]), 3))
         .sum();
@@ -377,16 +325,10 @@ fn store_failures_follow_the_failure_mode() {
 
 #[test]
 fn corrupt_slots_are_replaced_not_trusted() {
-    let (limiter, settings) = limiter(ONE_RULE);
-    let store = MemoryStore::default();
-    let run = Run {
-        limiter: &limiter,
-        settings,
-        store: &store,
-    };
+    let run = run(ONE_RULE);
     assert_eq!(run.admitted(&request(&[]), 1), 1);
     assert_eq!(
-        store.set("resilience/t/rl/r/0", b"\x11garbage", None),
+        run.store.set("resilience/t/rl/r/0", b"\x11garbage", None),
         Ok(())
     );
     assert_eq!(run.admitted(&request(&[]), 10), 5, "read as a fresh bucket");
