@@ -5,6 +5,7 @@
 //! calls proxy-wasm: it gets the time and a [`store::Store`] as arguments, so the same code is
 //! tested natively, under `wasm-bindgen-test`, and run inside Envoy.
 
+pub mod circuit_breaker;
 pub mod clock;
 pub mod config;
 pub mod matcher;

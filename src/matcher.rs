@@ -7,6 +7,7 @@ use serde::Deserialize;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMatch {
+    pub host: Option<String>,
     pub path_prefix: Option<String>,
     pub path: Option<String>,
     pub methods: Option<Vec<String>>,
@@ -23,6 +24,8 @@ pub struct RawHeaderMatch {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Match {
+    /// Lower-case, compared with `:authority` without its port.
+    host: Option<String>,
     path: PathMatch,
     /// Upper-case; empty matches every method.
     methods: Vec<String>,
@@ -91,7 +94,17 @@ impl Match {
             };
             headers.push(HeaderMatch { name, rule });
         }
+        let host = match raw.host {
+            Some(host) if host.is_empty() || host.contains(['/', ' ', ':']) => {
+                return Err(ConfigError::at(
+                    &format!("{path}.host"),
+                    "must be a host name without port",
+                ));
+            }
+            host => host.map(|h| h.to_ascii_lowercase()),
+        };
         Ok(Match {
+            host,
             path: path_match,
             methods,
             headers,
@@ -104,7 +117,13 @@ impl Match {
             PathMatch::Prefix(prefix) => request.path.starts_with(prefix.as_str()),
             PathMatch::Exact(exact) => request.path == *exact,
         };
-        path_ok
+        let host_ok = self.host.as_ref().is_none_or(|host| {
+            request
+                .header(":authority")
+                .is_some_and(|authority| authority_host(authority).eq_ignore_ascii_case(host))
+        });
+        host_ok
+            && path_ok
             && (self.methods.is_empty() || self.methods.contains(&request.method))
             && self.headers.iter().all(|h| match &h.rule {
                 HeaderRule::Present(present) => request.header(&h.name).is_some() == *present,
@@ -114,7 +133,25 @@ impl Match {
 
     /// Header names this match reads.
     pub fn header_names(&self) -> impl Iterator<Item = &str> {
-        self.headers.iter().map(|h| h.name.as_str())
+        let authority = self.host.as_ref().map(|_| ":authority");
+        self.headers
+            .iter()
+            .map(|h| h.name.as_str())
+            .chain(authority)
+    }
+}
+
+/// `host[:port]` or `[v6]:port` without the port.
+fn authority_host(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((host, port))
+            if !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && !host.ends_with(':') =>
+        {
+            host
+        }
+        _ => authority,
     }
 }
 
@@ -159,7 +196,7 @@ mod tests {
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
-            peer: None,
+            ..RequestInfo::default()
         }
     }
 
@@ -189,6 +226,23 @@ mod tests {
             &[("x-tier", "free"), ("x-debug", "1")]
         )));
         assert_eq!(m.header_names().collect::<Vec<_>>(), ["x-tier", "x-debug"]);
+    }
+
+    #[test]
+    fn host_is_compared_without_port_or_case() {
+        let Ok(m) = compile(r#"{"host": "API.example.com"}"#) else {
+            panic!()
+        };
+        assert!(m.matches(&request(
+            "GET",
+            "/",
+            &[(":authority", "api.example.com:8443")]
+        )));
+        assert!(m.matches(&request("GET", "/", &[(":authority", "Api.Example.Com")])));
+        assert!(!m.matches(&request("GET", "/", &[(":authority", "www.example.com")])));
+        assert!(!m.matches(&request("GET", "/", &[])));
+        assert_eq!(m.header_names().collect::<Vec<_>>(), [":authority"]);
+        assert!(compile(r#"{"host": "a.com:80"}"#).is_err());
     }
 
     #[test]

@@ -10,8 +10,10 @@ pub struct RequestInfo {
     pub method: String,
     /// The `:path` without its query string.
     pub path: String,
-    /// Lower-case names, as Envoy delivers them.
+    /// Lower-case names, as Envoy delivers them (`:authority` among them when a match needs it).
     pub headers: Vec<(String, String)>,
+    /// The upstream cluster the route selected, when a policy is scoped by cluster.
+    pub cluster: Option<String>,
     /// The downstream connection's peer address.
     pub peer: Option<IpAddr>,
 }

@@ -9,6 +9,7 @@ mod duration;
 
 pub use duration::Duration;
 
+use crate::circuit_breaker::{CircuitBreakerConfig, RawCircuitBreaker};
 use crate::rate_limit::{RateLimitConfig, RawRateLimit};
 use serde::Deserialize;
 use std::fmt;
@@ -20,6 +21,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub shared_data: RawSharedData,
     pub rate_limit: Option<RawRateLimit>,
+    pub circuit_breaker: Option<RawCircuitBreaker>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -42,10 +44,11 @@ pub enum FailureMode {
 }
 
 /// Validated settings, ready for the data path.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub shared_data: SharedDataSettings,
     pub rate_limit: Option<RateLimitConfig>,
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,12 +137,17 @@ impl Config {
             .rate_limit
             .map(|raw| RateLimitConfig::validate(raw, "rate_limit"))
             .transpose()?;
+        let circuit_breaker = raw
+            .circuit_breaker
+            .map(|raw| CircuitBreakerConfig::validate(raw, "circuit_breaker"))
+            .transpose()?;
         Ok(Config {
             shared_data: SharedDataSettings {
                 on_error: raw.shared_data.on_error.unwrap_or_default(),
                 max_attempts,
             },
             rate_limit,
+            circuit_breaker,
         })
     }
 
@@ -149,11 +157,23 @@ impl Config {
             .rate_limit
             .iter()
             .flat_map(|rate_limit| rate_limit.header_names())
+            .chain(
+                self.circuit_breaker
+                    .iter()
+                    .flat_map(|breakers| breakers.header_names()),
+            )
             .map(str::to_owned)
             .collect();
         names.sort();
         names.dedup();
         names
+    }
+
+    /// Whether any policy reads the upstream cluster the route selected.
+    pub fn needs_cluster(&self) -> bool {
+        self.circuit_breaker
+            .as_ref()
+            .is_some_and(CircuitBreakerConfig::needs_cluster)
     }
 
     /// Whether any policy reads the downstream peer address.

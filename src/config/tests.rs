@@ -17,6 +17,7 @@ fn empty_configuration_runs_with_defaults() {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
         },
         rate_limit: None,
+        circuit_breaker: None,
     };
     assert_eq!(Config::parse(b""), Ok(defaults.clone()));
     assert_eq!(Config::parse(b" \n"), Ok(defaults.clone()));

@@ -63,6 +63,12 @@ impl Counter {
 pub struct Gauge(Option<u32>);
 
 impl Gauge {
+    pub fn set(&self, value: u64) {
+        if let Some(id) = self.0 {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+
     pub fn add(&self, delta: i64) {
         if let Some(id) = self.0 {
             let _ = hostcalls::increment_metric(id, delta);

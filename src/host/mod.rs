@@ -1,23 +1,30 @@
 //! The proxy-wasm adapter: the only code that talks to Envoy.
 //!
 //! It parses the configuration once per VM in `on_configure`, gathers the request parts the
-//! configuration names, calls the core, and turns its decisions into Envoy actions.
+//! configuration names, runs the policies in their fixed order (rate limiting, then circuit
+//! breaking), and turns their decisions into Envoy actions. Outcomes are reported in
+//! `on_log`, which Envoy calls once for every stream however it ended.
 
+mod circuit_breaker;
 mod metrics;
+mod rate_limit;
 mod shared_data;
 
-use crate::clock::{Clock, Instant};
+use crate::circuit_breaker::Completion;
+use crate::clock::{nanos_saturating, Clock, Instant};
 use crate::config::{Config, SharedDataSettings};
-use crate::rate_limit::{self, KeyHasher, RateLimiter, RuleOutcome, Seed, Verdict};
+use crate::rate_limit::{shared_seed, KeyHasher, Seed};
 use crate::request::{parse_peer, path_without_query, RequestInfo};
-use crate::store::Namespace;
+use crate::store::{Namespace, StoreError};
+use circuit_breaker::{BreakerPolicy, Held};
 use metrics::{Counter, Gauge, Metrics};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
+use rate_limit::RateLimitPolicy;
 use shared_data::SharedData;
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -37,35 +44,111 @@ impl Clock for HostClock {
             .ok()
             .and_then(|time| time.duration_since(UNIX_EPOCH).ok())
             .unwrap_or_default();
-        Instant::from_nanos(crate::clock::nanos_saturating(since_epoch))
+        Instant::from_nanos(nanos_saturating(since_epoch))
+    }
+}
+
+/// An answer Envoy sends in place of the upstream's.
+pub struct LocalReply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl LocalReply {
+    /// Shared data failed and `shared_data.on_error` is `deny`.
+    fn unavailable(policy: &str) -> Self {
+        LocalReply {
+            status: 503,
+            headers: vec![("content-type".to_owned(), "text/plain".to_owned())],
+            body: format!("{policy} state unavailable\n"),
+        }
     }
 }
 
 /// What every request of one configured filter instance shares, read-only.
-struct Instance {
+pub struct Instance {
     name: String,
     namespace: Namespace,
     shared_data: SharedDataSettings,
     request_headers: Vec<String>,
     needs_peer: bool,
+    needs_cluster: bool,
     rate_limit: Option<RateLimitPolicy>,
+    circuit_breaker: Option<BreakerPolicy>,
     requests: Counter,
     vms: Gauge,
     store_errors: Counter,
     store_conflicts: Counter,
 }
 
-struct RateLimitPolicy {
-    limiter: RateLimiter,
-    /// Per rule, in configuration order.
-    metrics: Vec<RuleMetrics>,
+impl Instance {
+    fn configure(name: &str, bytes: &[u8]) -> Result<Instance, String> {
+        let config = Config::parse(bytes).map_err(|err| err.to_string())?;
+        let namespace = Namespace::new(name);
+        if let Err(err) = namespace.prepare(&SharedData) {
+            // Not fatal: creation writes the witness itself when it finds it missing.
+            log(
+                LogLevel::Warn,
+                &format!("resilience filter {name:?}: {err}"),
+            );
+        }
+        let metrics = Metrics::new(name);
+        let rate_limit = match config.rate_limit.clone() {
+            Some(rate_limit) => {
+                let seed = shared_seed(
+                    &SharedData,
+                    &namespace,
+                    random_seed(),
+                    config.shared_data.max_attempts,
+                )
+                .map_err(|err| format!("cannot share the rate-limit key seed: {err}"))?;
+                Some(RateLimitPolicy::new(
+                    rate_limit,
+                    KeyHasher::new(seed),
+                    &metrics,
+                ))
+            }
+            None => None,
+        };
+        Ok(Instance {
+            name: name.to_owned(),
+            namespace,
+            shared_data: config.shared_data,
+            request_headers: config.request_headers(),
+            needs_peer: config.needs_peer(),
+            needs_cluster: config.needs_cluster(),
+            rate_limit,
+            circuit_breaker: config
+                .circuit_breaker
+                .clone()
+                .map(|c| BreakerPolicy::new(c, &metrics)),
+            requests: metrics.counter("requests"),
+            vms: metrics.gauge("vms"),
+            store_errors: metrics.counter("shared_data.errors"),
+            store_conflicts: metrics.counter("shared_data.conflicts"),
+        })
+    }
+
+    fn log(&self, level: LogLevel, message: &str) {
+        log(
+            level,
+            &format!("resilience filter {:?}: {message}", self.name),
+        );
+    }
+
+    fn store_error(&self, what: &str, err: StoreError) {
+        self.store_errors.increment();
+        self.log(LogLevel::Warn, &format!("{what}: {err}"));
+    }
 }
 
-struct RuleMetrics {
-    name: String,
-    allowed: Counter,
-    limited: Counter,
-    shadow_limited: Counter,
+/// A fresh SipHash key from the VM's randomness (WASI `random_get` behind `RandomState`).
+fn random_seed() -> Seed {
+    use std::hash::BuildHasher;
+    let state = std::collections::hash_map::RandomState::new();
+    let now = HostClock.now().as_nanos();
+    Seed([state.hash_one(now), state.hash_one(!now)])
 }
 
 #[derive(Default)]
@@ -108,6 +191,8 @@ impl RootContext for Root {
         // The SDK traps on None, so an unconfigured VM gets a pass-through stream.
         Some(Box::new(Stream {
             instance: self.instance.clone(),
+            started: Instant::default(),
+            breakers_held: Vec::new(),
             response_headers: Vec::new(),
         }))
     }
@@ -115,74 +200,6 @@ impl RootContext for Root {
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
-}
-
-impl Instance {
-    fn configure(name: &str, bytes: &[u8]) -> Result<Instance, String> {
-        let config = Config::parse(bytes).map_err(|err| err.to_string())?;
-        let namespace = Namespace::new(name);
-        if let Err(err) = namespace.prepare(&SharedData) {
-            // Not fatal: creation writes the witness itself when it finds it missing.
-            log(
-                LogLevel::Warn,
-                &format!("resilience filter {name:?}: {err}"),
-            );
-        }
-        let metrics = Metrics::new(name);
-        let request_headers = config.request_headers();
-        let needs_peer = config.needs_peer();
-        let rate_limit = match config.rate_limit {
-            Some(rate_limit) => {
-                let seed = rate_limit::shared_seed(
-                    &SharedData,
-                    &namespace,
-                    random_seed(),
-                    config.shared_data.max_attempts,
-                )
-                .map_err(|err| format!("cannot share the rate-limit key seed: {err}"))?;
-                let metrics = rate_limit
-                    .rules
-                    .iter()
-                    .map(|rule| {
-                        let metric = |what: &str| {
-                            metrics.counter(&format!("rate_limit.{}.{what}", rule.name))
-                        };
-                        RuleMetrics {
-                            name: rule.name.clone(),
-                            allowed: metric("allowed"),
-                            limited: metric("limited"),
-                            shadow_limited: metric("shadow_limited"),
-                        }
-                    })
-                    .collect();
-                Some(RateLimitPolicy {
-                    limiter: RateLimiter::new(rate_limit, KeyHasher::new(seed)),
-                    metrics,
-                })
-            }
-            None => None,
-        };
-        Ok(Instance {
-            name: name.to_owned(),
-            namespace,
-            shared_data: config.shared_data,
-            request_headers,
-            needs_peer,
-            rate_limit,
-            requests: metrics.counter("requests"),
-            vms: metrics.gauge("vms"),
-            store_errors: metrics.counter("shared_data.errors"),
-            store_conflicts: metrics.counter("shared_data.conflicts"),
-        })
-    }
-}
-
-/// A fresh SipHash key from the VM's randomness (WASI `random_get` behind `RandomState`).
-fn random_seed() -> Seed {
-    use std::hash::BuildHasher;
-    let state = std::collections::hash_map::RandomState::new();
-    let now = HostClock.now().as_nanos();
-    Seed([state.hash_one(now), state.hash_one(!now)])
 }
 
 /// The name Envoy gives this plugin (`name` in its Wasm config): it keys the instance's
@@ -198,6 +215,9 @@ fn plugin_name() -> String {
 
 struct Stream {
     instance: Option<Rc<Instance>>,
+    started: Instant,
+    /// Breakers that let this request through, to be told how it ended.
+    breakers_held: Vec<Held>,
     /// Headers a policy asked to add to the upstream's response.
     response_headers: Vec<(String, String)>,
 }
@@ -207,6 +227,10 @@ impl Context for Stream {}
 impl Stream {
     fn request_info(&self, instance: &Instance) -> RequestInfo {
         let header = |name: &str| self.get_http_request_header(name);
+        let property = |path: Vec<&str>| {
+            self.get_property(path)
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+        };
         RequestInfo {
             method: header(":method").unwrap_or_default(),
             path: header(":path")
@@ -219,20 +243,34 @@ impl Stream {
                 .collect(),
             peer: instance
                 .needs_peer
-                .then(|| self.get_property(vec!["source", "address"]))
+                .then(|| property(vec!["source", "address"]))
                 .flatten()
-                .and_then(|bytes| String::from_utf8(bytes).ok())
                 .and_then(|address| parse_peer(&address)),
+            cluster: instance
+                .needs_cluster
+                .then(|| property(vec!["xds", "cluster_name"]))
+                .flatten(),
         }
     }
 
-    fn local_reply(&self, status: u16, headers: &[(String, String)], body: &str) -> Action {
-        let headers: Vec<(&str, &str)> = headers
+    fn reply(&self, reply: LocalReply) -> Action {
+        let headers: Vec<(&str, &str)> = reply
+            .headers
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_str()))
             .collect();
-        self.send_http_response(u32::from(status), headers, Some(body.as_bytes()));
+        self.send_http_response(
+            u32::from(reply.status),
+            headers,
+            Some(reply.body.as_bytes()),
+        );
         Action::Pause
+    }
+
+    /// An integer attribute (Envoy passes them as 8 little-endian bytes).
+    fn int_property(&self, path: Vec<&str>) -> Option<u64> {
+        let bytes = self.get_property(path)?;
+        Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
     }
 }
 
@@ -242,60 +280,24 @@ impl HttpContext for Stream {
             return Action::Continue;
         };
         instance.requests.increment();
-        let Some(policy) = &instance.rate_limit else {
+        if instance.rate_limit.is_none() && instance.circuit_breaker.is_none() {
             return Action::Continue;
-        };
+        }
         let request = self.request_info(&instance);
-        let decision = policy.limiter.decide(
-            &SharedData,
-            &instance.namespace,
-            &request,
-            HostClock.now(),
-            instance.shared_data,
-        );
-        for (outcome, metrics) in decision.outcomes.iter().zip(&policy.metrics) {
-            match outcome {
-                RuleOutcome::NotApplied => {}
-                RuleOutcome::Allowed => metrics.allowed.increment(),
-                RuleOutcome::Limited => metrics.limited.increment(),
-                RuleOutcome::ShadowLimited => {
-                    metrics.shadow_limited.increment();
-                    log(
-                        LogLevel::Info,
-                        &format!(
-                            "resilience filter {:?}: shadow rule {:?} would refuse {} {}",
-                            instance.name, metrics.name, request.method, request.path
-                        ),
-                    );
-                }
-                RuleOutcome::Failed(err) => {
-                    instance.store_errors.increment();
-                    log(
-                        LogLevel::Warn,
-                        &format!("resilience filter {:?}: rate limit: {err}", instance.name),
-                    );
-                }
+        self.started = HostClock.now();
+        if let Some(policy) = &instance.rate_limit {
+            match policy.check(&instance, &request, self.started) {
+                Ok(headers) => self.response_headers = headers,
+                Err(reply) => return self.reply(reply),
             }
         }
-        if decision.conflicts > 0 {
-            instance.store_conflicts.add(u64::from(decision.conflicts));
-        }
-        match decision.verdict {
-            Verdict::Allow { headers } => {
-                self.response_headers = headers;
-                Action::Continue
+        if let Some(policy) = &instance.circuit_breaker {
+            match policy.admit(&instance, &request, self.started) {
+                Ok(held) => self.breakers_held = held,
+                Err(reply) => return self.reply(reply),
             }
-            Verdict::Limited {
-                status,
-                body,
-                headers,
-            } => self.local_reply(status, &headers, &body),
-            Verdict::Unavailable => self.local_reply(
-                503,
-                &[("content-type".to_owned(), "text/plain".to_owned())],
-                "rate limit state unavailable\n",
-            ),
         }
+        Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -303,5 +305,25 @@ impl HttpContext for Stream {
             self.add_http_response_header(name, value);
         }
         Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let Some(instance) = self.instance.clone() else {
+            return;
+        };
+        if let (Some(policy), false) = (&instance.circuit_breaker, self.breakers_held.is_empty()) {
+            let now = HostClock.now();
+            let completion = Completion {
+                status: self
+                    .int_property(vec!["response", "code"])
+                    .and_then(|code| u16::try_from(code).ok())
+                    .filter(|&code| code > 0),
+                flags: self.int_property(vec!["response", "flags"]).unwrap_or(0),
+                duration: Duration::from_nanos(nanos_saturating(
+                    now.saturating_since(self.started),
+                )),
+            };
+            policy.finish(&instance, &self.breakers_held, &completion, now);
+        }
     }
 }

@@ -58,7 +58,7 @@ pub fn decode<T: Record>(bytes: &[u8]) -> Result<T, DecodeError> {
             found: format,
         });
     }
-    let mut reader = Reader { rest: fields };
+    let mut reader = Reader::new(fields);
     let record = T::decode_fields(&mut reader)?;
     if reader.rest.is_empty() {
         Ok(record)
@@ -72,7 +72,11 @@ pub struct Reader<'a> {
     rest: &'a [u8],
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Self { rest: bytes }
+    }
+
     pub fn bytes<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
         let (head, rest) = self
             .rest

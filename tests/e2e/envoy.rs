@@ -174,6 +174,8 @@ static_resources:
             - name: all
               domains: ["*"]
               routes:
+              - match: {{prefix: "/dead/"}}
+                route: {{cluster: dead, timeout: 5s}}
               - match: {{prefix: "/"}}
                 {route}
           http_filters:{filters}
@@ -190,7 +192,18 @@ static_resources:
       - lb_endpoints:
         - endpoint:
             address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream_port}}}}}
+  # Nothing listens here: requests under /dead/ fail to connect (response flag UF).
+  - name: dead
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: dead
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{socket_address: {{address: 127.0.0.1, port_value: {dead_port}}}}}
 "#,
+            dead_port = free_port(),
             upstream_port = upstream.addr.port(),
             route = if self.direct_response {
                 r#"direct_response: {status: 200, body: {inline_string: "direct\n"}}"#

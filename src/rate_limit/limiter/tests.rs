@@ -15,6 +15,7 @@ fn limiter(rate_limit: &str) -> (RateLimiter, SharedDataSettings) {
         Ok(Config {
             rate_limit: Some(config),
             shared_data,
+            ..
         }) => (
             RateLimiter::new(config, KeyHasher::new(Seed([11, 22]))),
             shared_data,
@@ -32,6 +33,7 @@ fn request(headers: &[(&str, &str)]) -> RequestInfo {
             .map(|(n, v)| (n.to_string(), v.to_string()))
             .collect(),
         peer: "10.0.0.1".parse().ok(),
+        cluster: None,
     }
 }
 

@@ -1,0 +1,489 @@
+//! The breaker's state machine: closed → open → half-open → closed (or open again).
+//!
+//! Pure functions of (stored state, now, event). The store functions at the bottom are the
+//! only ones that touch shared data: a closed breaker, or one still open, costs one read and
+//! no write; leaving open, taking a probe slot and recording an outcome that changes the
+//! state cost one compare-and-swap.
+
+use super::config::BreakerConfig;
+use super::window::{Window, WindowSpec};
+use crate::clock::{nanos_saturating, Instant};
+use crate::config::SharedDataSettings;
+use crate::store::{self, DecodeError, Namespace, Reader, Record, Store, StoreError};
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Closed = 0,
+    Open = 1,
+    HalfOpen = 2,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Closed => "closed",
+            Phase::Open => "open",
+            Phase::HalfOpen => "half-open",
+        }
+    }
+}
+
+/// One breaker's state, shared by all workers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BreakerState {
+    pub phase: Phase,
+    /// Changes at every transition, so outcomes of requests admitted in an earlier phase are
+    /// recognised and dropped.
+    pub generation: u32,
+    /// Trips since the breaker last closed, for the open duration's backoff.
+    pub trips: u32,
+    pub open_until: Instant,
+    pub consecutive_failures: u32,
+    pub probes_in_flight: u32,
+    pub probe_successes: u32,
+    pub window: Window,
+}
+
+impl Record for BreakerState {
+    const FORMAT: u8 = 0x21;
+
+    fn encode_fields(&self, out: &mut Vec<u8>) {
+        out.push(self.phase as u8);
+        for n in [self.generation, self.trips] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        out.extend_from_slice(&self.open_until.as_nanos().to_le_bytes());
+        for n in [
+            self.consecutive_failures,
+            self.probes_in_flight,
+            self.probe_successes,
+        ] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        self.window.encode(out);
+    }
+
+    fn decode_fields(fields: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let phase = match fields.u8()? {
+            0 => Phase::Closed,
+            1 => Phase::Open,
+            2 => Phase::HalfOpen,
+            _ => return Err(DecodeError::Invalid),
+        };
+        Ok(BreakerState {
+            phase,
+            generation: fields.u32()?,
+            trips: fields.u32()?,
+            open_until: Instant::from_nanos(fields.u64()?),
+            consecutive_failures: fields.u32()?,
+            probes_in_flight: fields.u32()?,
+            probe_successes: fields.u32()?,
+            window: Window::decode(fields)?,
+        })
+    }
+}
+
+impl BreakerState {
+    fn closed(window: WindowSpec, generation: u32) -> BreakerState {
+        BreakerState {
+            phase: Phase::Closed,
+            generation,
+            trips: 0,
+            open_until: Instant::default(),
+            consecutive_failures: 0,
+            probes_in_flight: 0,
+            probe_successes: 0,
+            window: Window::new(window),
+        }
+    }
+}
+
+/// What a request holds after it was let through, to report its outcome with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Permit {
+    Closed { generation: u32 },
+    Probe { generation: u32 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    Pass(Permit),
+    Reject { retry_after: Duration },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub from: Phase,
+    pub to: Phase,
+    pub reason: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Success {
+        slow: bool,
+    },
+    Failure {
+        slow: bool,
+    },
+    /// The client went away before an answer: says nothing about the upstream.
+    Ignored,
+}
+
+/// How a request ended, as Envoy reports it in `on_log`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Completion {
+    pub status: Option<u16>,
+    /// Envoy's response flags (the `response.flags` attribute).
+    pub flags: u64,
+    pub duration: Duration,
+}
+
+/// Response flags meaning the upstream failed: no healthy upstream (UH), upstream timeout
+/// (UT), remote reset (UR), connect failure (UF), connection termination (UC), overflow
+/// (UO), retries exhausted (URX), max stream duration (UMSDR), protocol error (UPE).
+pub const UPSTREAM_FAILURE_FLAGS: u64 =
+    0x2 | 0x4 | 0x10 | 0x20 | 0x40 | 0x80 | 0x8000 | 0x8_0000 | 0x80_0000;
+/// DC: the downstream connection ended first.
+pub const DOWNSTREAM_TERMINATION_FLAG: u64 = 0x4000;
+
+/// While half-open with every probe slot taken, come back after this.
+const PROBES_BUSY_RETRY: Duration = Duration::from_secs(1);
+
+impl BreakerConfig {
+    pub fn classify(&self, completion: &Completion) -> Outcome {
+        let slow = self
+            .slow_call
+            .is_some_and(|limit| completion.duration > limit);
+        if completion.flags & UPSTREAM_FAILURE_FLAGS != 0 {
+            return if self.local_failures {
+                Outcome::Failure { slow }
+            } else {
+                Outcome::Ignored
+            };
+        }
+        if completion.flags & DOWNSTREAM_TERMINATION_FLAG != 0 {
+            return Outcome::Ignored;
+        }
+        match completion.status {
+            Some(status) if self.failure_statuses.contains(status) => Outcome::Failure { slow },
+            Some(_) => Outcome::Success { slow },
+            None => Outcome::Ignored,
+        }
+    }
+
+    /// How long the breaker stays open after its `trips`-th trip in a row.
+    pub fn open_for(&self, trips: u32) -> Duration {
+        let exponent = i32::try_from(trips.saturating_sub(1)).unwrap_or(i32::MAX);
+        let grown = self.open_duration.as_secs_f64() * self.backoff_multiplier.powi(exponent);
+        Duration::try_from_secs_f64(grown)
+            .map_or(self.max_open_duration, |d| d.min(self.max_open_duration))
+    }
+
+    /// The state to start from: stored, or closed if missing or laid out for another window.
+    fn current(&self, stored: Option<BreakerState>) -> BreakerState {
+        match stored {
+            Some(state) if state.window.spec() == self.window => state,
+            Some(state) => BreakerState {
+                window: Window::new(self.window),
+                ..state
+            },
+            None => BreakerState::closed(self.window, 0),
+        }
+    }
+
+    fn trip(
+        &self,
+        state: &BreakerState,
+        now: Instant,
+        from: Phase,
+        reason: String,
+    ) -> (BreakerState, Transition) {
+        let trips = state.trips.saturating_add(1);
+        let open = BreakerState {
+            phase: Phase::Open,
+            generation: state.generation.wrapping_add(1),
+            trips,
+            open_until: now.saturating_add(self.open_for(trips)),
+            ..BreakerState::closed(self.window, 0)
+        };
+        let reason = format!("{reason}; open for {:?}", self.open_for(trips));
+        (
+            open,
+            Transition {
+                from,
+                to: Phase::Open,
+                reason,
+            },
+        )
+    }
+
+    /// Admission for a breaker that is not plainly closed or still open.
+    pub fn admit(
+        &self,
+        stored: Option<BreakerState>,
+        now: Instant,
+    ) -> (Admission, Option<BreakerState>, Option<Transition>) {
+        let state = self.current(stored);
+        match state.phase {
+            Phase::Closed => (
+                Admission::Pass(Permit::Closed {
+                    generation: state.generation,
+                }),
+                None,
+                None,
+            ),
+            Phase::Open if now < state.open_until => (
+                Admission::Reject {
+                    retry_after: state.open_until.saturating_since(now),
+                },
+                None,
+                None,
+            ),
+            Phase::Open => {
+                let generation = state.generation.wrapping_add(1);
+                let half_open = BreakerState {
+                    phase: Phase::HalfOpen,
+                    generation,
+                    probes_in_flight: 1,
+                    probe_successes: 0,
+                    ..state
+                };
+                let transition = Transition {
+                    from: Phase::Open,
+                    to: Phase::HalfOpen,
+                    reason: format!(
+                        "open duration of {:?} elapsed",
+                        self.open_for(half_open.trips)
+                    ),
+                };
+                (
+                    Admission::Pass(Permit::Probe { generation }),
+                    Some(half_open),
+                    Some(transition),
+                )
+            }
+            Phase::HalfOpen if state.probes_in_flight < self.max_probes => {
+                let generation = state.generation;
+                let probes_in_flight = state.probes_in_flight + 1;
+                (
+                    Admission::Pass(Permit::Probe { generation }),
+                    Some(BreakerState {
+                        probes_in_flight,
+                        ..state
+                    }),
+                    None,
+                )
+            }
+            Phase::HalfOpen => (
+                Admission::Reject {
+                    retry_after: PROBES_BUSY_RETRY,
+                },
+                None,
+                None,
+            ),
+        }
+    }
+
+    /// Records a permitted request's outcome. Returns the state to write (none when nothing
+    /// changed or the permit belongs to an earlier phase) and the transition it caused.
+    pub fn record(
+        &self,
+        stored: Option<BreakerState>,
+        permit: Permit,
+        outcome: Outcome,
+        now: Instant,
+    ) -> (Option<BreakerState>, Option<Transition>) {
+        let state = self.current(stored);
+        match (permit, state.phase) {
+            (Permit::Closed { generation }, Phase::Closed) if generation == state.generation => {
+                self.record_closed(state, outcome, now)
+            }
+            (Permit::Probe { generation }, Phase::HalfOpen) if generation == state.generation => {
+                self.record_probe(state, outcome, now)
+            }
+            _ => (None, None),
+        }
+    }
+
+    fn record_closed(
+        &self,
+        mut state: BreakerState,
+        outcome: Outcome,
+        now: Instant,
+    ) -> (Option<BreakerState>, Option<Transition>) {
+        let (failed, slow) = match outcome {
+            Outcome::Ignored => return (None, None),
+            Outcome::Success { slow } => (false, slow),
+            Outcome::Failure { slow } => (true, slow),
+        };
+        let had_failures = state.consecutive_failures > 0;
+        state.consecutive_failures = if failed {
+            state.consecutive_failures.saturating_add(1)
+        } else {
+            0
+        };
+        if !failed && !had_failures && state.window.spec() == WindowSpec::None {
+            return (None, None);
+        }
+        state.window.record(now, failed, slow);
+
+        if let Some(limit) = self
+            .consecutive_failures
+            .filter(|&n| state.consecutive_failures >= n)
+        {
+            let (open, t) = self.trip(
+                &state,
+                now,
+                Phase::Closed,
+                format!("{limit} consecutive failures"),
+            );
+            return (Some(open), Some(t));
+        }
+        let totals = state.window.totals(now);
+        if totals.calls >= self.minimum_calls {
+            let over = |count: u32, percent: Option<u8>| {
+                percent
+                    .filter(|&p| u64::from(count) * 100 >= u64::from(p) * u64::from(totals.calls))
+            };
+            if let Some(p) = over(totals.failures, self.failure_rate_percent) {
+                let reason = format!(
+                    "failure rate {}/{} calls reached {p}%",
+                    totals.failures, totals.calls
+                );
+                let (open, t) = self.trip(&state, now, Phase::Closed, reason);
+                return (Some(open), Some(t));
+            }
+            if let Some(p) = over(totals.slow, self.slow_call_rate_percent) {
+                let reason = format!(
+                    "slow-call rate {}/{} calls reached {p}%",
+                    totals.slow, totals.calls
+                );
+                let (open, t) = self.trip(&state, now, Phase::Closed, reason);
+                return (Some(open), Some(t));
+            }
+        }
+        (Some(state), None)
+    }
+
+    fn record_probe(
+        &self,
+        mut state: BreakerState,
+        outcome: Outcome,
+        now: Instant,
+    ) -> (Option<BreakerState>, Option<Transition>) {
+        state.probes_in_flight = state.probes_in_flight.saturating_sub(1);
+        let failed = match outcome {
+            Outcome::Ignored => return (Some(state), None),
+            Outcome::Failure { .. } => true,
+            Outcome::Success { slow } => slow && self.slow_call_rate_percent.is_some(),
+        };
+        if failed {
+            let (open, t) = self.trip(&state, now, Phase::HalfOpen, "a probe failed".to_owned());
+            return (Some(open), Some(t));
+        }
+        state.probe_successes = state.probe_successes.saturating_add(1);
+        if state.probe_successes >= self.successes_to_close {
+            let closed = BreakerState::closed(self.window, state.generation.wrapping_add(1));
+            let transition = Transition {
+                from: Phase::HalfOpen,
+                to: Phase::Closed,
+                reason: format!("{} probes succeeded", state.probe_successes),
+            };
+            return (Some(closed), Some(transition));
+        }
+        (Some(state), None)
+    }
+}
+
+/// What the store functions report besides their answer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Effects {
+    pub transition: Option<Transition>,
+    pub conflicts: u32,
+}
+
+fn state_key(namespace: &Namespace, breaker: &BreakerConfig) -> String {
+    namespace.key(&format!("cb/{}", breaker.name))
+}
+
+/// Decides whether a request may pass `breaker`.
+pub fn admit(
+    store: &impl Store,
+    namespace: &Namespace,
+    breaker: &BreakerConfig,
+    now: Instant,
+    settings: SharedDataSettings,
+) -> Result<(Admission, Effects), StoreError> {
+    let key = state_key(namespace, breaker);
+    let stored = store::read::<BreakerState>(store, &key)?;
+    // The stable states answer from the read alone.
+    let quick = match &stored {
+        None => Some(Admission::Pass(Permit::Closed { generation: 0 })),
+        Some(s) if s.phase == Phase::Closed => Some(Admission::Pass(Permit::Closed {
+            generation: s.generation,
+        })),
+        Some(s) if s.phase == Phase::Open && now < s.open_until => Some(Admission::Reject {
+            retry_after: s.open_until.saturating_since(now),
+        }),
+        Some(_) => None,
+    };
+    if let Some(admission) = quick {
+        return Ok((
+            admission,
+            Effects {
+                transition: None,
+                conflicts: 0,
+            },
+        ));
+    }
+    let updated =
+        store::update::<BreakerState, _>(store, namespace, &key, settings.max_attempts, |state| {
+            let (admission, next, transition) = breaker.admit(state, now);
+            ((admission, transition), next)
+        })?;
+    let (admission, transition) = updated.decision;
+    Ok((
+        admission,
+        Effects {
+            transition,
+            conflicts: updated.conflicts,
+        },
+    ))
+}
+
+/// Records the outcome of a request `breaker` let through with `permit`.
+pub fn record(
+    store: &impl Store,
+    namespace: &Namespace,
+    breaker: &BreakerConfig,
+    permit: Permit,
+    outcome: Outcome,
+    now: Instant,
+    settings: SharedDataSettings,
+) -> Result<Effects, StoreError> {
+    let key = state_key(namespace, breaker);
+    let updated =
+        store::update::<BreakerState, _>(store, namespace, &key, settings.max_attempts, |state| {
+            let (next, transition) = breaker.record(state, permit, outcome, now);
+            (transition, next)
+        })?;
+    Ok(Effects {
+        transition: updated.decision,
+        conflicts: updated.conflicts,
+    })
+}
+
+/// The phase to show in the state gauge (0 closed, 1 open, 2 half-open).
+pub fn phase_value(phase: Phase) -> u64 {
+    phase as u64
+}
+
+/// Seconds, rounded up and at least one, for `Retry-After`.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    nanos_saturating(wait).div_ceil(1_000_000_000).max(1)
+}
+
+#[cfg(test)]
+mod tests;

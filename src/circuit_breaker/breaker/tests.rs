@@ -1,0 +1,474 @@
+use super::*;
+use crate::circuit_breaker::CircuitBreakerConfig;
+use crate::config::Config;
+use crate::store::MemoryStore;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+const T0: Instant = Instant::from_nanos(1_700_000_000_000_000_000);
+const OK: Outcome = Outcome::Success { slow: false };
+const FAIL: Outcome = Outcome::Failure { slow: false };
+
+fn at(ms: u64) -> Instant {
+    T0.saturating_add(Duration::from_millis(ms))
+}
+
+fn breaker(fields: &str) -> (BreakerConfig, SharedDataSettings) {
+    let json = format!(
+        r#"{{"circuit_breaker": {{"breakers": [{{"name": "b", "scope": {{"match": {{}}}}, {fields}}}]}}}}"#
+    );
+    match Config::parse(json.as_bytes()) {
+        Ok(Config {
+            circuit_breaker: Some(CircuitBreakerConfig { mut breakers }),
+            shared_data,
+            ..
+        }) => (breakers.remove(0), shared_data),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// One breaker on one store, driven like Envoy drives it.
+struct Bench {
+    breaker: BreakerConfig,
+    settings: SharedDataSettings,
+    store: MemoryStore,
+    transitions: Vec<(Phase, Phase)>,
+}
+
+impl Bench {
+    fn new(fields: &str) -> Bench {
+        let (breaker, settings) = breaker(fields);
+        Bench {
+            breaker,
+            settings,
+            store: MemoryStore::default(),
+            transitions: Vec::new(),
+        }
+    }
+
+    fn admit(&mut self, now: Instant) -> Admission {
+        let (admission, effects) =
+            admit(&self.store, &ns(), &self.breaker, now, self.settings).unwrap();
+        self.note(effects);
+        admission
+    }
+
+    fn finish(&mut self, permit: Permit, outcome: Outcome, now: Instant) {
+        let effects = record(
+            &self.store,
+            &ns(),
+            &self.breaker,
+            permit,
+            outcome,
+            now,
+            self.settings,
+        )
+        .unwrap();
+        self.note(effects);
+    }
+
+    /// A whole request: admitted or not, and if admitted, its outcome recorded.
+    fn call(&mut self, outcome: Outcome, now: Instant) -> bool {
+        match self.admit(now) {
+            Admission::Pass(permit) => {
+                self.finish(permit, outcome, now);
+                true
+            }
+            Admission::Reject { .. } => false,
+        }
+    }
+
+    fn note(&mut self, effects: Effects) {
+        if let Some(t) = effects.transition {
+            self.transitions.push((t.from, t.to));
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        read::<BreakerState>(&self.store, "resilience/t/cb/b")
+            .unwrap()
+            .map_or(Phase::Closed, |s| s.phase)
+    }
+}
+
+fn ns() -> Namespace {
+    Namespace::new("t")
+}
+
+use crate::store::read;
+
+const CONSECUTIVE: &str = r#""trip": {"consecutive_failures": 3}, "open": {"duration": "10s"}, "half_open": {"max_probes": 2}"#;
+
+#[test]
+fn opens_after_exactly_the_configured_consecutive_failures() {
+    let mut b = Bench::new(CONSECUTIVE);
+    assert!(b.call(FAIL, T0) && b.call(FAIL, T0));
+    assert!(b.call(OK, T0), "a success resets the count");
+    assert!(b.call(FAIL, T0) && b.call(FAIL, T0));
+    assert_eq!(b.phase(), Phase::Closed);
+    assert!(b.call(FAIL, T0));
+    assert_eq!(b.phase(), Phase::Open);
+    assert_eq!(b.transitions, [(Phase::Closed, Phase::Open)]);
+    assert_eq!(
+        b.admit(at(4_000)),
+        Admission::Reject {
+            retry_after: Duration::from_secs(6)
+        }
+    );
+}
+
+#[test]
+fn a_closed_breaker_is_checked_without_writing() {
+    let mut b = Bench::new(CONSECUTIVE);
+    assert!(b.call(OK, T0), "successes on a fresh breaker write nothing");
+    assert!(b.store.is_empty());
+    assert!(b.call(FAIL, T0));
+    let version = b.store.get("resilience/t/cb/b").unwrap().map(|v| v.version);
+    for _ in 0..5 {
+        assert!(matches!(
+            b.admit(T0),
+            Admission::Pass(Permit::Closed { .. })
+        ));
+    }
+    assert_eq!(
+        b.store.get("resilience/t/cb/b").unwrap().map(|v| v.version),
+        version
+    );
+}
+
+#[test]
+fn half_open_admits_at_most_the_probe_budget_and_closes_on_successes() {
+    let mut b = Bench::new(CONSECUTIVE);
+    (0..3).for_each(|_| assert!(b.call(FAIL, T0)));
+    let probes: Vec<Admission> = (0..5).map(|_| b.admit(at(10_000))).collect();
+    let permits: Vec<Permit> = probes
+        .iter()
+        .filter_map(|a| match a {
+            Admission::Pass(p) => Some(*p),
+            Admission::Reject { .. } => None,
+        })
+        .collect();
+    assert_eq!(permits.len(), 2, "{probes:?}");
+    assert!(permits.iter().all(|p| matches!(p, Permit::Probe { .. })));
+    assert_eq!(b.phase(), Phase::HalfOpen);
+    b.finish(permits[0], OK, at(10_100));
+    assert_eq!(b.phase(), Phase::HalfOpen, "two successes needed");
+    b.finish(permits[1], OK, at(10_200));
+    assert_eq!(b.phase(), Phase::Closed);
+    assert_eq!(
+        b.transitions,
+        [
+            (Phase::Closed, Phase::Open),
+            (Phase::Open, Phase::HalfOpen),
+            (Phase::HalfOpen, Phase::Closed)
+        ]
+    );
+    assert!(
+        b.call(FAIL, at(10_300)) && b.call(FAIL, at(10_300)),
+        "closed again, count restarted"
+    );
+    assert_eq!(b.phase(), Phase::Closed);
+}
+
+#[test]
+fn a_failed_probe_reopens_with_a_longer_open_duration() {
+    let mut b = Bench::new(
+        r#""trip": {"consecutive_failures": 1}, "open": {"duration": "10s", "backoff_multiplier": 2, "max_duration": "25s"}"#,
+    );
+    assert!(b.call(FAIL, T0));
+    assert!(b.call(FAIL, at(10_000)), "the probe goes through");
+    assert_eq!(b.phase(), Phase::Open);
+    assert_eq!(
+        b.admit(at(10_000)),
+        Admission::Reject {
+            retry_after: Duration::from_secs(20)
+        }
+    );
+    assert!(b.call(FAIL, at(30_000)));
+    assert_eq!(
+        b.admit(at(30_000)),
+        Admission::Reject {
+            retry_after: Duration::from_secs(25)
+        },
+        "capped"
+    );
+    assert!(b.call(OK, at(55_000)));
+    assert_eq!(b.phase(), Phase::Closed);
+    assert!(b.call(FAIL, at(56_000)));
+    assert_eq!(
+        b.admit(at(56_000)),
+        Admission::Reject {
+            retry_after: Duration::from_secs(10)
+        },
+        "backoff reset on close"
+    );
+}
+
+#[test]
+fn backoff_without_a_cap_grows_up_to_a_day() {
+    let (b, _) = breaker(
+        r#""trip": {"consecutive_failures": 1}, "open": {"duration": "1s", "backoff_multiplier": 3}"#,
+    );
+    assert_eq!(b.open_for(1), Duration::from_secs(1));
+    assert_eq!(b.open_for(3), Duration::from_secs(9));
+    assert_eq!(b.open_for(100), Duration::from_secs(86_400));
+    let (flat, _) = breaker(r#""trip": {"consecutive_failures": 1}, "open": {"duration": "5s"}"#);
+    assert_eq!(
+        flat.open_for(7),
+        Duration::from_secs(5),
+        "no multiplier, no growth"
+    );
+}
+
+#[test]
+fn a_probe_that_never_answers_gives_its_slot_back() {
+    let mut b = Bench::new(r#""trip": {"consecutive_failures": 1}, "open": {"duration": "1s"}"#);
+    assert!(b.call(FAIL, T0));
+    let Admission::Pass(probe) = b.admit(at(1_000)) else {
+        panic!()
+    };
+    assert!(
+        matches!(b.admit(at(1_000)), Admission::Reject { .. }),
+        "one probe at a time"
+    );
+    b.finish(probe, Outcome::Ignored, at(1_100));
+    assert_eq!(b.phase(), Phase::HalfOpen);
+    assert!(b.call(OK, at(1_200)), "the slot came back");
+    assert_eq!(b.phase(), Phase::Closed);
+}
+
+#[test]
+fn outcomes_from_an_earlier_phase_are_dropped() {
+    let mut b = Bench::new(
+        r#""trip": {"consecutive_failures": 1}, "open": {"duration": "1s"}, "half_open": {"max_probes": 2, "successes_to_close": 1}"#,
+    );
+    let Admission::Pass(early) = b.admit(T0) else {
+        panic!()
+    };
+    assert!(b.call(FAIL, T0));
+    let Admission::Pass(first_probe) = b.admit(at(1_000)) else {
+        panic!()
+    };
+    let Admission::Pass(late_probe) = b.admit(at(1_000)) else {
+        panic!()
+    };
+    b.finish(early, FAIL, at(1_000));
+    assert_eq!(
+        b.phase(),
+        Phase::HalfOpen,
+        "a closed-phase failure does not touch half-open"
+    );
+    b.finish(first_probe, OK, at(1_100));
+    assert_eq!(b.phase(), Phase::Closed);
+    b.finish(late_probe, FAIL, at(1_200));
+    assert_eq!(
+        b.phase(),
+        Phase::Closed,
+        "a probe of the finished half-open phase is dropped"
+    );
+}
+
+#[test]
+fn failure_rate_over_the_last_calls_trips_once_enough_calls_were_seen() {
+    let mut b = Bench::new(
+        r#""trip": {"failure_rate_percent": 50, "minimum_calls": 6, "window": {"calls": 10}}"#,
+    );
+    for outcome in [FAIL, FAIL, FAIL, OK, FAIL] {
+        assert!(b.call(outcome, T0));
+    }
+    assert_eq!(
+        b.phase(),
+        Phase::Closed,
+        "4 of 5, below the minimum of 6 calls"
+    );
+    assert!(b.call(OK, T0));
+    assert_eq!(b.phase(), Phase::Open, "4 of 6 is over 50%");
+}
+
+#[test]
+fn the_call_window_forgets_calls_older_than_its_size() {
+    let mut b = Bench::new(
+        r#""trip": {"failure_rate_percent": 50, "minimum_calls": 4, "window": {"calls": 4}}"#,
+    );
+    for outcome in [FAIL, OK, OK, OK, FAIL, OK, OK, OK, FAIL, OK, OK] {
+        assert!(b.call(outcome, T0));
+    }
+    assert_eq!(
+        b.phase(),
+        Phase::Closed,
+        "never more than 1 failure in the last 4"
+    );
+    assert!(b.call(FAIL, T0));
+    assert_eq!(b.phase(), Phase::Open, "2 of the last 4");
+}
+
+#[test]
+fn the_time_window_counts_only_the_last_span() {
+    let mut b = Bench::new(
+        r#""trip": {"failure_rate_percent": 60, "minimum_calls": 3, "window": {"duration": "10s"}}"#,
+    );
+    assert!(b.call(FAIL, at(0)) && b.call(FAIL, at(1_000)));
+    assert!(b.call(OK, at(20_000)), "the two failures slid out");
+    assert!(b.call(FAIL, at(20_500)));
+    assert_eq!(b.phase(), Phase::Closed, "1 of 2 calls in the window");
+    assert!(b.call(FAIL, at(21_000)));
+    assert_eq!(b.phase(), Phase::Open, "2 of 3");
+}
+
+#[test]
+fn slow_calls_trip_the_slow_call_rate() {
+    let mut b = Bench::new(
+        r#""failure": {"slow_call": "500ms"}, "trip": {"slow_call_rate_percent": 50, "minimum_calls": 4, "window": {"calls": 10}}"#,
+    );
+    let slow = Outcome::Success { slow: true };
+    for outcome in [OK, slow, OK] {
+        assert!(b.call(outcome, T0));
+    }
+    assert_eq!(b.phase(), Phase::Closed);
+    assert!(b.call(slow, T0));
+    assert_eq!(b.phase(), Phase::Open, "2 slow of 4");
+    assert!(b.call(slow, at(30_000)), "probe");
+    assert_eq!(
+        b.phase(),
+        Phase::Open,
+        "a slow probe counts as failed when slow calls trip"
+    );
+}
+
+#[test]
+fn completions_are_classified_by_flags_then_status() {
+    let (b, _) = breaker(
+        r#""failure": {"statuses": ["5xx", 429], "slow_call": "1s"}, "trip": {"consecutive_failures": 1}"#,
+    );
+    let done = |status: Option<u16>, flags: u64, ms: u64| Completion {
+        status,
+        flags,
+        duration: Duration::from_millis(ms),
+    };
+    assert_eq!(b.classify(&done(Some(200), 0, 10)), OK);
+    assert_eq!(
+        b.classify(&done(Some(200), 0, 1_500)),
+        Outcome::Success { slow: true }
+    );
+    assert_eq!(b.classify(&done(Some(503), 0, 10)), FAIL);
+    assert_eq!(b.classify(&done(Some(429), 0, 10)), FAIL);
+    assert_eq!(b.classify(&done(Some(404), 0, 10)), OK);
+    assert_eq!(b.classify(&done(Some(599), 0, 10)), FAIL);
+    assert_eq!(
+        b.classify(&done(Some(u16::MAX), 0, 10)),
+        OK,
+        "out-of-range statuses never index past the set"
+    );
+    assert_eq!(
+        b.classify(&done(Some(503), 0x20, 10)),
+        FAIL,
+        "connect failure"
+    );
+    assert_eq!(
+        b.classify(&done(Some(504), 0x4, 10)),
+        FAIL,
+        "upstream timeout"
+    );
+    assert_eq!(b.classify(&done(Some(0), 0x10, 10)), FAIL, "upstream reset");
+    assert_eq!(
+        b.classify(&done(None, 0x4000, 10)),
+        Outcome::Ignored,
+        "client went away"
+    );
+    assert_eq!(b.classify(&done(None, 0, 10)), Outcome::Ignored);
+    let (quiet, _) =
+        breaker(r#""failure": {"local_failures": false}, "trip": {"consecutive_failures": 1}"#);
+    assert_eq!(quiet.classify(&done(Some(503), 0x20, 10)), Outcome::Ignored);
+}
+
+#[test]
+fn a_clock_stepping_back_keeps_the_breaker_open_no_longer_than_configured() {
+    let mut b = Bench::new(r#""trip": {"consecutive_failures": 1}, "open": {"duration": "10s"}"#);
+    assert!(b.call(FAIL, at(60_000)));
+    match b.admit(T0) {
+        Admission::Reject { retry_after } => assert_eq!(retry_after, Duration::from_secs(70)),
+        other => panic!("{other:?}"),
+    }
+    assert!(b.call(OK, at(70_000)));
+    assert_eq!(b.phase(), Phase::Closed);
+}
+
+#[test]
+fn corrupt_state_reads_as_closed() {
+    let mut b = Bench::new(CONSECUTIVE);
+    assert_eq!(
+        b.store.set("resilience/t/cb/b", b"\x21\x07junk", None),
+        Ok(())
+    );
+    assert!(matches!(
+        b.admit(T0),
+        Admission::Pass(Permit::Closed { .. })
+    ));
+    assert!(b.call(FAIL, T0));
+    assert_eq!(b.phase(), Phase::Closed);
+}
+
+/// Eight threads as eight workers: failures race to trip the breaker, and probes race for
+/// the half-open slots. The trip happens once; exactly the budget of probes gets through.
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn eight_workers_trip_once_and_share_the_probe_budget() {
+    use std::sync::{Arc, Mutex};
+    let (breaker, settings) = breaker(
+        r#""trip": {"consecutive_failures": 5}, "open": {"duration": "1s"}, "half_open": {"max_probes": 3}"#,
+    );
+    let settings = SharedDataSettings {
+        max_attempts: 64,
+        ..settings
+    };
+    let shared = Arc::new((breaker, MemoryStore::default(), Mutex::new(Vec::new())));
+    let run = |phase_ms: u64| {
+        let workers: Vec<_> = (0..8)
+            .map(|_| {
+                let shared = Arc::clone(&shared);
+                std::thread::spawn(move || {
+                    let (breaker, store, log) = &*shared;
+                    for _ in 0..20 {
+                        let (admission, effects) =
+                            admit(store, &ns(), breaker, at(phase_ms), settings).unwrap();
+                        log.lock()
+                            .unwrap()
+                            .push((admission, effects.transition.map(|t| t.to)));
+                        if let (Admission::Pass(permit @ Permit::Closed { .. }), 0) =
+                            (admission, phase_ms)
+                        {
+                            let effects =
+                                record(store, &ns(), breaker, permit, FAIL, at(0), settings)
+                                    .unwrap();
+                            log.lock()
+                                .unwrap()
+                                .push((admission, effects.transition.map(|t| t.to)));
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().for_each(|w| assert!(w.join().is_ok()));
+    };
+    run(0);
+    let opened = shared
+        .2
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, to)| *to == Some(Phase::Open))
+        .count();
+    assert_eq!(opened, 1, "one transition to open, logged once");
+    shared.2.lock().unwrap().clear();
+    run(1_000);
+    let log = shared.2.lock().unwrap();
+    let probes = log
+        .iter()
+        .filter(|(a, _)| matches!(a, Admission::Pass(Permit::Probe { .. })))
+        .count();
+    let half_opened = log
+        .iter()
+        .filter(|(_, to)| *to == Some(Phase::HalfOpen))
+        .count();
+    assert_eq!((probes, half_opened), (3, 1), "of 160 requests");
+}

@@ -1,0 +1,435 @@
+//! The `circuit_breaker` section: named breakers, each with a scope, a failure definition,
+//! trip conditions, an open duration and a half-open probe budget.
+
+use super::window::{WindowSpec, MAX_CALLS, TIME_BUCKETS};
+use crate::clock::nanos_saturating;
+use crate::config::{ConfigError, Duration};
+use crate::matcher::{check_header_name, Match, RawMatch};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCircuitBreaker {
+    pub breakers: Vec<RawBreaker>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    pub name: String,
+    pub scope: RawScope,
+    pub failure: Option<RawFailure>,
+    pub trip: RawTrip,
+    pub open: Option<RawOpen>,
+    pub half_open: Option<RawHalfOpen>,
+    pub response: Option<RawResponse>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawScope {
+    /// The upstream cluster the route selected.
+    Cluster(String),
+    #[serde(rename = "match")]
+    Match(RawMatch),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFailure {
+    pub statuses: Option<Vec<RawStatus>>,
+    pub local_failures: Option<bool>,
+    pub slow_call: Option<Duration>,
+}
+
+/// A status, or a class such as `"5xx"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawStatus {
+    Code(u16),
+    Class(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrip {
+    pub consecutive_failures: Option<u32>,
+    pub failure_rate_percent: Option<u8>,
+    pub slow_call_rate_percent: Option<u8>,
+    pub minimum_calls: Option<u32>,
+    pub window: Option<RawWindow>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawWindow {
+    Calls(u16),
+    Duration(Duration),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOpen {
+    pub duration: Option<Duration>,
+    pub backoff_multiplier: Option<f64>,
+    pub max_duration: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHalfOpen {
+    pub max_probes: Option<u32>,
+    pub successes_to_close: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResponse {
+    pub status: Option<u16>,
+    pub body: Option<String>,
+    pub headers: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Scope {
+    Cluster(String),
+    Match(Match),
+}
+
+/// Which response statuses count as failures: one bit per status 0..=639.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusSet([u64; 10]);
+
+impl StatusSet {
+    fn insert(&mut self, status: u16) {
+        let i = usize::from(status);
+        if let Some(word) = self.0.get_mut(i / 64) {
+            *word |= 1 << (i % 64);
+        }
+    }
+
+    pub fn contains(&self, status: u16) -> bool {
+        let i = usize::from(status);
+        self.0
+            .get(i / 64)
+            .is_some_and(|word| word & (1 << (i % 64)) != 0)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BreakerConfig {
+    pub name: String,
+    pub scope: Scope,
+    pub failure_statuses: StatusSet,
+    pub local_failures: bool,
+    pub slow_call: Option<std::time::Duration>,
+    pub consecutive_failures: Option<u32>,
+    pub failure_rate_percent: Option<u8>,
+    pub slow_call_rate_percent: Option<u8>,
+    pub minimum_calls: u32,
+    pub window: WindowSpec,
+    pub open_duration: std::time::Duration,
+    pub backoff_multiplier: f64,
+    pub max_open_duration: std::time::Duration,
+    pub max_probes: u32,
+    pub successes_to_close: u32,
+    pub response: BreakerResponse,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BreakerResponse {
+    pub status: u16,
+    pub body: String,
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CircuitBreakerConfig {
+    pub breakers: Vec<BreakerConfig>,
+}
+
+pub const MAX_BREAKERS: usize = 64;
+
+impl CircuitBreakerConfig {
+    pub fn validate(raw: RawCircuitBreaker, at: &str) -> Result<CircuitBreakerConfig, ConfigError> {
+        if raw.breakers.is_empty() || raw.breakers.len() > MAX_BREAKERS {
+            return Err(ConfigError::at(
+                &format!("{at}.breakers"),
+                format!("must hold 1 to {MAX_BREAKERS} breakers"),
+            ));
+        }
+        let mut breakers: Vec<BreakerConfig> = Vec::new();
+        for (i, raw) in raw.breakers.into_iter().enumerate() {
+            let breaker = BreakerConfig::validate(raw, &format!("{at}.breakers[{i}]"))?;
+            if breakers.iter().any(|b| b.name == breaker.name) {
+                return Err(ConfigError::at(
+                    &format!("{at}.breakers[{i}].name"),
+                    "duplicate breaker name",
+                ));
+            }
+            breakers.push(breaker);
+        }
+        Ok(CircuitBreakerConfig { breakers })
+    }
+
+    pub fn header_names(&self) -> impl Iterator<Item = &str> {
+        self.breakers
+            .iter()
+            .flat_map(|b| match &b.scope {
+                Scope::Match(m) => Some(m.header_names()),
+                Scope::Cluster(_) => None,
+            })
+            .flatten()
+    }
+
+    pub fn needs_cluster(&self) -> bool {
+        self.breakers
+            .iter()
+            .any(|b| matches!(b.scope, Scope::Cluster(_)))
+    }
+}
+
+fn range<T: PartialOrd + std::fmt::Display>(
+    value: T,
+    min: T,
+    max: T,
+    at: &str,
+) -> Result<T, ConfigError> {
+    if value < min || value > max {
+        Err(ConfigError::at(
+            at,
+            format!("must be between {min} and {max}"),
+        ))
+    } else {
+        Ok(value)
+    }
+}
+
+impl BreakerConfig {
+    fn validate(raw: RawBreaker, at: &str) -> Result<BreakerConfig, ConfigError> {
+        let name_ok = (1..=64).contains(&raw.name.len())
+            && raw
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !name_ok {
+            return Err(ConfigError::at(
+                &format!("{at}.name"),
+                "must be 1 to 64 letters, digits, `_` or `-`",
+            ));
+        }
+        let scope = match raw.scope {
+            RawScope::Cluster(cluster) if cluster.is_empty() => {
+                return Err(ConfigError::at(
+                    &format!("{at}.scope.cluster"),
+                    "must name a cluster",
+                ));
+            }
+            RawScope::Cluster(cluster) => Scope::Cluster(cluster),
+            RawScope::Match(m) => Scope::Match(Match::compile(m, &format!("{at}.scope.match"))?),
+        };
+
+        let failure = raw.failure.unwrap_or_default();
+        let mut failure_statuses = StatusSet([0; 10]);
+        for (i, status) in failure
+            .statuses
+            .unwrap_or_else(|| vec![RawStatus::Class("5xx".into())])
+            .into_iter()
+            .enumerate()
+        {
+            let status_at = format!("{at}.failure.statuses[{i}]");
+            match status {
+                RawStatus::Code(code) => {
+                    failure_statuses.insert(range(code, 100, 599, &status_at)?)
+                }
+                RawStatus::Class(class) => {
+                    let first = match class.as_str() {
+                        "4xx" => 400,
+                        "5xx" => 500,
+                        _ => {
+                            return Err(ConfigError::at(
+                                &status_at,
+                                "must be a status (100-599), \"4xx\" or \"5xx\"",
+                            ))
+                        }
+                    };
+                    (first..first + 100).for_each(|code| failure_statuses.insert(code));
+                }
+            }
+        }
+        let slow_call = failure.slow_call.map(|d| d.0);
+        if slow_call.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::at(
+                &format!("{at}.failure.slow_call"),
+                "must be longer than zero",
+            ));
+        }
+
+        let trip = raw.trip;
+        let trip_at = format!("{at}.trip");
+        let consecutive_failures = trip
+            .consecutive_failures
+            .map(|n| range(n, 1, 1_000_000, &format!("{trip_at}.consecutive_failures")))
+            .transpose()?;
+        let failure_rate_percent = trip
+            .failure_rate_percent
+            .map(|p| range(p, 1, 100, &format!("{trip_at}.failure_rate_percent")))
+            .transpose()?;
+        let slow_call_rate_percent = trip
+            .slow_call_rate_percent
+            .map(|p| range(p, 1, 100, &format!("{trip_at}.slow_call_rate_percent")))
+            .transpose()?;
+        if slow_call_rate_percent.is_some() && slow_call.is_none() {
+            return Err(ConfigError::at(
+                &format!("{trip_at}.slow_call_rate_percent"),
+                "needs `failure.slow_call`",
+            ));
+        }
+        let rates = failure_rate_percent.is_some() || slow_call_rate_percent.is_some();
+        if consecutive_failures.is_none() && !rates {
+            return Err(ConfigError::at(
+                &trip_at,
+                "set `consecutive_failures`, `failure_rate_percent` or `slow_call_rate_percent`",
+            ));
+        }
+        let window = match (trip.window, rates) {
+            (None, false) => WindowSpec::None,
+            (Some(_), false) => {
+                return Err(ConfigError::at(
+                    &format!("{trip_at}.window"),
+                    "only rates use a window",
+                ));
+            }
+            (None, true) => {
+                return Err(ConfigError::at(
+                    &format!("{trip_at}.window"),
+                    "rates need a window",
+                ))
+            }
+            (Some(RawWindow::Calls(calls)), true) => WindowSpec::Calls(range(
+                calls,
+                1,
+                MAX_CALLS,
+                &format!("{trip_at}.window.calls"),
+            )?),
+            (Some(RawWindow::Duration(span)), true) => {
+                let (min, max) = (
+                    std::time::Duration::from_secs(1),
+                    std::time::Duration::from_secs(3600),
+                );
+                if span.0 < min || span.0 > max {
+                    return Err(ConfigError::at(
+                        &format!("{trip_at}.window.duration"),
+                        "must be between 1s and 1h",
+                    ));
+                }
+                WindowSpec::Time {
+                    bucket_ns: nanos_saturating(span.0) / TIME_BUCKETS as u64,
+                }
+            }
+        };
+        let minimum_calls = match trip.minimum_calls {
+            Some(n) if !rates => {
+                return Err(ConfigError::at(
+                    &format!("{trip_at}.minimum_calls"),
+                    format!("only rates use it, got {n}"),
+                ));
+            }
+            Some(n) => range(n, 1, 1_000_000, &format!("{trip_at}.minimum_calls"))?,
+            None => 10,
+        };
+        if let (WindowSpec::Calls(calls), true) = (window, rates) {
+            if minimum_calls > u32::from(calls) {
+                return Err(ConfigError::at(
+                    &format!("{trip_at}.minimum_calls"),
+                    "must not exceed the window's calls",
+                ));
+            }
+        }
+
+        let open = raw.open.unwrap_or_default();
+        let seconds = |d: Option<Duration>, default: u64| {
+            d.map_or(std::time::Duration::from_secs(default), |d| d.0)
+        };
+        let day = std::time::Duration::from_secs(86_400);
+        let open_duration = seconds(open.duration, 30);
+        if open_duration < std::time::Duration::from_millis(1) || open_duration > day {
+            return Err(ConfigError::at(
+                &format!("{at}.open.duration"),
+                "must be between 1ms and 24h",
+            ));
+        }
+        let backoff_multiplier = open.backoff_multiplier.unwrap_or(1.0);
+        if !(1.0..=10.0).contains(&backoff_multiplier) {
+            return Err(ConfigError::at(
+                &format!("{at}.open.backoff_multiplier"),
+                "must be between 1 and 10",
+            ));
+        }
+        // Without a cap the backoff may grow to the longest open duration allowed.
+        let max_open_duration = open.max_duration.map_or(day, |d| d.0);
+        if max_open_duration < open_duration || max_open_duration > day {
+            return Err(ConfigError::at(
+                &format!("{at}.open.max_duration"),
+                "must be between `open.duration` and 24h",
+            ));
+        }
+
+        let half_open = raw.half_open.unwrap_or_default();
+        let max_probes = range(
+            half_open.max_probes.unwrap_or(1),
+            1,
+            1000,
+            &format!("{at}.half_open.max_probes"),
+        )?;
+        let successes_to_close = range(
+            half_open.successes_to_close.unwrap_or(max_probes),
+            1,
+            1000,
+            &format!("{at}.half_open.successes_to_close"),
+        )?;
+
+        let response = raw.response.unwrap_or_default();
+        let status = range(
+            response.status.unwrap_or(503),
+            400,
+            599,
+            &format!("{at}.response.status"),
+        )?;
+        let mut headers = Vec::new();
+        for (name, value) in response.headers.unwrap_or_default() {
+            let name_at = format!("{at}.response.headers.{name}");
+            let name = check_header_name(&name, &name_at)?;
+            if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                return Err(ConfigError::at(
+                    &name_at,
+                    "value must not contain CR, LF or NUL",
+                ));
+            }
+            headers.push((name, value));
+        }
+        Ok(BreakerConfig {
+            name: raw.name,
+            scope,
+            failure_statuses,
+            local_failures: failure.local_failures.unwrap_or(true),
+            slow_call,
+            consecutive_failures,
+            failure_rate_percent,
+            slow_call_rate_percent,
+            minimum_calls,
+            window,
+            open_duration,
+            backoff_multiplier,
+            max_open_duration,
+            max_probes,
+            successes_to_close,
+            response: BreakerResponse {
+                status,
+                body: response.body.unwrap_or_else(|| "circuit open\n".to_owned()),
+                headers,
+            },
+        })
+    }
+}

@@ -1,0 +1,293 @@
+//! Circuit breaking through real Envoy with several workers.
+
+use super::envoy::{envoy, Envoy};
+use super::join_all;
+use super::upstream::{Upstream, DELAY_HEADER};
+use reqwest::{Client, Response};
+use std::time::{Duration, Instant};
+
+fn breaker(fields: &str) -> String {
+    format!(r#"{{"circuit_breaker": {{"breakers": [{{"name": "b", {fields}}}]}}}}"#)
+}
+
+/// A new connection per request, so the requests spread over Envoy's workers.
+fn fresh_connections() -> Client {
+    Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(0)
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+fn from_breaker(response: &Response) -> bool {
+    response.status() == 503
+        && response
+            .headers()
+            .get("x-circuit-breaker")
+            .is_some_and(|v| v == "b")
+}
+
+fn from_upstream(response: &Response) -> bool {
+    response.headers().contains_key("x-upstream-seq")
+}
+
+async fn get(client: &Client, url: &str) -> Response {
+    client.get(url).send().await.unwrap()
+}
+
+fn transitions(envoy: &Envoy, from: &str, to: &str) -> usize {
+    envoy
+        .log()
+        .matches(&format!("circuit breaker \"b\": {from} -> {to}:"))
+        .count()
+}
+
+async fn stat(envoy: &Envoy, name: &str) -> Option<u64> {
+    envoy
+        .stat(&format!(
+            "wasmcustom.resilience.cb.circuit_breaker.b.{name}"
+        ))
+        .await
+}
+
+/// Fails the upstream and sends requests until the breaker is open: exactly `failures` of
+/// them must have reached the upstream.
+async fn trip(envoy: &Envoy, upstream: &Upstream, failures: u64) {
+    let client = fresh_connections();
+    let before = upstream.count();
+    upstream.set_status(500);
+    for i in 0..failures {
+        let response = get(&client, &envoy.url("/")).await;
+        assert!(
+            from_upstream(&response) && response.status() == 500,
+            "failure {i} reaches the upstream"
+        );
+    }
+    for _ in 0..10 {
+        assert!(from_breaker(&get(&client, &envoy.url("/")).await));
+    }
+    assert_eq!(
+        upstream.count(),
+        before + failures,
+        "nothing reaches the upstream while open"
+    );
+}
+
+const CONSECUTIVE: &str = r#""scope": {"match": {}}, "trip": {"consecutive_failures": 3}, "open": {"duration": "2s"}, "half_open": {"max_probes": 2}"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn opens_after_exactly_the_configured_failures_and_fails_fast() {
+    let upstream = Upstream::start().await;
+    let envoy = envoy()
+        .filter("cb", &breaker(CONSECUTIVE))
+        .concurrency(3)
+        .start(&upstream)
+        .await;
+    trip(&envoy, &upstream, 3).await;
+
+    let client = fresh_connections();
+    let started = Instant::now();
+    let response = get(&client, &envoy.url("/")).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "rejected at once"
+    );
+    assert!(from_breaker(&response));
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=2).contains(&retry_after),
+        "Retry-After {retry_after}: the time left"
+    );
+    assert_eq!(response.text().await.unwrap(), "circuit open\n");
+
+    assert_eq!(stat(&envoy, "state").await, Some(1), "open");
+    assert_eq!(stat(&envoy, "rejected").await, Some(11));
+    assert_eq!(stat(&envoy, "transitions_to_open").await, Some(1));
+    assert_eq!(
+        transitions(&envoy, "closed", "open"),
+        1,
+        "logged once across workers"
+    );
+    assert!(envoy
+        .log()
+        .contains("closed -> open: 3 consecutive failures"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_the_open_duration_at_most_k_probes_reach_the_upstream_and_success_closes() {
+    let upstream = Upstream::start().await;
+    let envoy = envoy()
+        .filter("cb", &breaker(CONSECUTIVE))
+        .concurrency(3)
+        .start(&upstream)
+        .await;
+    trip(&envoy, &upstream, 3).await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+
+    upstream.set_status(200);
+    upstream.set_delay(Duration::from_millis(600));
+    let before = upstream.count();
+    let client = fresh_connections();
+    let requests: Vec<_> = (0..12)
+        .map(|_| {
+            let (client, url) = (client.clone(), envoy.url("/"));
+            async move {
+                let started = Instant::now();
+                let response = client.get(url).send().await.unwrap();
+                (
+                    from_upstream(&response),
+                    from_breaker(&response),
+                    started.elapsed(),
+                )
+            }
+        })
+        .collect();
+    let results = join_all(requests).await;
+    let probes = results.iter().filter(|(upstream, _, _)| *upstream).count();
+    assert_eq!(probes, 2, "{results:?}");
+    assert_eq!(upstream.count(), before + 2);
+    assert_eq!(upstream.max_in_flight(), 2);
+    for (_, rejected, elapsed) in results.iter().filter(|(upstream, _, _)| !*upstream) {
+        assert!(
+            *rejected && *elapsed < Duration::from_millis(400),
+            "shed at once, not queued: {elapsed:?}"
+        );
+    }
+
+    upstream.set_delay(Duration::ZERO);
+    for _ in 0..5 {
+        assert!(
+            from_upstream(&get(&client, &envoy.url("/")).await),
+            "closed after two successful probes"
+        );
+    }
+    assert_eq!(stat(&envoy, "state").await, Some(0));
+    assert_eq!(transitions(&envoy, "open", "half-open"), 1);
+    assert_eq!(transitions(&envoy, "half-open", "closed"), 1);
+    assert_eq!(stat(&envoy, "transitions_to_closed").await, Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_probe_reopens_the_breaker() {
+    let upstream = Upstream::start().await;
+    let config = breaker(
+        r#""scope": {"match": {}}, "trip": {"consecutive_failures": 2}, "open": {"duration": "1s", "backoff_multiplier": 3}"#,
+    );
+    let envoy = envoy().filter("cb", &config).start(&upstream).await;
+    trip(&envoy, &upstream, 2).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+
+    let client = fresh_connections();
+    let before = upstream.count();
+    let probe = get(&client, &envoy.url("/")).await;
+    assert!(from_upstream(&probe) && probe.status() == 500);
+    let refused = get(&client, &envoy.url("/")).await;
+    assert!(from_breaker(&refused), "open again at once");
+    assert_eq!(refused.headers()["retry-after"], "3", "second trip: 1s x 3");
+    assert_eq!(upstream.count(), before + 1);
+    assert_eq!(transitions(&envoy, "half-open", "open"), 1);
+    assert!(envoy.log().contains("half-open -> open: a probe failed"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_aborted_probe_does_not_wedge_the_breaker() {
+    let upstream = Upstream::start().await;
+    let config = breaker(
+        r#""scope": {"match": {}}, "trip": {"consecutive_failures": 2}, "open": {"duration": "1s"}, "half_open": {"max_probes": 1}"#,
+    );
+    let envoy = envoy().filter("cb", &config).start(&upstream).await;
+    trip(&envoy, &upstream, 2).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+
+    // The only probe slot goes to a request whose client gives up after 300 ms.
+    upstream.set_status(200);
+    let impatient = Client::builder()
+        .timeout(Duration::from_millis(300))
+        .no_proxy()
+        .build()
+        .unwrap();
+    let aborted = impatient
+        .get(envoy.url("/"))
+        .header(DELAY_HEADER, "5000")
+        .send()
+        .await;
+    assert!(aborted.is_err_and(|e| e.is_timeout()));
+    // Its slot came back when the stream ended, long before the upstream would have answered.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let client = fresh_connections();
+    let probe = get(&client, &envoy.url("/")).await;
+    assert!(
+        from_upstream(&probe) && probe.status() == 200,
+        "a new probe got the slot"
+    );
+    assert!(
+        from_upstream(&get(&client, &envoy.url("/")).await),
+        "and closed the breaker"
+    );
+    assert_eq!(stat(&envoy, "state").await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_failures_trip_a_breaker_scoped_to_their_cluster_only() {
+    let upstream = Upstream::start().await;
+    let config = r#"{"circuit_breaker": {"breakers": [
+        {"name": "b", "scope": {"cluster": "dead"}, "trip": {"consecutive_failures": 2}, "open": {"duration": "30s"}},
+        {"name": "healthy", "scope": {"cluster": "upstream"}, "trip": {"consecutive_failures": 2}}]}}"#;
+    let envoy = envoy().filter("cb", config).start(&upstream).await;
+    let client = fresh_connections();
+    for _ in 0..2 {
+        let response = get(&client, &envoy.url("/dead/x")).await;
+        assert_eq!(response.status(), 503);
+        assert!(
+            !from_breaker(&response),
+            "Envoy's own connect-failure reply"
+        );
+    }
+    assert!(
+        from_breaker(&get(&client, &envoy.url("/dead/x")).await),
+        "open after two connect failures"
+    );
+    for _ in 0..3 {
+        assert!(
+            from_upstream(&get(&client, &envoy.url("/")).await),
+            "the other cluster's breaker is closed"
+        );
+    }
+    assert!(envoy
+        .log()
+        .contains("circuit breaker \"b\": closed -> open: 2 consecutive failures"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_calls_trip_the_slow_call_rate() {
+    let upstream = Upstream::start().await;
+    let config = breaker(
+        r#""scope": {"match": {"path_prefix": "/slow/"}}, "failure": {"slow_call": "200ms"},
+           "trip": {"slow_call_rate_percent": 50, "minimum_calls": 4, "window": {"calls": 10}}"#,
+    );
+    let envoy = envoy().filter("cb", &config).start(&upstream).await;
+    let client = fresh_connections();
+    for delay in ["0", "300", "0", "300"] {
+        let response = client
+            .get(envoy.url("/slow/x"))
+            .header(DELAY_HEADER, delay)
+            .send()
+            .await
+            .unwrap();
+        assert!(from_upstream(&response) && response.status() == 200);
+    }
+    assert!(
+        from_breaker(&get(&client, &envoy.url("/slow/x")).await),
+        "2 slow of 4 calls"
+    );
+    assert!(
+        from_upstream(&get(&client, &envoy.url("/fast")).await),
+        "out of the breaker's scope"
+    );
+    assert!(envoy.log().contains("slow-call rate 2/4 calls reached 50%"));
+}
