@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 envoy=${ENVOY_BIN:-.venv/bin/envoy}
-"$envoy" -c envoy/demo.yaml --concurrency 2 --disable-hot-restart --log-level "${LOG_LEVEL:-warning}" &
+"$envoy" -c envoy/demo.yaml --concurrency 2 --disable-hot-restart --log-level "${LOG_LEVEL:-warning}" --component-log-level wasm:info &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT INT TERM
 for _ in $(seq 100); do
@@ -22,9 +22,15 @@ Envoy is serving the resilience filter on http://127.0.0.1:10000 (admin: http://
   curl -i -H 'x-envoy-fault-abort-request: 503' http://127.0.0.1:10000/
   curl -i -H 'x-envoy-fault-delay-request: 1500' http://127.0.0.1:10000/
 
-  # rate limiting: 5 requests at once per client, then one every 2 s (429 with Retry-After)
-  for i in 1 2 3 4 5 6 7; do curl -s -o /dev/null -w '%{http_code}\n' http://127.0.0.1:10000/; done
-  curl -si http://127.0.0.1:10000/ | grep -iE '^(HTTP|retry-after|ratelimit)'
+  # rate limiting under /limited/: 5 requests at once per client, then one every 2 s
+  for i in 1 2 3 4 5 6 7; do curl -s -o /dev/null -w '%{http_code}\n' http://127.0.0.1:10000/limited/; done
+  curl -si http://127.0.0.1:10000/limited/ | grep -iE '^(HTTP|retry-after|ratelimit)'
+
+  # circuit breaking: 3 failures in a row open the breaker for 10 s; then one probe
+  # goes through, and its success closes it again
+  for i in 1 2 3; do curl -s -o /dev/null -w '%{http_code}\n' -H 'x-envoy-fault-abort-request: 503' http://127.0.0.1:10000/; done
+  curl -si http://127.0.0.1:10000/ | grep -iE '^(HTTP|retry-after|x-circuit-breaker)'
+  sleep 10; curl -s http://127.0.0.1:10000/
 
   # the filter's metrics
   curl -s http://127.0.0.1:9901/stats | grep resilience
