@@ -38,6 +38,8 @@ pub struct BreakerState {
     pub generation: u32,
     /// Trips since the breaker last closed, for the open duration's backoff.
     pub trips: u32,
+    /// Open: when the breaker may leave open. Half-open: when the probe slots taken so far
+    /// are presumed lost (their streams never reported back).
     pub open_until: Instant,
     pub consecutive_failures: u32,
     pub probes_in_flight: u32,
@@ -246,6 +248,7 @@ impl BreakerConfig {
                 let half_open = BreakerState {
                     phase: Phase::HalfOpen,
                     generation,
+                    open_until: now.saturating_add(self.probe_timeout),
                     probes_in_flight: 1,
                     probe_successes: 0,
                     ..state
@@ -267,12 +270,32 @@ impl BreakerConfig {
             Phase::HalfOpen if state.probes_in_flight < self.max_probes => {
                 let generation = state.generation;
                 let probes_in_flight = state.probes_in_flight + 1;
+                let open_until = now.saturating_add(self.probe_timeout);
                 (
                     Admission::Pass(Permit::Probe { generation }),
                     Some(BreakerState {
                         probes_in_flight,
+                        open_until,
                         ..state
                     }),
+                    None,
+                )
+            }
+            // Every slot taken and none reported back within the probe timeout: the probes'
+            // streams are presumed lost. Start over with a new generation, so their late
+            // outcomes, if any, are dropped.
+            Phase::HalfOpen if now >= state.open_until => {
+                let generation = state.generation.wrapping_add(1);
+                let restarted = BreakerState {
+                    generation,
+                    open_until: now.saturating_add(self.probe_timeout),
+                    probes_in_flight: 1,
+                    probe_successes: 0,
+                    ..state
+                };
+                (
+                    Admission::Pass(Permit::Probe { generation }),
+                    Some(restarted),
                     None,
                 )
             }

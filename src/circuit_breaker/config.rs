@@ -81,6 +81,7 @@ pub struct RawOpen {
 pub struct RawHalfOpen {
     pub max_probes: Option<u32>,
     pub successes_to_close: Option<u32>,
+    pub probe_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -134,6 +135,8 @@ pub struct BreakerConfig {
     pub max_open_duration: std::time::Duration,
     pub max_probes: u32,
     pub successes_to_close: u32,
+    /// How long probe slots may stay taken before they are presumed lost.
+    pub probe_timeout: std::time::Duration,
     pub response: BreakerResponse,
 }
 
@@ -390,6 +393,16 @@ impl BreakerConfig {
             &format!("{at}.half_open.successes_to_close"),
         )?;
 
+        let probe_timeout = half_open
+            .probe_timeout
+            .map_or(std::time::Duration::from_secs(60), |d| d.0);
+        if probe_timeout < std::time::Duration::from_millis(1) || probe_timeout > day {
+            return Err(ConfigError::at(
+                &format!("{at}.half_open.probe_timeout"),
+                "must be between 1ms and 24h",
+            ));
+        }
+
         let response = raw.response.unwrap_or_default();
         let status = range(
             response.status.unwrap_or(503),
@@ -425,6 +438,7 @@ impl BreakerConfig {
             max_open_duration,
             max_probes,
             successes_to_close,
+            probe_timeout,
             response: BreakerResponse {
                 status,
                 body: response.body.unwrap_or_else(|| "circuit open\n".to_owned()),

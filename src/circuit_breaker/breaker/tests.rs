@@ -238,6 +238,32 @@ fn a_probe_that_never_answers_gives_its_slot_back() {
 }
 
 #[test]
+fn probe_slots_lost_without_a_report_come_back_after_the_probe_timeout() {
+    let mut b = Bench::new(
+        r#""trip": {"consecutive_failures": 1}, "open": {"duration": "1s"}, "half_open": {"probe_timeout": "5s"}"#,
+    );
+    assert!(b.call(FAIL, T0));
+    let Admission::Pass(lost) = b.admit(at(1_000)) else {
+        panic!()
+    };
+    assert!(
+        matches!(b.admit(at(5_999)), Admission::Reject { .. }),
+        "the slot is taken"
+    );
+    let Admission::Pass(fresh) = b.admit(at(6_000)) else {
+        panic!("the lost slot came back")
+    };
+    b.finish(lost, FAIL, at(6_100));
+    assert_eq!(
+        b.phase(),
+        Phase::HalfOpen,
+        "the lost probe's late report is dropped"
+    );
+    b.finish(fresh, OK, at(6_200));
+    assert_eq!(b.phase(), Phase::Closed);
+}
+
+#[test]
 fn outcomes_from_an_earlier_phase_are_dropped() {
     let mut b = Bench::new(
         r#""trip": {"consecutive_failures": 1}, "open": {"duration": "1s"}, "half_open": {"max_probes": 2, "successes_to_close": 1}"#,
