@@ -11,6 +11,7 @@ pub mod config;
 pub mod matcher;
 pub mod rate_limit;
 pub mod request;
+pub mod response;
 pub mod store;
 
 #[cfg(target_os = "wasi")]

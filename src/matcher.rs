@@ -22,6 +22,70 @@ pub struct RawHeaderMatch {
     pub present: Option<bool>,
 }
 
+/// What a breaker or a pool covers: the upstream cluster the route selected, or a match.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawScope {
+    Cluster(String),
+    #[serde(rename = "match")]
+    Match(RawMatch),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Cluster(String),
+    Match(Match),
+}
+
+impl Scope {
+    pub fn compile(raw: RawScope, at: &str) -> Result<Scope, ConfigError> {
+        match raw {
+            RawScope::Cluster(cluster) if cluster.is_empty() => Err(ConfigError::at(
+                &format!("{at}.cluster"),
+                "must name a cluster",
+            )),
+            RawScope::Cluster(cluster) => Ok(Scope::Cluster(cluster)),
+            RawScope::Match(m) => Ok(Scope::Match(Match::compile(m, &format!("{at}.match"))?)),
+        }
+    }
+
+    pub fn contains(&self, request: &RequestInfo) -> bool {
+        match self {
+            Scope::Cluster(cluster) => request.cluster.as_deref() == Some(cluster.as_str()),
+            Scope::Match(m) => m.matches(request),
+        }
+    }
+
+    pub fn header_names(&self) -> impl Iterator<Item = &str> {
+        match self {
+            Scope::Match(m) => Some(m.header_names()),
+            Scope::Cluster(_) => None,
+        }
+        .into_iter()
+        .flatten()
+    }
+
+    pub fn needs_cluster(&self) -> bool {
+        matches!(self, Scope::Cluster(_))
+    }
+}
+
+/// A name that can appear in shared-data keys, metric names and headers.
+pub fn check_name(name: &str, at: &str) -> Result<(), ConfigError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::at(
+            at,
+            "must be 1 to 64 letters, digits, `_` or `-`",
+        ))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Match {
     /// Lower-case, compared with `:authority` without its port.

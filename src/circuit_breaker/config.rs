@@ -4,9 +4,9 @@
 use super::window::{WindowSpec, MAX_CALLS, TIME_BUCKETS};
 use crate::clock::nanos_saturating;
 use crate::config::{ConfigError, Duration};
-use crate::matcher::{check_header_name, Match, RawMatch};
+use crate::matcher::{check_name, RawScope, Scope};
+use crate::response::{RawResponse, Response};
 use serde::Deserialize;
-use std::collections::BTreeMap;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,15 +24,6 @@ pub struct RawBreaker {
     pub open: Option<RawOpen>,
     pub half_open: Option<RawHalfOpen>,
     pub response: Option<RawResponse>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum RawScope {
-    /// The upstream cluster the route selected.
-    Cluster(String),
-    #[serde(rename = "match")]
-    Match(RawMatch),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -84,20 +75,6 @@ pub struct RawHalfOpen {
     pub probe_timeout: Option<Duration>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawResponse {
-    pub status: Option<u16>,
-    pub body: Option<String>,
-    pub headers: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum Scope {
-    Cluster(String),
-    Match(Match),
-}
-
 /// Which response statuses count as failures: one bit per status 0..=639.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatusSet([u64; 10]);
@@ -137,14 +114,7 @@ pub struct BreakerConfig {
     pub successes_to_close: u32,
     /// How long probe slots may stay taken before they are presumed lost.
     pub probe_timeout: std::time::Duration,
-    pub response: BreakerResponse,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BreakerResponse {
-    pub status: u16,
-    pub body: String,
-    pub headers: Vec<(String, String)>,
+    pub response: Response,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -177,19 +147,11 @@ impl CircuitBreakerConfig {
     }
 
     pub fn header_names(&self) -> impl Iterator<Item = &str> {
-        self.breakers
-            .iter()
-            .flat_map(|b| match &b.scope {
-                Scope::Match(m) => Some(m.header_names()),
-                Scope::Cluster(_) => None,
-            })
-            .flatten()
+        self.breakers.iter().flat_map(|b| b.scope.header_names())
     }
 
     pub fn needs_cluster(&self) -> bool {
-        self.breakers
-            .iter()
-            .any(|b| matches!(b.scope, Scope::Cluster(_)))
+        self.breakers.iter().any(|b| b.scope.needs_cluster())
     }
 }
 
@@ -211,27 +173,8 @@ fn range<T: PartialOrd + std::fmt::Display>(
 
 impl BreakerConfig {
     fn validate(raw: RawBreaker, at: &str) -> Result<BreakerConfig, ConfigError> {
-        let name_ok = (1..=64).contains(&raw.name.len())
-            && raw
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if !name_ok {
-            return Err(ConfigError::at(
-                &format!("{at}.name"),
-                "must be 1 to 64 letters, digits, `_` or `-`",
-            ));
-        }
-        let scope = match raw.scope {
-            RawScope::Cluster(cluster) if cluster.is_empty() => {
-                return Err(ConfigError::at(
-                    &format!("{at}.scope.cluster"),
-                    "must name a cluster",
-                ));
-            }
-            RawScope::Cluster(cluster) => Scope::Cluster(cluster),
-            RawScope::Match(m) => Scope::Match(Match::compile(m, &format!("{at}.scope.match"))?),
-        };
+        check_name(&raw.name, &format!("{at}.name"))?;
+        let scope = Scope::compile(raw.scope, &format!("{at}.scope"))?;
 
         let failure = raw.failure.unwrap_or_default();
         let mut failure_statuses = StatusSet([0; 10]);
@@ -403,25 +346,13 @@ impl BreakerConfig {
             ));
         }
 
-        let response = raw.response.unwrap_or_default();
-        let status = range(
-            response.status.unwrap_or(503),
-            400,
-            599,
-            &format!("{at}.response.status"),
+        let response = Response::compile(
+            raw.response,
+            &format!("{at}.response"),
+            503,
+            "circuit open
+",
         )?;
-        let mut headers = Vec::new();
-        for (name, value) in response.headers.unwrap_or_default() {
-            let name_at = format!("{at}.response.headers.{name}");
-            let name = check_header_name(&name, &name_at)?;
-            if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-                return Err(ConfigError::at(
-                    &name_at,
-                    "value must not contain CR, LF or NUL",
-                ));
-            }
-            headers.push((name, value));
-        }
         Ok(BreakerConfig {
             name: raw.name,
             scope,
@@ -439,11 +370,7 @@ impl BreakerConfig {
             max_probes,
             successes_to_close,
             probe_timeout,
-            response: BreakerResponse {
-                status,
-                body: response.body.unwrap_or_else(|| "circuit open\n".to_owned()),
-                headers,
-            },
+            response,
         })
     }
 }

@@ -14,5 +14,5 @@ pub use breaker::{
     admit, phase_value, record, retry_after_secs, Admission, BreakerState, Completion, Effects,
     Outcome, Permit, Phase, Transition, DOWNSTREAM_TERMINATION_FLAG, UPSTREAM_FAILURE_FLAGS,
 };
-pub use config::{BreakerConfig, BreakerResponse, CircuitBreakerConfig, RawCircuitBreaker, Scope};
+pub use config::{BreakerConfig, CircuitBreakerConfig, RawCircuitBreaker};
 pub use window::{Totals, Window, WindowSpec};

@@ -5,7 +5,7 @@ use super::shared_data::SharedData;
 use super::{Instance, LocalReply};
 use crate::circuit_breaker::{
     self, phase_value, retry_after_secs, Admission, BreakerConfig, CircuitBreakerConfig,
-    Completion, Effects, Outcome, Permit, Phase, Scope,
+    Completion, Effects, Outcome, Permit, Phase,
 };
 use crate::clock::Instant;
 use crate::config::FailureMode;
@@ -60,11 +60,7 @@ impl BreakerPolicy {
     ) -> Result<Vec<Held>, LocalReply> {
         let mut held = Vec::new();
         for (index, (breaker, metrics)) in self.breakers.iter().enumerate() {
-            let in_scope = match &breaker.scope {
-                Scope::Cluster(cluster) => request.cluster.as_deref() == Some(cluster.as_str()),
-                Scope::Match(matcher) => matcher.matches(request),
-            };
-            if !in_scope {
+            if !breaker.scope.contains(request) {
                 continue;
             }
             match circuit_breaker::admit(

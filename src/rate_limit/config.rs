@@ -2,9 +2,9 @@
 
 use super::bucket::Bucket;
 use crate::config::{ConfigError, Duration};
-use crate::matcher::{check_header_name, Match, RawMatch};
+use crate::matcher::{check_header_name, check_name, Match, RawMatch};
+use crate::response::{RawResponse, Response};
 use serde::Deserialize;
-use std::collections::BTreeMap;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,14 +35,6 @@ pub struct RawRule {
 pub struct RawRefill {
     pub tokens: u64,
     pub interval: Duration,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawResponse {
-    pub status: Option<u16>,
-    pub body: Option<String>,
-    pub headers: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -90,17 +82,10 @@ pub struct Rule {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LimitedResponse {
-    pub status: u16,
-    pub body: String,
-    pub headers: Vec<(String, String)>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RateLimitConfig {
     pub rules: Vec<Rule>,
     pub trusted_hops: u32,
-    pub limited_response: LimitedResponse,
+    pub limited_response: Response,
     pub headers_on_allowed: bool,
 }
 
@@ -135,38 +120,17 @@ impl RateLimitConfig {
                 format!("must be at most {MAX_TRUSTED_HOPS}"),
             ));
         }
-        let response = raw.limited_response.unwrap_or(RawResponse {
-            status: None,
-            body: None,
-            headers: None,
-        });
-        let status = response.status.unwrap_or(429);
-        if !(400..=599).contains(&status) {
-            return Err(ConfigError::at(
-                &format!("{at}.limited_response.status"),
-                "must be a 4xx or 5xx status",
-            ));
-        }
-        let mut headers = Vec::new();
-        for (name, value) in response.headers.unwrap_or_default() {
-            let name_at = format!("{at}.limited_response.headers.{name}");
-            let name = check_header_name(&name, &name_at)?;
-            if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-                return Err(ConfigError::at(
-                    &name_at,
-                    "value must not contain CR, LF or NUL",
-                ));
-            }
-            headers.push((name, value));
-        }
+        let limited_response = Response::compile(
+            raw.limited_response,
+            &format!("{at}.limited_response"),
+            429,
+            "rate limited
+",
+        )?;
         Ok(RateLimitConfig {
             rules,
             trusted_hops,
-            limited_response: LimitedResponse {
-                status,
-                body: response.body.unwrap_or_else(|| "rate limited\n".to_owned()),
-                headers,
-            },
+            limited_response,
             headers_on_allowed: raw.headers_on_allowed.unwrap_or(true),
         })
     }
@@ -196,17 +160,7 @@ impl RateLimitConfig {
 
 impl Rule {
     fn validate(raw: RawRule, at: &str) -> Result<Rule, ConfigError> {
-        let name_ok = (1..=64).contains(&raw.name.len())
-            && raw
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if !name_ok {
-            return Err(ConfigError::at(
-                &format!("{at}.name"),
-                "must be 1 to 64 letters, digits, `_` or `-`",
-            ));
-        }
+        check_name(&raw.name, &format!("{at}.name"))?;
         let matcher = Match::compile(raw.matcher.unwrap_or_default(), &format!("{at}.match"))?;
         let mut key = Vec::new();
         for (i, part) in raw.key.unwrap_or_default().into_iter().enumerate() {

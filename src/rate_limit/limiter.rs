@@ -144,7 +144,7 @@ impl RateLimiter {
                 outcomes.push(RuleOutcome::Limited);
                 conflicts += self.give_back(store, namespace, &taken, shared_data);
                 let response = &self.config.limited_response;
-                let mut headers = vec![
+                let headers = response.headers_with(vec![
                     (
                         "retry-after".to_owned(),
                         ceil_secs(check.retry_after).max(1).to_string(),
@@ -159,15 +159,7 @@ impl RateLimiter {
                             ceil_secs(check.full_in)
                         ),
                     ),
-                ];
-                if !response
-                    .headers
-                    .iter()
-                    .any(|(name, _)| name == "content-type")
-                {
-                    headers.push(("content-type".to_owned(), "text/plain".to_owned()));
-                }
-                headers.extend(response.headers.iter().cloned());
+                ]);
                 return Decision {
                     verdict: Verdict::Limited {
                         status: response.status,
