@@ -8,6 +8,7 @@
 pub mod circuit_breaker;
 pub mod clock;
 pub mod config;
+pub mod load_shed;
 pub mod matcher;
 pub mod rate_limit;
 pub mod request;

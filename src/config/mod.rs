@@ -10,6 +10,7 @@ mod duration;
 pub use duration::Duration;
 
 use crate::circuit_breaker::{CircuitBreakerConfig, RawCircuitBreaker};
+use crate::load_shed::{LoadSheddingConfig, RawLoadShedding};
 use crate::rate_limit::{RateLimitConfig, RawRateLimit};
 use serde::Deserialize;
 use std::fmt;
@@ -22,6 +23,7 @@ pub struct RawConfig {
     pub shared_data: RawSharedData,
     pub rate_limit: Option<RawRateLimit>,
     pub circuit_breaker: Option<RawCircuitBreaker>,
+    pub load_shedding: Option<RawLoadShedding>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -49,6 +51,7 @@ pub struct Config {
     pub shared_data: SharedDataSettings,
     pub rate_limit: Option<RateLimitConfig>,
     pub circuit_breaker: Option<CircuitBreakerConfig>,
+    pub load_shedding: Option<LoadSheddingConfig>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,6 +144,10 @@ impl Config {
             .circuit_breaker
             .map(|raw| CircuitBreakerConfig::validate(raw, "circuit_breaker"))
             .transpose()?;
+        let load_shedding = raw
+            .load_shedding
+            .map(|raw| LoadSheddingConfig::validate(raw, "load_shedding"))
+            .transpose()?;
         Ok(Config {
             shared_data: SharedDataSettings {
                 on_error: raw.shared_data.on_error.unwrap_or_default(),
@@ -148,20 +155,27 @@ impl Config {
             },
             rate_limit,
             circuit_breaker,
+            load_shedding,
         })
     }
 
     /// The request headers any policy reads, each once: the host fetches only these.
     pub fn request_headers(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
+        let rate_limit = self
             .rate_limit
             .iter()
-            .flat_map(|rate_limit| rate_limit.header_names())
-            .chain(
-                self.circuit_breaker
-                    .iter()
-                    .flat_map(|breakers| breakers.header_names()),
-            )
+            .flat_map(RateLimitConfig::header_names);
+        let breakers = self
+            .circuit_breaker
+            .iter()
+            .flat_map(CircuitBreakerConfig::header_names);
+        let shedding = self
+            .load_shedding
+            .iter()
+            .flat_map(LoadSheddingConfig::header_names);
+        let mut names: Vec<String> = rate_limit
+            .chain(breakers)
+            .chain(shedding)
             .map(str::to_owned)
             .collect();
         names.sort();
@@ -174,6 +188,10 @@ impl Config {
         self.circuit_breaker
             .as_ref()
             .is_some_and(CircuitBreakerConfig::needs_cluster)
+            || self
+                .load_shedding
+                .as_ref()
+                .is_some_and(LoadSheddingConfig::needs_cluster)
     }
 
     /// Whether any policy reads the downstream peer address.
@@ -181,6 +199,10 @@ impl Config {
         self.rate_limit
             .as_ref()
             .is_some_and(RateLimitConfig::needs_peer)
+            || self
+                .load_shedding
+                .as_ref()
+                .is_some_and(LoadSheddingConfig::needs_peer)
     }
 }
 

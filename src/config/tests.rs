@@ -18,6 +18,7 @@ fn empty_configuration_runs_with_defaults() {
         },
         rate_limit: None,
         circuit_breaker: None,
+        load_shedding: None,
     };
     assert_eq!(Config::parse(b""), Ok(defaults.clone()));
     assert_eq!(Config::parse(b" \n"), Ok(defaults.clone()));
@@ -162,4 +163,43 @@ fn durations_are_strings_with_units() {
     assert_eq!(parse(r#""30""#), None, "a unit is required");
     assert_eq!(parse("30"), None, "numbers are ambiguous");
     assert_eq!(parse(r#""-1s""#), None);
+}
+
+/// The host fetches only what these name: a policy missing here silently sees nothing.
+#[test]
+fn every_policy_declares_the_request_parts_it_reads() {
+    let config = Config::parse(
+        br#"{
+        "rate_limit": {"rules": [{"name": "r", "key": [{"header": "x-api-key"}, "client_address"], "capacity": 1, "refill": {"tokens": 1, "interval": "1s"}}]},
+        "circuit_breaker": {"breakers": [{"name": "b", "scope": {"match": {"host": "a.example", "headers": [{"name": "x-tenant", "present": true}]}}, "trip": {"consecutive_failures": 1}}]},
+        "load_shedding": {"pools": [{"name": "p", "scope": {"cluster": "c"}, "max_in_flight": 1}],
+                          "priority": {"header": "x-priority", "trusted_sources": ["10.0.0.0/8"],
+                                       "rules": [{"match": {"headers": [{"name": "x-batch", "present": true}]}, "class": "low"}]}}
+    }"#,
+    );
+    let Ok(config) = config else {
+        panic!("{config:?}")
+    };
+    assert_eq!(
+        config.request_headers(),
+        [
+            ":authority",
+            "x-api-key",
+            "x-batch",
+            "x-priority",
+            "x-tenant"
+        ]
+    );
+    assert!(config.needs_peer() && config.needs_cluster());
+
+    let Ok(shedding_only) = Config::parse(
+        br#"{"load_shedding": {"pools": [{"name": "p", "scope": {"cluster": "c"}, "max_in_flight": 1}],
+             "priority": {"header": "x-priority", "trusted_sources": ["10.0.0.0/8"]}}}"#,
+    ) else {
+        panic!()
+    };
+    assert_eq!(shedding_only.request_headers(), ["x-priority"]);
+    assert!(shedding_only.needs_peer() && shedding_only.needs_cluster());
+    assert!(Config::parse(b"{}")
+        .is_ok_and(|c| !c.needs_peer() && !c.needs_cluster() && c.request_headers().is_empty()));
 }

@@ -1,22 +1,25 @@
 //! The proxy-wasm adapter: the only code that talks to Envoy.
 //!
 //! It parses the configuration once per VM in `on_configure`, gathers the request parts the
-//! configuration names, runs the policies in their fixed order (rate limiting, then circuit
-//! breaking), and turns their decisions into Envoy actions. Outcomes are reported in
-//! `on_log`, which Envoy calls once for every stream however it ended.
+//! configuration names, runs the policies in their fixed order (load shedding, rate
+//! limiting, circuit breaking), and turns their decisions into Envoy actions. What a request
+//! holds (in-flight slots, probe slots) is given back in `on_log`, which Envoy calls exactly
+//! once for every stream however it ended, so a refusal by a later policy releases it too.
 
 mod circuit_breaker;
+mod load_shed;
 mod metrics;
 mod rate_limit;
 mod shared_data;
 
-use crate::circuit_breaker::Completion;
+use crate::circuit_breaker::{Completion, DOWNSTREAM_TERMINATION_FLAG};
 use crate::clock::{nanos_saturating, Clock, Instant};
 use crate::config::{Config, SharedDataSettings};
 use crate::rate_limit::{shared_seed, KeyHasher, Seed};
 use crate::request::{parse_peer, path_without_query, RequestInfo};
 use crate::store::{Namespace, StoreError};
 use circuit_breaker::{BreakerPolicy, Held};
+use load_shed::ShedPolicy;
 use metrics::{Counter, Gauge, Metrics};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -74,6 +77,7 @@ pub struct Instance {
     request_headers: Vec<String>,
     needs_peer: bool,
     needs_cluster: bool,
+    load_shedding: Option<ShedPolicy>,
     rate_limit: Option<RateLimitPolicy>,
     circuit_breaker: Option<BreakerPolicy>,
     requests: Counter,
@@ -112,6 +116,10 @@ impl Instance {
             None => None,
         };
         Ok(Instance {
+            load_shedding: config
+                .load_shedding
+                .clone()
+                .map(|c| ShedPolicy::new(c, &metrics, &namespace)),
             name: name.to_owned(),
             namespace,
             shared_data: config.shared_data,
@@ -192,6 +200,8 @@ impl RootContext for Root {
         Some(Box::new(Stream {
             instance: self.instance.clone(),
             started: Instant::default(),
+            pools_held: Vec::new(),
+            went_upstream: false,
             breakers_held: Vec::new(),
             response_headers: Vec::new(),
         }))
@@ -216,6 +226,10 @@ fn plugin_name() -> String {
 struct Stream {
     instance: Option<Rc<Instance>>,
     started: Instant,
+    /// Load-shedding pools counting this request, to be released when it ends.
+    pools_held: Vec<usize>,
+    /// Every policy let the request through to the upstream.
+    went_upstream: bool,
     /// Breakers that let this request through, to be told how it ended.
     breakers_held: Vec<Held>,
     /// Headers a policy asked to add to the upstream's response.
@@ -280,11 +294,21 @@ impl HttpContext for Stream {
             return Action::Continue;
         };
         instance.requests.increment();
-        if instance.rate_limit.is_none() && instance.circuit_breaker.is_none() {
+        if instance.load_shedding.is_none()
+            && instance.rate_limit.is_none()
+            && instance.circuit_breaker.is_none()
+        {
             return Action::Continue;
         }
         let request = self.request_info(&instance);
         self.started = HostClock.now();
+        if let Some(policy) = &instance.load_shedding {
+            let (held, shed) = policy.admit(&instance, &request, self.started);
+            self.pools_held = held;
+            if let Some(reply) = shed {
+                return self.reply(reply);
+            }
+        }
         if let Some(policy) = &instance.rate_limit {
             match policy.check(&instance, &request, self.started) {
                 Ok(headers) => self.response_headers = headers,
@@ -297,6 +321,7 @@ impl HttpContext for Stream {
                 Err(reply) => return self.reply(reply),
             }
         }
+        self.went_upstream = true;
         Action::Continue
     }
 
@@ -311,17 +336,26 @@ impl HttpContext for Stream {
         let Some(instance) = self.instance.clone() else {
             return;
         };
+        if self.pools_held.is_empty() && self.breakers_held.is_empty() {
+            return;
+        }
+        let now = HostClock.now();
+        let flags = self.int_property(vec!["response", "flags"]).unwrap_or(0);
+        let duration = Duration::from_nanos(nanos_saturating(now.saturating_since(self.started)));
+        if let Some(policy) = &instance.load_shedding {
+            // Only requests that went upstream and were not abandoned say how slow it is.
+            let sample = (self.went_upstream && flags & DOWNSTREAM_TERMINATION_FLAG == 0)
+                .then_some(duration);
+            policy.release(&instance, &self.pools_held, now, sample);
+        }
         if let (Some(policy), false) = (&instance.circuit_breaker, self.breakers_held.is_empty()) {
-            let now = HostClock.now();
             let completion = Completion {
                 status: self
                     .int_property(vec!["response", "code"])
                     .and_then(|code| u16::try_from(code).ok())
                     .filter(|&code| code > 0),
-                flags: self.int_property(vec!["response", "flags"]).unwrap_or(0),
-                duration: Duration::from_nanos(nanos_saturating(
-                    now.saturating_since(self.started),
-                )),
+                flags,
+                duration,
             };
             policy.finish(&instance, &self.breakers_held, &completion, now);
         }

@@ -31,7 +31,11 @@ impl Record for PoolState {
         out.extend_from_slice(&self.period_start.as_nanos().to_le_bytes());
         out.extend_from_slice(&self.period_latency_ns.to_le_bytes());
         out.extend_from_slice(&self.period_samples.to_le_bytes());
-        for n in [self.min_rtt_ns, self.previous_min_rtt_ns, self.min_window_start.as_nanos()] {
+        for n in [
+            self.min_rtt_ns,
+            self.previous_min_rtt_ns,
+            self.min_window_start.as_nanos(),
+        ] {
             out.extend_from_slice(&n.to_le_bytes());
         }
     }
@@ -78,7 +82,12 @@ impl PoolConfig {
 
     /// Admits a request whose class sheds at `shed_at` of the limit: the state to write, or
     /// `None` when the request is shed.
-    pub fn admit(&self, stored: Option<PoolState>, now: Instant, shed_at: f64) -> Option<PoolState> {
+    pub fn admit(
+        &self,
+        stored: Option<PoolState>,
+        now: Instant,
+        shed_at: f64,
+    ) -> Option<PoolState> {
         let state = self.current(stored, now);
         let threshold = threshold(state.limit, shed_at);
         (state.in_flight < threshold).then_some(PoolState {
@@ -88,13 +97,20 @@ impl PoolConfig {
     }
 
     /// Releases one request that took `latency`; adaptive pools also take it as a sample.
-    pub fn release(&self, stored: Option<PoolState>, now: Instant, latency: std::time::Duration) -> (PoolState, Option<LimitChange>) {
+    pub fn release(
+        &self,
+        stored: Option<PoolState>,
+        now: Instant,
+        latency: std::time::Duration,
+    ) -> (PoolState, Option<LimitChange>) {
         let mut state = self.current(stored, now);
         state.in_flight = state.in_flight.saturating_sub(1);
         let Some(adaptive) = &self.adaptive else {
             return (state, None);
         };
-        state.period_latency_ns = state.period_latency_ns.saturating_add(nanos_saturating(latency));
+        state.period_latency_ns = state
+            .period_latency_ns
+            .saturating_add(nanos_saturating(latency));
         state.period_samples = state.period_samples.saturating_add(1);
         let change = adapt(adaptive, self.max_in_flight, &mut state, now);
         (state, change)
@@ -110,8 +126,15 @@ pub fn threshold(limit: u32, shed_at: f64) -> u32 {
 /// Closes the sampling period if it has run its length, and moves the limit by the gradient
 /// of the minimum latency over the period's mean latency (as Envoy's adaptive_concurrency and
 /// Netflix's Gradient2 do): `limit × clamp(tolerance × min / sample, 0.5, 1) + √limit`.
-fn adapt(adaptive: &Adaptive, max_limit: u32, state: &mut PoolState, now: Instant) -> Option<LimitChange> {
-    if now.saturating_since(state.period_start) < adaptive.sample_interval || state.period_samples == 0 {
+fn adapt(
+    adaptive: &Adaptive,
+    max_limit: u32,
+    state: &mut PoolState,
+    now: Instant,
+) -> Option<LimitChange> {
+    if now.saturating_since(state.period_start) < adaptive.sample_interval
+        || state.period_samples == 0
+    {
         return None;
     }
     let sample = state.period_latency_ns / u64::from(state.period_samples);
@@ -126,7 +149,11 @@ fn adapt(adaptive: &Adaptive, max_limit: u32, state: &mut PoolState, now: Instan
         state.min_rtt_ns = 0;
         state.min_window_start = now;
     }
-    state.min_rtt_ns = if state.min_rtt_ns == 0 { sample } else { state.min_rtt_ns.min(sample) };
+    state.min_rtt_ns = if state.min_rtt_ns == 0 {
+        sample
+    } else {
+        state.min_rtt_ns.min(sample)
+    };
     let min_rtt = match state.previous_min_rtt_ns {
         0 => state.min_rtt_ns,
         previous => previous.min(state.min_rtt_ns),

@@ -1,0 +1,318 @@
+//! The `load_shedding` section: pools (bulkheads) with caps, priority classes, adaptive limits.
+
+use crate::config::{ConfigError, Duration};
+use crate::matcher::{check_header_name, check_name, Match, RawMatch, RawScope, Scope};
+use crate::request::Cidr;
+use crate::response::{RawResponse, Response};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLoadShedding {
+    pub pools: Vec<RawPool>,
+    pub priority: Option<RawPriority>,
+    pub shed_at: Option<RawShedAt>,
+    pub response: Option<RawResponse>,
+    pub retry_after: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub name: String,
+    pub scope: Option<RawScope>,
+    pub max_in_flight: u32,
+    pub adaptive: Option<RawAdaptive>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdaptive {
+    pub min_limit: Option<u32>,
+    pub sample_interval: Option<Duration>,
+    pub min_rtt_window: Option<Duration>,
+    pub tolerance: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPriority {
+    pub header: Option<String>,
+    pub trusted_sources: Option<Vec<String>>,
+    pub rules: Option<Vec<RawClassRule>>,
+    pub default: Option<Class>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClassRule {
+    #[serde(rename = "match")]
+    pub matcher: RawMatch,
+    pub class: Class,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShedAt {
+    pub critical: Option<f64>,
+    pub high: Option<f64>,
+    pub normal: Option<f64>,
+    pub low: Option<f64>,
+}
+
+/// How much a request matters when the pool fills up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    Critical,
+    High,
+    Normal,
+    Low,
+}
+
+impl Class {
+    pub const ALL: [Class; 4] = [Class::Critical, Class::High, Class::Normal, Class::Low];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Critical => "critical",
+            Class::High => "high",
+            Class::Normal => "normal",
+            Class::Low => "low",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Class> {
+        Class::ALL
+            .into_iter()
+            .find(|class| class.name().eq_ignore_ascii_case(text.trim()))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Adaptive {
+    pub min_limit: u32,
+    pub sample_interval: std::time::Duration,
+    pub min_rtt_window: std::time::Duration,
+    pub tolerance: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolConfig {
+    pub name: String,
+    pub scope: Option<Scope>,
+    /// The cap; for an adaptive pool, the ceiling and the starting limit.
+    pub max_in_flight: u32,
+    pub adaptive: Option<Adaptive>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadSheddingConfig {
+    pub pools: Vec<PoolConfig>,
+    /// Header a trusted source may set the class with.
+    pub priority_header: Option<String>,
+    pub trusted_sources: Vec<Cidr>,
+    pub class_rules: Vec<(Match, Class)>,
+    pub default_class: Class,
+    /// Per class, in `Class::ALL` order: the share of the limit at which it starts being shed.
+    pub shed_at: [f64; 4],
+    pub response: Response,
+    pub retry_after: std::time::Duration,
+}
+
+pub const MAX_POOLS: usize = 64;
+const MAX_IN_FLIGHT: u32 = 1_000_000;
+
+impl LoadSheddingConfig {
+    pub fn validate(raw: RawLoadShedding, at: &str) -> Result<LoadSheddingConfig, ConfigError> {
+        if raw.pools.is_empty() || raw.pools.len() > MAX_POOLS {
+            return Err(ConfigError::at(
+                &format!("{at}.pools"),
+                format!("must hold 1 to {MAX_POOLS} pools"),
+            ));
+        }
+        let mut pools: Vec<PoolConfig> = Vec::new();
+        for (i, pool) in raw.pools.into_iter().enumerate() {
+            let pool = PoolConfig::validate(pool, &format!("{at}.pools[{i}]"))?;
+            if pools.iter().any(|p| p.name == pool.name) {
+                return Err(ConfigError::at(
+                    &format!("{at}.pools[{i}].name"),
+                    "duplicate pool name",
+                ));
+            }
+            pools.push(pool);
+        }
+
+        let priority = raw.priority.unwrap_or_default();
+        let priority_header = priority
+            .header
+            .map(|name| check_header_name(&name, &format!("{at}.priority.header")))
+            .transpose()?;
+        let mut trusted_sources = Vec::new();
+        for (i, source) in priority
+            .trusted_sources
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let cidr = Cidr::parse(source).ok_or_else(|| {
+                ConfigError::at(
+                    &format!("{at}.priority.trusted_sources[{i}]"),
+                    "must be an address or CIDR block, e.g. 10.0.0.0/8",
+                )
+            })?;
+            trusted_sources.push(cidr);
+        }
+        if priority_header.is_some() && trusted_sources.is_empty() {
+            return Err(ConfigError::at(
+                &format!("{at}.priority.trusted_sources"),
+                "a priority header needs the sources allowed to set it, or any client could promote itself",
+            ));
+        }
+        let mut class_rules = Vec::new();
+        for (i, rule) in priority.rules.unwrap_or_default().into_iter().enumerate() {
+            class_rules.push((
+                Match::compile(rule.matcher, &format!("{at}.priority.rules[{i}].match"))?,
+                rule.class,
+            ));
+        }
+
+        let shed = raw.shed_at.unwrap_or_default();
+        let shed_at = [
+            shed.critical.unwrap_or(1.0),
+            shed.high.unwrap_or(0.9),
+            shed.normal.unwrap_or(0.8),
+            shed.low.unwrap_or(0.5),
+        ];
+        for (class, share) in Class::ALL.iter().zip(shed_at) {
+            if !(0.01..=1.0).contains(&share) {
+                return Err(ConfigError::at(
+                    &format!("{at}.shed_at.{}", class.name()),
+                    "must be between 0.01 and 1",
+                ));
+            }
+        }
+        if shed_at.windows(2).any(|pair| pair[0] < pair[1]) {
+            return Err(ConfigError::at(
+                &format!("{at}.shed_at"),
+                "a less important class may not outlast a more important one",
+            ));
+        }
+
+        let retry_after = raw
+            .retry_after
+            .map_or(std::time::Duration::from_secs(1), |d| d.0);
+        if retry_after < std::time::Duration::from_secs(1)
+            || retry_after > std::time::Duration::from_secs(3600)
+        {
+            return Err(ConfigError::at(
+                &format!("{at}.retry_after"),
+                "must be between 1s and 1h",
+            ));
+        }
+        Ok(LoadSheddingConfig {
+            pools,
+            priority_header,
+            trusted_sources,
+            class_rules,
+            default_class: priority.default.unwrap_or(Class::Normal),
+            shed_at,
+            response: Response::compile(
+                raw.response,
+                &format!("{at}.response"),
+                503,
+                "overloaded\n",
+            )?,
+            retry_after,
+        })
+    }
+
+    pub fn header_names(&self) -> impl Iterator<Item = &str> {
+        let scopes = self
+            .pools
+            .iter()
+            .filter_map(|p| p.scope.as_ref())
+            .flat_map(Scope::header_names);
+        let rules = self.class_rules.iter().flat_map(|(m, _)| m.header_names());
+        scopes.chain(rules).chain(self.priority_header.as_deref())
+    }
+
+    pub fn needs_cluster(&self) -> bool {
+        self.pools
+            .iter()
+            .any(|p| p.scope.as_ref().is_some_and(Scope::needs_cluster))
+    }
+
+    pub fn needs_peer(&self) -> bool {
+        self.priority_header.is_some()
+    }
+}
+
+impl PoolConfig {
+    fn validate(raw: RawPool, at: &str) -> Result<PoolConfig, ConfigError> {
+        check_name(&raw.name, &format!("{at}.name"))?;
+        let scope = raw
+            .scope
+            .map(|s| Scope::compile(s, &format!("{at}.scope")))
+            .transpose()?;
+        if !(1..=MAX_IN_FLIGHT).contains(&raw.max_in_flight) {
+            return Err(ConfigError::at(
+                &format!("{at}.max_in_flight"),
+                format!("must be between 1 and {MAX_IN_FLIGHT}"),
+            ));
+        }
+        let adaptive = match raw.adaptive {
+            None => None,
+            Some(a) => {
+                let min_limit = a.min_limit.unwrap_or(1);
+                if min_limit == 0 || min_limit > raw.max_in_flight {
+                    return Err(ConfigError::at(
+                        &format!("{at}.adaptive.min_limit"),
+                        "must be between 1 and max_in_flight",
+                    ));
+                }
+                let sample_interval = a
+                    .sample_interval
+                    .map_or(std::time::Duration::from_secs(1), |d| d.0);
+                if sample_interval < std::time::Duration::from_millis(10)
+                    || sample_interval > std::time::Duration::from_secs(60)
+                {
+                    return Err(ConfigError::at(
+                        &format!("{at}.adaptive.sample_interval"),
+                        "must be between 10ms and 60s",
+                    ));
+                }
+                let min_rtt_window = a
+                    .min_rtt_window
+                    .map_or(std::time::Duration::from_secs(30), |d| d.0);
+                if min_rtt_window < sample_interval
+                    || min_rtt_window > std::time::Duration::from_secs(3600)
+                {
+                    return Err(ConfigError::at(
+                        &format!("{at}.adaptive.min_rtt_window"),
+                        "must be between sample_interval and 1h",
+                    ));
+                }
+                let tolerance = a.tolerance.unwrap_or(1.5);
+                if !(1.0..=10.0).contains(&tolerance) {
+                    return Err(ConfigError::at(
+                        &format!("{at}.adaptive.tolerance"),
+                        "must be between 1 and 10",
+                    ));
+                }
+                Some(Adaptive {
+                    min_limit,
+                    sample_interval,
+                    min_rtt_window,
+                    tolerance,
+                })
+            }
+        };
+        Ok(PoolConfig {
+            name: raw.name,
+            scope,
+            max_in_flight: raw.max_in_flight,
+            adaptive,
+        })
+    }
+}

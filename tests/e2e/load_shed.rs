@@ -1,0 +1,269 @@
+//! Load shedding through real Envoy with several workers and a slow upstream.
+
+use super::envoy::{envoy, Envoy};
+use super::join_all;
+use super::upstream::{Upstream, DELAY_HEADER};
+use reqwest::Client;
+use std::time::{Duration, Instant};
+
+/// A new connection per request, so the requests spread over Envoy's workers.
+fn fresh_connections() -> Client {
+    Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(0)
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+#[derive(Debug)]
+struct Outcome {
+    status: u16,
+    shed_by: Option<String>,
+    retry_after: Option<String>,
+    elapsed: Duration,
+}
+
+/// Sends `n` requests at once to `path` with `headers`; returns what each got.
+async fn burst(
+    envoy: &Envoy,
+    n: usize,
+    path: &str,
+    headers: &[(&'static str, &'static str)],
+) -> Vec<Outcome> {
+    let client = fresh_connections();
+    let requests: Vec<_> = (0..n)
+        .map(|_| {
+            let mut request = client.get(envoy.url(path));
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            async move {
+                let started = Instant::now();
+                let response = request.send().await.unwrap();
+                let header = |name: &str| {
+                    response
+                        .headers()
+                        .get(name)
+                        .map(|v| v.to_str().unwrap().to_owned())
+                };
+                Outcome {
+                    status: response.status().as_u16(),
+                    shed_by: header("x-load-shed"),
+                    retry_after: header("retry-after"),
+                    elapsed: started.elapsed(),
+                }
+            }
+        })
+        .collect();
+    join_all(requests).await
+}
+
+fn admitted(outcomes: &[Outcome]) -> usize {
+    outcomes.iter().filter(|o| o.status == 200).count()
+}
+
+async fn gauge(envoy: &Envoy, pool: &str, name: &str) -> Option<u64> {
+    envoy
+        .stat(&format!(
+            "wasmcustom.resilience.ls.load_shedding.{pool}.{name}"
+        ))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_cap_l_and_3l_requests_the_upstream_never_sees_more_than_l() {
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(800));
+    let config = r#"{"load_shedding": {"pools": [{"name": "all", "max_in_flight": 6}], "shed_at": {"high": 1, "normal": 1}}}"#;
+    let envoy = envoy()
+        .filter("ls", config)
+        .concurrency(3)
+        .start(&upstream)
+        .await;
+
+    let outcomes = burst(&envoy, 18, "/", &[]).await;
+    assert_eq!(admitted(&outcomes), 6, "{outcomes:?}");
+    assert_eq!(upstream.max_in_flight(), 6);
+    assert_eq!(upstream.count(), 6);
+    for shed in outcomes.iter().filter(|o| o.status != 200) {
+        assert_eq!(shed.status, 503);
+        assert_eq!(shed.shed_by.as_deref(), Some("pool=all; class=normal"));
+        assert_eq!(shed.retry_after.as_deref(), Some("1"));
+        assert!(
+            shed.elapsed < Duration::from_millis(400),
+            "shed at once, not queued: {:?}",
+            shed.elapsed
+        );
+    }
+    assert_eq!(gauge(&envoy, "all", "in_flight").await, Some(0));
+    assert_eq!(gauge(&envoy, "all", "admitted").await, Some(6));
+    assert_eq!(gauge(&envoy, "all", "shed.normal").await, Some(12));
+    assert_eq!(gauge(&envoy, "all", "limit").await, Some(6));
+}
+
+const PRIORITIES: &str = r#"{"load_shedding": {"pools": [{"name": "all", "max_in_flight": 10}],
+    "priority": {"header": "x-priority", "trusted_sources": ["127.0.0.1"]}}}"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn critical_requests_pass_while_low_ones_are_shed() {
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(1_000));
+    let envoy = envoy().filter("ls", PRIORITIES).start(&upstream).await;
+
+    let low = burst(&envoy, 10, "/", &[("x-priority", "low")]);
+    let critical = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        burst(&envoy, 5, "/", &[("x-priority", "critical")]).await
+    };
+    let (low, critical) = tokio::join!(low, critical);
+    assert_eq!(admitted(&low), 5, "low is shed from half the cap");
+    assert!(low
+        .iter()
+        .filter(|o| o.status == 503)
+        .all(|o| o.shed_by.as_deref() == Some("pool=all; class=low")));
+    assert_eq!(
+        admitted(&critical),
+        5,
+        "critical passes while low is shed: {critical:?}"
+    );
+    assert_eq!(upstream.max_in_flight(), 10);
+    assert_eq!(gauge(&envoy, "all", "shed.low").await, Some(5));
+    assert_eq!(gauge(&envoy, "all", "shed.critical").await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_cannot_promote_themselves_from_untrusted_addresses() {
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(600));
+    let untrusted = PRIORITIES.replace("127.0.0.1", "10.0.0.0/8");
+    let envoy = envoy().filter("ls", &untrusted).start(&upstream).await;
+    let outcomes = burst(&envoy, 12, "/", &[("x-priority", "critical")]).await;
+    assert_eq!(
+        admitted(&outcomes),
+        8,
+        "treated as normal: shed from 80% of 10"
+    );
+    assert!(outcomes
+        .iter()
+        .filter(|o| o.status == 503)
+        .all(|o| o.shed_by.as_deref() == Some("pool=all; class=normal")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hundred_aborted_requests_leave_nothing_in_flight() {
+    let upstream = Upstream::start().await;
+    let config = r#"{"load_shedding": {"pools": [{"name": "all", "max_in_flight": 100}], "shed_at": {"high": 1, "normal": 1}}}"#;
+    let envoy = envoy()
+        .filter("ls", config)
+        .concurrency(3)
+        .start(&upstream)
+        .await;
+
+    let impatient = Client::builder()
+        .timeout(Duration::from_millis(300))
+        .pool_max_idle_per_host(0)
+        .no_proxy()
+        .build()
+        .unwrap();
+    let aborted: Vec<_> = (0..100)
+        .map(|_| {
+            impatient
+                .get(envoy.url("/"))
+                .header(DELAY_HEADER, "5000")
+                .send()
+        })
+        .collect();
+    let results = join_all(aborted).await;
+    assert!(
+        results
+            .iter()
+            .all(|r| r.as_ref().is_err_and(|e| e.is_timeout())),
+        "all 100 aborted mid-flight"
+    );
+    assert_eq!(
+        upstream.count(),
+        100,
+        "all were admitted and reached the upstream before the clients gave up"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert_eq!(gauge(&envoy, "all", "in_flight").await, Some(0));
+    // The shared count is back to zero too: a full cap's worth is admitted again.
+    upstream.set_delay(Duration::from_millis(300));
+    assert_eq!(admitted(&burst(&envoy, 100, "/", &[]).await), 100);
+    assert_eq!(gauge(&envoy, "all", "in_flight").await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_saturated_bulkhead_does_not_shed_another_pool() {
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(800));
+    let config = r#"{"load_shedding": {"shed_at": {"high": 1, "normal": 1}, "pools": [
+        {"name": "slow", "scope": {"match": {"path_prefix": "/slow/"}}, "max_in_flight": 3},
+        {"name": "other", "scope": {"match": {"path_prefix": "/other/"}}, "max_in_flight": 3}]}}"#;
+    let envoy = envoy().filter("ls", config).start(&upstream).await;
+    let slow = burst(&envoy, 8, "/slow/x", &[]);
+    let other = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        burst(&envoy, 3, "/other/x", &[]).await
+    };
+    let (slow, other) = tokio::join!(slow, other);
+    assert_eq!(admitted(&slow), 3);
+    assert!(slow
+        .iter()
+        .filter(|o| o.status == 503)
+        .all(|o| o.shed_by.as_deref() == Some("pool=slow; class=normal")));
+    assert_eq!(admitted(&other), 3, "the other pool has its own cap");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_adaptive_limit_falls_when_latency_rises_and_recovers_when_it_falls() {
+    let upstream = Upstream::start().await;
+    let config = r#"{"load_shedding": {"pools": [{"name": "api", "max_in_flight": 40,
+        "adaptive": {"min_limit": 2, "sample_interval": "200ms", "min_rtt_window": "1h", "tolerance": 1.5}}]}}"#;
+    let envoy = envoy().filter("ls", config).start(&upstream).await;
+    let limit = || gauge(&envoy, "api", "limit");
+    assert_eq!(limit().await, Some(40));
+
+    // Eight clients keep requests going for `seconds` at the upstream's current delay.
+    let load = |seconds: u64| {
+        let url = envoy.url("/");
+        async move {
+            let client = Client::builder().no_proxy().build().unwrap();
+            let clients: Vec<_> = (0..8)
+                .map(|_| {
+                    let (client, url) = (client.clone(), url.clone());
+                    async move {
+                        let until = Instant::now() + Duration::from_secs(seconds);
+                        while Instant::now() < until {
+                            let response = client.get(&url).send().await.unwrap();
+                            if response.status() == 503 {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                    }
+                })
+                .collect();
+            join_all(clients).await;
+        }
+    };
+    upstream.set_delay(Duration::from_millis(5));
+    load(2).await;
+    let healthy = limit().await.unwrap();
+    assert!(healthy >= 35, "fast upstream: limit {healthy}");
+
+    upstream.set_delay(Duration::from_millis(250));
+    load(3).await;
+    let slow = limit().await.unwrap();
+    assert!(slow <= 12, "slow upstream: limit fell to {slow}");
+
+    upstream.set_delay(Duration::from_millis(5));
+    load(4).await;
+    let recovered = limit().await.unwrap();
+    assert!(
+        recovered >= 30,
+        "fast again: limit recovered to {recovered}"
+    );
+    eprintln!("adaptive limit: {healthy} (5 ms) -> {slow} (250 ms) -> {recovered} (5 ms)");
+}
