@@ -32,6 +32,10 @@ Envoy is serving the resilience filter on http://127.0.0.1:10000 (admin: http://
   curl -si http://127.0.0.1:10000/ | grep -iE '^(HTTP|retry-after|x-circuit-breaker)'
   sleep 10; curl -s http://127.0.0.1:10000/
 
+  # load shedding: at most 4 requests in flight; normal ones are shed from 3, critical from 4
+  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{http_code} ' -H 'x-envoy-fault-delay-request: 2000' http://127.0.0.1:10000/ & done; wait; echo
+  curl -si -H 'x-priority: critical' http://127.0.0.1:10000/ | head -1
+
   # the filter's metrics
   curl -s http://127.0.0.1:9901/stats | grep resilience
 
