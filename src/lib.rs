@@ -8,6 +8,8 @@
 pub mod circuit_breaker;
 pub mod clock;
 pub mod config;
+pub mod hashing;
+pub mod idempotency;
 pub mod load_shed;
 pub mod matcher;
 pub mod rate_limit;

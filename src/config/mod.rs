@@ -10,6 +10,7 @@ mod duration;
 pub use duration::Duration;
 
 use crate::circuit_breaker::{CircuitBreakerConfig, RawCircuitBreaker};
+use crate::idempotency::{IdempotencyConfig, RawIdempotency};
 use crate::load_shed::{LoadSheddingConfig, RawLoadShedding};
 use crate::rate_limit::{RateLimitConfig, RawRateLimit};
 use serde::Deserialize;
@@ -24,6 +25,7 @@ pub struct RawConfig {
     pub rate_limit: Option<RawRateLimit>,
     pub circuit_breaker: Option<RawCircuitBreaker>,
     pub load_shedding: Option<RawLoadShedding>,
+    pub idempotency: Option<RawIdempotency>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +54,7 @@ pub struct Config {
     pub rate_limit: Option<RateLimitConfig>,
     pub circuit_breaker: Option<CircuitBreakerConfig>,
     pub load_shedding: Option<LoadSheddingConfig>,
+    pub idempotency: Option<IdempotencyConfig>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,6 +151,10 @@ impl Config {
             .load_shedding
             .map(|raw| LoadSheddingConfig::validate(raw, "load_shedding"))
             .transpose()?;
+        let idempotency = raw
+            .idempotency
+            .map(|raw| IdempotencyConfig::validate(raw, "idempotency"))
+            .transpose()?;
         Ok(Config {
             shared_data: SharedDataSettings {
                 on_error: raw.shared_data.on_error.unwrap_or_default(),
@@ -156,6 +163,7 @@ impl Config {
             rate_limit,
             circuit_breaker,
             load_shedding,
+            idempotency,
         })
     }
 
@@ -173,9 +181,14 @@ impl Config {
             .load_shedding
             .iter()
             .flat_map(LoadSheddingConfig::header_names);
+        let idempotency = self
+            .idempotency
+            .iter()
+            .flat_map(IdempotencyConfig::header_names);
         let mut names: Vec<String> = rate_limit
             .chain(breakers)
             .chain(shedding)
+            .chain(idempotency)
             .map(str::to_owned)
             .collect();
         names.sort();
@@ -203,6 +216,10 @@ impl Config {
                 .load_shedding
                 .as_ref()
                 .is_some_and(LoadSheddingConfig::needs_peer)
+            || self
+                .idempotency
+                .as_ref()
+                .is_some_and(IdempotencyConfig::needs_peer)
     }
 }
 

@@ -19,6 +19,7 @@ fn empty_configuration_runs_with_defaults() {
         rate_limit: None,
         circuit_breaker: None,
         load_shedding: None,
+        idempotency: None,
     };
     assert_eq!(Config::parse(b""), Ok(defaults.clone()));
     assert_eq!(Config::parse(b" \n"), Ok(defaults.clone()));

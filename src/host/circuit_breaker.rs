@@ -100,7 +100,7 @@ impl BreakerPolicy {
                     return Err(LocalReply {
                         status: breaker.response.status,
                         headers,
-                        body: breaker.response.body.clone(),
+                        body: breaker.response.body.clone().into_bytes(),
                     });
                 }
                 Err(err) => {

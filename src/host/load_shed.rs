@@ -111,7 +111,7 @@ impl ShedPolicy {
                             ),
                         ),
                     ]),
-                    body: config.response.body.clone(),
+                    body: config.response.body.clone().into_bytes(),
                 })
             }
             Verdict::Unavailable => Some(LocalReply::unavailable("load shedding")),

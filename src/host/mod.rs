@@ -2,11 +2,13 @@
 //!
 //! It parses the configuration once per VM in `on_configure`, gathers the request parts the
 //! configuration names, runs the policies in their fixed order (load shedding, rate
-//! limiting, circuit breaking), and turns their decisions into Envoy actions. What a request
-//! holds (in-flight slots, probe slots) is given back in `on_log`, which Envoy calls exactly
-//! once for every stream however it ended, so a refusal by a later policy releases it too.
+//! limiting, idempotency, circuit breaking), and turns their decisions into Envoy actions.
+//! What a request holds (in-flight slots, an idempotency claim, probe slots) is given back in
+//! `on_log`, which Envoy calls exactly once for every stream however it ended, so a refusal
+//! by a later policy releases it too.
 
 mod circuit_breaker;
+mod idempotency;
 mod load_shed;
 mod metrics;
 mod rate_limit;
@@ -15,10 +17,12 @@ mod shared_data;
 use crate::circuit_breaker::{Completion, DOWNSTREAM_TERMINATION_FLAG};
 use crate::clock::{nanos_saturating, Clock, Instant};
 use crate::config::{Config, SharedDataSettings};
-use crate::rate_limit::{shared_seed, KeyHasher, Seed};
+use crate::hashing::{shared_seed, KeyHasher, Seed};
+use crate::idempotency::{Begin, Idempotency, Pending};
 use crate::request::{parse_peer, path_without_query, RequestInfo};
 use crate::store::{Namespace, StoreError};
 use circuit_breaker::{BreakerPolicy, Held};
+use idempotency::{Claim, IdempotencyPolicy};
 use load_shed::ShedPolicy;
 use metrics::{Counter, Gauge, Metrics};
 use proxy_wasm::hostcalls;
@@ -26,6 +30,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use rate_limit::RateLimitPolicy;
 use shared_data::SharedData;
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -55,7 +60,7 @@ impl Clock for HostClock {
 pub struct LocalReply {
     status: u16,
     headers: Vec<(String, String)>,
-    body: String,
+    body: Vec<u8>,
 }
 
 impl LocalReply {
@@ -64,7 +69,7 @@ impl LocalReply {
         LocalReply {
             status: 503,
             headers: vec![("content-type".to_owned(), "text/plain".to_owned())],
-            body: format!("{policy} state unavailable\n"),
+            body: format!("{policy} state unavailable\n").into_bytes(),
         }
     }
 }
@@ -79,6 +84,7 @@ pub struct Instance {
     needs_cluster: bool,
     load_shedding: Option<ShedPolicy>,
     rate_limit: Option<RateLimitPolicy>,
+    idempotency: Option<IdempotencyPolicy>,
     circuit_breaker: Option<BreakerPolicy>,
     requests: Counter,
     vms: Gauge,
@@ -98,21 +104,26 @@ impl Instance {
             );
         }
         let metrics = Metrics::new(name);
+        let hasher = if config.rate_limit.is_some() || config.idempotency.is_some() {
+            let seed = shared_seed(
+                &SharedData,
+                &namespace,
+                random_seed(),
+                config.shared_data.max_attempts,
+            )
+            .map_err(|err| format!("cannot share the key-hashing seed: {err}"))?;
+            Some(KeyHasher::new(seed))
+        } else {
+            None
+        };
+        let with_hasher =
+            |hasher: Option<KeyHasher>| hasher.ok_or_else(|| "no key-hashing seed".to_owned());
         let rate_limit = match config.rate_limit.clone() {
-            Some(rate_limit) => {
-                let seed = shared_seed(
-                    &SharedData,
-                    &namespace,
-                    random_seed(),
-                    config.shared_data.max_attempts,
-                )
-                .map_err(|err| format!("cannot share the rate-limit key seed: {err}"))?;
-                Some(RateLimitPolicy::new(
-                    rate_limit,
-                    KeyHasher::new(seed),
-                    &metrics,
-                ))
-            }
+            Some(c) => Some(RateLimitPolicy::new(c, with_hasher(hasher)?, &metrics)),
+            None => None,
+        };
+        let idempotency = match config.idempotency.clone() {
+            Some(c) => Some(IdempotencyPolicy::new(c, with_hasher(hasher)?, &metrics)),
             None => None,
         };
         Ok(Instance {
@@ -120,6 +131,10 @@ impl Instance {
                 .load_shedding
                 .clone()
                 .map(|c| ShedPolicy::new(c, &metrics, &namespace)),
+            circuit_breaker: config
+                .circuit_breaker
+                .clone()
+                .map(|c| BreakerPolicy::new(c, &metrics)),
             name: name.to_owned(),
             namespace,
             shared_data: config.shared_data,
@@ -127,15 +142,19 @@ impl Instance {
             needs_peer: config.needs_peer(),
             needs_cluster: config.needs_cluster(),
             rate_limit,
-            circuit_breaker: config
-                .circuit_breaker
-                .clone()
-                .map(|c| BreakerPolicy::new(c, &metrics)),
+            idempotency,
             requests: metrics.counter("requests"),
             vms: metrics.gauge("vms"),
             store_errors: metrics.counter("shared_data.errors"),
             store_conflicts: metrics.counter("shared_data.conflicts"),
         })
+    }
+
+    fn has_policies(&self) -> bool {
+        self.load_shedding.is_some()
+            || self.rate_limit.is_some()
+            || self.idempotency.is_some()
+            || self.circuit_breaker.is_some()
     }
 
     fn log(&self, level: LogLevel, message: &str) {
@@ -162,6 +181,21 @@ fn random_seed() -> Seed {
 #[derive(Default)]
 struct Root {
     instance: Option<Rc<Instance>>,
+    /// Where this VM's sweep of expired idempotency records goes on.
+    sweep_cursor: u32,
+    stalled: Rc<RefCell<StalledBodies>>,
+}
+
+/// Streams of this VM holding their headers until the body is in, for idempotency.
+///
+/// The body reaches a filter that holds its headers only when the plugin config sets
+/// `allow_on_headers_stop_iteration: true`; otherwise Envoy stops the whole stream and the
+/// request would hang. A stream that saw no body within a tick is resumed (unprotected),
+/// and the missing setting is logged once.
+#[derive(Default)]
+struct StalledBodies {
+    waiting: Vec<(u32, Instant)>,
+    warned: bool,
 }
 
 impl Context for Root {
@@ -173,6 +207,33 @@ impl Context for Root {
     }
 }
 
+impl Root {
+    fn resume_stalled(&self, instance: &Instance, now: Instant) {
+        let mut stalled = self.stalled.borrow_mut();
+        let (late, waiting): (Vec<_>, Vec<_>) = stalled
+            .waiting
+            .drain(..)
+            .partition(|(_, since)| now.saturating_since(*since) >= Duration::from_secs(1));
+        stalled.waiting = waiting;
+        if late.is_empty() {
+            return;
+        }
+        if !stalled.warned {
+            stalled.warned = true;
+            instance.log(
+                LogLevel::Error,
+                "idempotency: request bodies do not reach the filter; set `allow_on_headers_stop_iteration: true` \
+                 in this Wasm plugin's config. Until then, requests with a body pass unprotected after a second.",
+            );
+        }
+        for (id, _) in late {
+            if hostcalls::set_effective_context(id).is_ok() {
+                let _ = hostcalls::resume_http_request();
+            }
+        }
+    }
+}
+
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         let name = plugin_name();
@@ -181,6 +242,12 @@ impl RootContext for Root {
             Ok(instance) => {
                 if self.instance.is_none() {
                     instance.vms.add(1);
+                }
+                if let Some(policy) = &instance.idempotency {
+                    // Start each VM's sweep somewhere else in the table.
+                    self.sweep_cursor =
+                        (random_seed().0[0] % u64::from(policy.policy().config().records)) as u32;
+                    self.set_tick_period(Duration::from_secs(1));
                 }
                 self.instance = Some(Rc::new(instance));
                 true
@@ -195,12 +262,27 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn on_tick(&mut self) {
+        if let Some(instance) = &self.instance {
+            if let Some(policy) = &instance.idempotency {
+                let now = HostClock.now();
+                self.sweep_cursor = policy.sweep(instance, self.sweep_cursor, now);
+                self.resume_stalled(instance, now);
+            }
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // The SDK traps on None, so an unconfigured VM gets a pass-through stream.
         Some(Box::new(Stream {
+            id: context_id,
+            stalled: Rc::clone(&self.stalled),
             instance: self.instance.clone(),
+            request: None,
             started: Instant::default(),
             pools_held: Vec::new(),
+            awaiting_body: None,
+            claim: None,
             went_upstream: false,
             breakers_held: Vec::new(),
             response_headers: Vec::new(),
@@ -223,11 +305,25 @@ fn plugin_name() -> String {
         .unwrap_or_else(|| "default".to_owned())
 }
 
+/// An idempotent request waiting for its body: where its record lives, and what the
+/// fingerprint covers besides the body.
+struct AwaitingBody {
+    pending: Pending,
+    method: String,
+    path_and_query: String,
+}
+
 struct Stream {
+    id: u32,
+    stalled: Rc<RefCell<StalledBodies>>,
     instance: Option<Rc<Instance>>,
+    request: Option<RequestInfo>,
     started: Instant,
     /// Load-shedding pools counting this request, to be released when it ends.
     pools_held: Vec<usize>,
+    awaiting_body: Option<AwaitingBody>,
+    /// The idempotency claim this request holds, and its response so far.
+    claim: Option<Claim>,
     /// Every policy let the request through to the upstream.
     went_upstream: bool,
     /// Breakers that let this request through, to be told how it ended.
@@ -267,17 +363,17 @@ impl Stream {
         }
     }
 
-    fn reply(&self, reply: LocalReply) -> Action {
+    fn reply(&mut self, instance: &Instance, reply: LocalReply) -> Action {
+        // A claim taken for this request is given back: it never went upstream.
+        if let (Some(claim), Some(policy)) = (self.claim.take(), &instance.idempotency) {
+            policy.finish(instance, claim, false, HostClock.now());
+        }
         let headers: Vec<(&str, &str)> = reply
             .headers
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_str()))
             .collect();
-        self.send_http_response(
-            u32::from(reply.status),
-            headers,
-            Some(reply.body.as_bytes()),
-        );
+        self.send_http_response(u32::from(reply.status), headers, Some(&reply.body));
         Action::Pause
     }
 
@@ -286,18 +382,47 @@ impl Stream {
         let bytes = self.get_property(path)?;
         Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
     }
+
+    /// The last stage: circuit breakers, then upstream.
+    fn admit_breakers(&mut self, instance: &Instance) -> Action {
+        if let (Some(policy), Some(request)) = (&instance.circuit_breaker, &self.request) {
+            match policy.admit(instance, request, self.started) {
+                Ok(held) => self.breakers_held = held,
+                Err(reply) => return self.reply(instance, reply),
+            }
+        }
+        self.went_upstream = true;
+        Action::Continue
+    }
+
+    /// Decides an idempotent request once its whole body is known.
+    fn decide_idempotency(
+        &mut self,
+        instance: &Instance,
+        waiting: AwaitingBody,
+        body: &[u8],
+    ) -> Action {
+        let Some(policy) = &instance.idempotency else {
+            return self.admit_breakers(instance);
+        };
+        let fingerprint = Idempotency::fingerprint(&waiting.method, &waiting.path_and_query, body);
+        match policy.decide(instance, waiting.pending, fingerprint, HostClock.now()) {
+            Ok(claim) => {
+                self.claim = claim;
+                self.admit_breakers(instance)
+            }
+            Err(reply) => self.reply(instance, reply),
+        }
+    }
 }
 
 impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(instance) = self.instance.clone() else {
             return Action::Continue;
         };
         instance.requests.increment();
-        if instance.load_shedding.is_none()
-            && instance.rate_limit.is_none()
-            && instance.circuit_breaker.is_none()
-        {
+        if !instance.has_policies() {
             return Action::Continue;
         }
         let request = self.request_info(&instance);
@@ -306,42 +431,135 @@ impl HttpContext for Stream {
             let (held, shed) = policy.admit(&instance, &request, self.started);
             self.pools_held = held;
             if let Some(reply) = shed {
-                return self.reply(reply);
+                return self.reply(&instance, reply);
             }
         }
         if let Some(policy) = &instance.rate_limit {
             match policy.check(&instance, &request, self.started) {
                 Ok(headers) => self.response_headers = headers,
-                Err(reply) => return self.reply(reply),
+                Err(reply) => return self.reply(&instance, reply),
             }
         }
-        if let Some(policy) = &instance.circuit_breaker {
-            match policy.admit(&instance, &request, self.started) {
-                Ok(held) => self.breakers_held = held,
-                Err(reply) => return self.reply(reply),
+        let idempotent = instance
+            .idempotency
+            .as_ref()
+            .map(|policy| policy.policy().begin(&request));
+        self.request = Some(request);
+        match (idempotent, &instance.idempotency) {
+            (Some(Begin::Refuse(problem)), Some(policy)) => {
+                let reply = policy.refuse_key(&problem);
+                self.reply(&instance, reply)
             }
+            (Some(Begin::Check(pending)), _) => {
+                let waiting = AwaitingBody {
+                    pending,
+                    method: self
+                        .request
+                        .as_ref()
+                        .map(|r| r.method.clone())
+                        .unwrap_or_default(),
+                    path_and_query: self.get_http_request_header(":path").unwrap_or_default(),
+                };
+                if end_of_stream {
+                    self.decide_idempotency(&instance, waiting, &[])
+                } else {
+                    // Hold the request until its body is in: the fingerprint covers it.
+                    self.awaiting_body = Some(waiting);
+                    self.stalled
+                        .borrow_mut()
+                        .waiting
+                        .push((self.id, self.started));
+                    Action::Pause
+                }
+            }
+            _ => self.admit_breakers(&instance),
         }
-        self.went_upstream = true;
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let (Some(instance), true) = (self.instance.clone(), self.awaiting_body.is_some()) else {
+            return Action::Continue;
+        };
+        self.stalled
+            .borrow_mut()
+            .waiting
+            .retain(|(id, _)| *id != self.id);
+        let limit = instance
+            .idempotency
+            .as_ref()
+            .map_or(0, |p| p.policy().config().max_body_bytes);
+        if body_size > limit {
+            self.awaiting_body = None;
+            return match instance
+                .idempotency
+                .as_ref()
+                .and_then(IdempotencyPolicy::body_too_large)
+            {
+                Some(reply) => self.reply(&instance, reply),
+                None => self.admit_breakers(&instance),
+            };
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        match self.awaiting_body.take() {
+            Some(waiting) => self.decide_idempotency(&instance, waiting, &body),
+            None => Action::Continue,
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        for (name, value) in &self.response_headers {
+            self.add_http_response_header(name, value);
+        }
+        if let (Some(instance), Some(mut claim)) = (self.instance.clone(), self.claim.take()) {
+            if let Some(policy) = &instance.idempotency {
+                let status = self
+                    .get_http_response_header(":status")
+                    .and_then(|s| s.parse().ok());
+                policy.response_headers(
+                    &mut claim,
+                    status,
+                    |name| self.get_http_response_header(name),
+                    end_of_stream,
+                );
+            }
+            self.claim = Some(claim);
+        }
         Action::Continue
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        for (name, value) in &self.response_headers {
-            self.add_http_response_header(name, value);
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let (Some(instance), Some(mut claim)) = (self.instance.clone(), self.claim.take()) {
+            if let Some(policy) = &instance.idempotency {
+                let chunk = self
+                    .get_http_response_body(0, body_size)
+                    .unwrap_or_default();
+                policy.response_body(&mut claim, &chunk, end_of_stream);
+            }
+            self.claim = Some(claim);
         }
         Action::Continue
     }
 
     fn on_log(&mut self) {
+        self.stalled
+            .borrow_mut()
+            .waiting
+            .retain(|(id, _)| *id != self.id);
         let Some(instance) = self.instance.clone() else {
             return;
         };
-        if self.pools_held.is_empty() && self.breakers_held.is_empty() {
+        if self.pools_held.is_empty() && self.breakers_held.is_empty() && self.claim.is_none() {
             return;
         }
         let now = HostClock.now();
         let flags = self.int_property(vec!["response", "flags"]).unwrap_or(0);
         let duration = Duration::from_nanos(nanos_saturating(now.saturating_since(self.started)));
+        if let (Some(policy), Some(claim)) = (&instance.idempotency, self.claim.take()) {
+            policy.finish(&instance, claim, self.went_upstream, now);
+        }
         if let Some(policy) = &instance.load_shedding {
             // Only requests that went upstream and were not abandoned say how slow it is.
             let sample = (self.went_upstream && flags & DOWNSTREAM_TERMINATION_FLAG == 0)

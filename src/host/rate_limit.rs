@@ -4,7 +4,8 @@ use super::metrics::{Counter, Metrics};
 use super::shared_data::SharedData;
 use super::{Instance, LocalReply};
 use crate::clock::Instant;
-use crate::rate_limit::{KeyHasher, RateLimitConfig, RateLimiter, RuleOutcome, Verdict};
+use crate::hashing::KeyHasher;
+use crate::rate_limit::{RateLimitConfig, RateLimiter, RuleOutcome, Verdict};
 use crate::request::RequestInfo;
 use proxy_wasm::types::LogLevel;
 
@@ -87,7 +88,7 @@ impl RateLimitPolicy {
             } => Err(LocalReply {
                 status,
                 headers,
-                body,
+                body: body.into_bytes(),
             }),
             Verdict::Unavailable => Err(LocalReply::unavailable("rate limit")),
         }

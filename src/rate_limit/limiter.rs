@@ -2,9 +2,10 @@
 //! takes no tokens from the others.
 
 use super::config::{ceil_secs, KeyPart, MissingKey, RateLimitConfig, Rule};
-use super::table::{admit, refund, KeyHasher, Slot};
+use super::table::{admit, refund, Slot};
 use crate::clock::Instant;
 use crate::config::{FailureMode, SharedDataSettings};
+use crate::hashing::KeyHasher;
 use crate::request::RequestInfo;
 use crate::store::{self, Namespace, Store, StoreError};
 use std::net::IpAddr;

@@ -14,4 +14,4 @@ mod table;
 pub use bucket::{Bucket, Check};
 pub use config::{ceil_secs, KeyPart, MissingKey, RateLimitConfig, RawRateLimit, Rule};
 pub use limiter::{client_address, Decision, RateLimiter, RuleOutcome, Verdict};
-pub use table::{shared_seed, KeyHasher, Seed, Slot};
+pub use table::Slot;

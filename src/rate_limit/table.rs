@@ -3,7 +3,7 @@
 //! Shared data has no delete: a key per client would grow Envoy's memory with every new
 //! client, forever. Instead each rule owns `table_size` slots; a request's key is hashed
 //! (SipHash-1-3 with a secret seed shared by all workers, so clients cannot aim at another
-//! client's slot) to one slot and to an owner tag stored in it.
+//! client's slot, see [`crate::hashing`]) to one slot and to an owner tag stored in it.
 //!
 //! Eviction: a slot held by another key whose bucket is **full** (its TAT has passed) is
 //! taken over: a full idle bucket behaves exactly like no bucket, so nothing is lost. A slot
@@ -14,9 +14,7 @@
 
 use super::bucket::{Bucket, Check};
 use crate::clock::Instant;
-use crate::store::{self, DecodeError, Namespace, Reader, Record, Store, StoreError};
-use siphasher::sip128::{Hasher128, SipHasher13};
-use std::hash::Hasher;
+use crate::store::{DecodeError, Reader, Record};
 
 /// The state of one slot: whose bucket it holds, and that bucket's TAT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,73 +36,6 @@ impl Record for Slot {
             owner: fields.u64()?,
             tat: Instant::from_nanos(fields.u64()?),
         })
-    }
-}
-
-/// The secret SipHash key, chosen by whichever worker configures first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Seed(pub [u64; 2]);
-
-impl Record for Seed {
-    const FORMAT: u8 = 0x12;
-
-    fn encode_fields(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.0[0].to_le_bytes());
-        out.extend_from_slice(&self.0[1].to_le_bytes());
-    }
-
-    fn decode_fields(fields: &mut Reader<'_>) -> Result<Self, DecodeError> {
-        Ok(Seed([fields.u64()?, fields.u64()?]))
-    }
-}
-
-/// The seed all workers of this instance use: the stored one, or `candidate` if this worker
-/// is the first (exactly one candidate wins).
-pub fn shared_seed(
-    store: &impl Store,
-    namespace: &Namespace,
-    candidate: Seed,
-    max_attempts: u32,
-) -> Result<Seed, StoreError> {
-    let key = namespace.key("rate_limit/seed");
-    store::update(
-        store,
-        namespace,
-        &key,
-        max_attempts,
-        |stored| match stored {
-            Some(seed) => (seed, None),
-            None => (candidate, Some(candidate)),
-        },
-    )
-    .map(|updated| updated.decision)
-}
-
-/// Where a key's bucket lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Placement {
-    pub index: u32,
-    pub owner: u64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KeyHasher {
-    seed: Seed,
-}
-
-impl KeyHasher {
-    pub fn new(seed: Seed) -> Self {
-        Self { seed }
-    }
-
-    pub fn place(&self, key: &[u8], table_size: u32) -> Placement {
-        let mut hasher = SipHasher13::new_with_keys(self.seed.0[0], self.seed.0[1]);
-        hasher.write(key);
-        let hash = hasher.finish128();
-        Placement {
-            index: (hash.h1 % u64::from(table_size.max(1))) as u32,
-            owner: hash.h2,
-        }
     }
 }
 
@@ -143,7 +74,6 @@ pub fn refund(bucket: &Bucket, slot: Option<Slot>, holder: u64, cost: u64) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MemoryStore;
     use std::time::Duration;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -222,35 +152,5 @@ mod tests {
         );
         let taken_over = slot.map(|s| Slot { owner: 9, ..s });
         assert_eq!(refund(&bucket(), taken_over, holder, 1), None);
-    }
-
-    #[test]
-    fn placement_depends_on_the_seed() {
-        let a = KeyHasher::new(Seed([1, 2]));
-        let b = KeyHasher::new(Seed([3, 4]));
-        assert_eq!(a.place(b"client-1", 1024), a.place(b"client-1", 1024));
-        assert_ne!(
-            a.place(b"client-1", 1024).owner,
-            b.place(b"client-1", 1024).owner
-        );
-        assert!(a.place(b"x", 1).index == 0 && a.place(b"y", 1).index == 0);
-    }
-
-    #[test]
-    fn placements_spread_over_the_table() {
-        let hasher = KeyHasher::new(Seed([5, 6]));
-        let mut used = vec![0u32; 64];
-        for i in 0..6400u32 {
-            used[hasher.place(&i.to_le_bytes(), 64).index as usize] += 1;
-        }
-        assert!(used.iter().all(|&n| (50..=150).contains(&n)), "{used:?}");
-    }
-
-    #[test]
-    fn the_first_seed_wins_for_every_worker() {
-        let store = MemoryStore::default();
-        let ns = Namespace::new("t");
-        assert_eq!(shared_seed(&store, &ns, Seed([1, 1]), 4), Ok(Seed([1, 1])));
-        assert_eq!(shared_seed(&store, &ns, Seed([2, 2]), 4), Ok(Seed([1, 1])));
     }
 }

@@ -86,6 +86,16 @@ impl<'a> Reader<'a> {
         Ok(*head)
     }
 
+    /// The next `n` bytes, for variable-length fields whose length was read first.
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if n > self.rest.len() {
+            return Err(DecodeError::Truncated);
+        }
+        let (head, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        Ok(head)
+    }
+
     pub fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(u8::from_le_bytes(self.bytes()?))
     }

@@ -23,6 +23,7 @@ pub struct EnvoyBuilder {
     filters: Vec<Filter>,
     concurrency: usize,
     direct_response: bool,
+    stop_iteration: bool,
 }
 
 pub fn envoy() -> EnvoyBuilder {
@@ -30,6 +31,7 @@ pub fn envoy() -> EnvoyBuilder {
         filters: Vec::new(),
         concurrency: 2,
         direct_response: false,
+        stop_iteration: true,
     }
 }
 
@@ -47,6 +49,12 @@ impl EnvoyBuilder {
     /// and a load test measures Envoy alone.
     pub fn direct_response(mut self) -> Self {
         self.direct_response = true;
+        self
+    }
+
+    /// Leaves out `allow_on_headers_stop_iteration`, as an operator might.
+    pub fn without_headers_stop_iteration(mut self) -> Self {
+        self.stop_iteration = false;
         self
     }
 
@@ -141,6 +149,7 @@ impl EnvoyBuilder {
               config:
                 name: {name}
                 root_id: resilience
+                allow_on_headers_stop_iteration: {stop_iteration}
                 configuration:
                   "@type": type.googleapis.com/google.protobuf.StringValue
                   value: {config}
@@ -150,6 +159,7 @@ impl EnvoyBuilder {
                   code: {{local: {{filename: {wasm}}}}}"#,
                 name = filter.name,
                 wasm = wasm.display(),
+                stop_iteration = self.stop_iteration,
             )
             .expect("format filter");
         }

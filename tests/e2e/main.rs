@@ -8,6 +8,7 @@
 
 mod circuit_breaker;
 mod envoy;
+mod idempotency;
 mod load_shed;
 mod rate_limit;
 mod smoke;

@@ -1,6 +1,6 @@
 use super::*;
 use crate::config::Config;
-use crate::rate_limit::Seed;
+use crate::hashing::Seed;
 use crate::store::{MemoryStore, Versioned};
 use std::num::NonZeroU32;
 use std::time::Duration;

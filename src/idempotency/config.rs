@@ -1,0 +1,249 @@
+//! The `idempotency` section.
+
+use crate::config::{ConfigError, Duration};
+use crate::matcher::{check_header_name, Match, RawMatch};
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdempotency {
+    #[serde(rename = "match")]
+    pub matcher: Option<RawMatch>,
+    pub methods: Option<Vec<String>>,
+    pub header: Option<String>,
+    pub required: Option<bool>,
+    pub max_key_length: Option<usize>,
+    pub identity: Option<Vec<RawIdentityPart>>,
+    pub max_body_bytes: Option<usize>,
+    pub on_large_body: Option<Overflow>,
+    pub lease: Option<Duration>,
+    pub ttl: Option<Duration>,
+    pub client_error_ttl: Option<Duration>,
+    pub server_error_ttl: Option<Duration>,
+    pub stored_headers: Option<Vec<String>>,
+    pub max_response_bytes: Option<usize>,
+    pub records: Option<u32>,
+    pub when_full: Option<Overflow>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawIdentityPart {
+    ClientAddress,
+    Header(String),
+}
+
+/// What happens to a request the policy cannot protect (body too large, table full).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// Refuse it (413 for a large body, 503 for a full table).
+    Reject,
+    /// Let it through unprotected.
+    Pass,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentityPart {
+    ClientAddress,
+    /// Lower-case header name; its value is hashed, never stored.
+    Header(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyConfig {
+    pub matcher: Match,
+    /// Upper-case.
+    pub methods: Vec<String>,
+    /// Lower-case.
+    pub header: String,
+    pub required: bool,
+    pub max_key_length: usize,
+    pub identity: Vec<IdentityPart>,
+    pub max_body_bytes: usize,
+    pub on_large_body: Overflow,
+    pub lease: std::time::Duration,
+    pub ttl: std::time::Duration,
+    pub client_error_ttl: std::time::Duration,
+    /// `None`: a 5xx releases the key.
+    pub server_error_ttl: Option<std::time::Duration>,
+    /// Lower-case.
+    pub stored_headers: Vec<String>,
+    pub max_response_bytes: usize,
+    pub records: u32,
+    pub when_full: Overflow,
+}
+
+const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
+pub const MAX_RECORDS: u32 = 1 << 20;
+/// The most shared-data memory the records may take, stored responses included.
+pub const MAX_STORAGE_BYTES: u64 = 1 << 30;
+/// A stored record's size beyond its body: key, owner, fingerprint, deadlines, headers.
+pub const RECORD_OVERHEAD_BYTES: u64 = 4096;
+
+impl IdempotencyConfig {
+    pub fn validate(raw: RawIdempotency, at: &str) -> Result<IdempotencyConfig, ConfigError> {
+        let matcher = Match::compile(raw.matcher.unwrap_or_default(), &format!("{at}.match"))?;
+        let mut methods = Vec::new();
+        for (i, method) in raw
+            .methods
+            .unwrap_or_else(|| vec!["POST".into(), "PATCH".into()])
+            .into_iter()
+            .enumerate()
+        {
+            if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+                return Err(ConfigError::at(
+                    &format!("{at}.methods[{i}]"),
+                    "must be an HTTP method name",
+                ));
+            }
+            methods.push(method.to_ascii_uppercase());
+        }
+        let header = check_header_name(
+            raw.header.as_deref().unwrap_or("idempotency-key"),
+            &format!("{at}.header"),
+        )?;
+        let max_key_length = raw.max_key_length.unwrap_or(255);
+        if !(1..=1024).contains(&max_key_length) {
+            return Err(ConfigError::at(
+                &format!("{at}.max_key_length"),
+                "must be between 1 and 1024",
+            ));
+        }
+        let raw_identity = raw.identity.unwrap_or_else(|| {
+            vec![
+                RawIdentityPart::Header("authorization".into()),
+                RawIdentityPart::ClientAddress,
+            ]
+        });
+        if raw_identity.is_empty() {
+            return Err(ConfigError::at(
+                &format!("{at}.identity"),
+                "needs at least one part, or clients would share keys",
+            ));
+        }
+        let mut identity = Vec::new();
+        for (i, part) in raw_identity.into_iter().enumerate() {
+            identity.push(match part {
+                RawIdentityPart::ClientAddress => IdentityPart::ClientAddress,
+                RawIdentityPart::Header(name) => IdentityPart::Header(check_header_name(
+                    &name,
+                    &format!("{at}.identity[{i}].header"),
+                )?),
+            });
+        }
+        let max_body_bytes = raw.max_body_bytes.unwrap_or(64 << 10);
+        if max_body_bytes > MAX_BODY_BYTES {
+            return Err(ConfigError::at(
+                &format!("{at}.max_body_bytes"),
+                format!("must be at most {MAX_BODY_BYTES}"),
+            ));
+        }
+        let duration = |d: Option<Duration>, default: std::time::Duration, name: &str| {
+            let d = d.map_or(default, |d| d.0);
+            if d < std::time::Duration::from_millis(1) || d > 30 * DAY {
+                Err(ConfigError::at(
+                    &format!("{at}.{name}"),
+                    "must be between 1ms and 30 days",
+                ))
+            } else {
+                Ok(d)
+            }
+        };
+        let lease = duration(raw.lease, std::time::Duration::from_secs(30), "lease")?;
+        let ttl = duration(raw.ttl, DAY, "ttl")?;
+        let client_error_ttl = duration(
+            raw.client_error_ttl,
+            std::time::Duration::from_secs(600),
+            "client_error_ttl",
+        )?;
+        let server_error_ttl = raw
+            .server_error_ttl
+            .map(|d| duration(Some(d), d.0, "server_error_ttl"))
+            .transpose()?;
+        let mut stored_headers = Vec::new();
+        let default_headers = [
+            "content-type",
+            "content-language",
+            "location",
+            "etag",
+            "last-modified",
+            "cache-control",
+        ];
+        for (i, name) in raw
+            .stored_headers
+            .unwrap_or_else(|| default_headers.map(String::from).to_vec())
+            .iter()
+            .enumerate()
+        {
+            stored_headers.push(check_header_name(
+                name,
+                &format!("{at}.stored_headers[{i}]"),
+            )?);
+        }
+        let max_response_bytes = raw.max_response_bytes.unwrap_or(16 << 10);
+        if max_response_bytes > MAX_RESPONSE_BYTES {
+            return Err(ConfigError::at(
+                &format!("{at}.max_response_bytes"),
+                format!("must be at most {MAX_RESPONSE_BYTES}"),
+            ));
+        }
+        let records = raw.records.unwrap_or(4096);
+        if !(1..=MAX_RECORDS).contains(&records) {
+            return Err(ConfigError::at(
+                &format!("{at}.records"),
+                format!("must be between 1 and {MAX_RECORDS}"),
+            ));
+        }
+        let budget = u64::from(records) * (max_response_bytes as u64 + RECORD_OVERHEAD_BYTES);
+        if budget > MAX_STORAGE_BYTES {
+            return Err(ConfigError::at(
+                &format!("{at}.records"),
+                format!("records x (max_response_bytes + 4096) is {budget} bytes, over the 1 GiB budget"),
+            ));
+        }
+        Ok(IdempotencyConfig {
+            matcher,
+            methods,
+            header,
+            required: raw.required.unwrap_or(false),
+            max_key_length,
+            identity,
+            max_body_bytes,
+            on_large_body: raw.on_large_body.unwrap_or(Overflow::Reject),
+            lease,
+            ttl,
+            client_error_ttl,
+            server_error_ttl,
+            stored_headers,
+            max_response_bytes,
+            records,
+            when_full: raw.when_full.unwrap_or(Overflow::Reject),
+        })
+    }
+
+    pub fn header_names(&self) -> impl Iterator<Item = &str> {
+        let identity = self.identity.iter().filter_map(|part| match part {
+            IdentityPart::Header(name) => Some(name.as_str()),
+            IdentityPart::ClientAddress => None,
+        });
+        identity
+            .chain(self.matcher.header_names())
+            .chain(std::iter::once(self.header.as_str()))
+    }
+
+    pub fn needs_peer(&self) -> bool {
+        self.identity.contains(&IdentityPart::ClientAddress)
+    }
+
+    /// How long a response with `status` is kept; `None`: not kept, the key is released.
+    pub fn keep_for(&self, status: u16) -> Option<std::time::Duration> {
+        match status {
+            500.. => self.server_error_ttl,
+            400..=499 => Some(self.client_error_ttl),
+            _ => Some(self.ttl),
+        }
+    }
+}

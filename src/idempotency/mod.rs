@@ -1,0 +1,18 @@
+//! Idempotency keys: a retried request with the same `Idempotency-Key` reaches the upstream
+//! once; duplicates get the stored response, conflicts a clear error.
+//!
+//! Records live in a fixed table of `records` slots in shared data; a (client, key) pair is
+//! hashed to one slot, so exactly one request can claim it across all workers (a claim is a
+//! compare-and-swap on that one value). See `filters/idempotency/README.md`.
+
+mod config;
+mod key;
+mod policy;
+mod record;
+
+pub use config::{IdempotencyConfig, IdentityPart, Overflow, RawIdempotency};
+pub use key::{parse_key, KeyError};
+pub use policy::{
+    Begin, ClaimId, Decision, Finished, Idempotency, Outcome, Pending, Problem, REPLAYED_HEADER,
+};
+pub use record::{Entry, IdempotencyRecord, StoredResponse};

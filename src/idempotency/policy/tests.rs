@@ -1,0 +1,448 @@
+use super::*;
+use crate::config::Config;
+use crate::hashing::Seed;
+use crate::store::MemoryStore;
+use std::time::Duration;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+const T0: Instant = Instant::from_nanos(1_700_000_000_000_000_000);
+
+fn at(ms: u64) -> Instant {
+    T0.saturating_add(Duration::from_millis(ms))
+}
+
+fn policy(json: &str) -> (Idempotency, SharedDataSettings) {
+    match Config::parse(format!(r#"{{"idempotency": {json}}}"#).as_bytes()) {
+        Ok(Config {
+            idempotency: Some(config),
+            shared_data,
+            ..
+        }) => (
+            Idempotency::new(config, KeyHasher::new(Seed([7, 9]))),
+            shared_data,
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn post(key: Option<&str>, authorization: &str) -> RequestInfo {
+    let mut headers = vec![("authorization".to_owned(), authorization.to_owned())];
+    if let Some(key) = key {
+        headers.push(("idempotency-key".to_owned(), key.to_owned()));
+    }
+    RequestInfo {
+        method: "POST".into(),
+        path: "/charges".into(),
+        headers,
+        peer: "192.0.2.1".parse().ok(),
+        cluster: None,
+    }
+}
+
+struct Bench {
+    policy: Idempotency,
+    settings: SharedDataSettings,
+    store: MemoryStore,
+}
+
+impl Bench {
+    fn new(json: &str) -> Bench {
+        let (policy, settings) = policy(json);
+        Bench {
+            policy,
+            settings,
+            store: MemoryStore::default(),
+        }
+    }
+
+    fn pending(&self, request: &RequestInfo) -> Pending {
+        match self.policy.begin(request) {
+            Begin::Check(pending) => pending,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn decide(&self, pending: Pending, body: &[u8], claim: u64, now: Instant) -> Decision {
+        let fingerprint = Idempotency::fingerprint("POST", "/charges?x=1", body);
+        self.policy
+            .decide(
+                &self.store,
+                &ns(),
+                ClaimId { pending, claim },
+                fingerprint,
+                now,
+                self.settings,
+            )
+            .unwrap()
+            .0
+    }
+
+    fn finish(&self, pending: Pending, claim: u64, outcome: Outcome, now: Instant) -> Finished {
+        self.policy
+            .finish(
+                &self.store,
+                &ns(),
+                ClaimId { pending, claim },
+                outcome,
+                now,
+                self.settings,
+            )
+            .unwrap()
+    }
+}
+
+fn ns() -> Namespace {
+    Namespace::new("t")
+}
+
+fn created() -> StoredResponse {
+    StoredResponse {
+        status: 201,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("location".into(), "/charges/1".into()),
+        ],
+        body: br#"{"id": 1}"#.to_vec(),
+    }
+}
+
+#[test]
+fn the_first_request_claims_and_duplicates_get_the_stored_response() {
+    let b = Bench::new("{}");
+    let k = b.pending(&post(Some("k1"), "Bearer a"));
+    assert_eq!(b.decide(k, b"{}", 1, T0), Decision::Claimed);
+    assert_eq!(
+        b.decide(k, b"{}", 2, at(10)),
+        Decision::InFlight {
+            retry_after_secs: 30
+        }
+    );
+    assert_eq!(
+        b.finish(k, 1, Outcome::Response(created()), at(100)),
+        Finished::Stored
+    );
+    assert_eq!(b.decide(k, b"{}", 3, at(200)), Decision::Replay(created()));
+    assert_eq!(
+        b.decide(k, b"{\"other\": 1}", 4, at(300)),
+        Decision::Mismatch
+    );
+}
+
+#[test]
+fn keys_are_scoped_by_client_identity() {
+    let b = Bench::new("{}");
+    let alice = b.pending(&post(Some("same"), "Bearer alice"));
+    let bob = b.pending(&post(Some("same"), "Bearer bob"));
+    assert_ne!(alice, bob);
+    let mut other_address = post(Some("same"), "Bearer alice");
+    other_address.peer = "192.0.2.99".parse().ok();
+    assert_ne!(
+        alice,
+        b.pending(&other_address),
+        "the default identity includes the client address"
+    );
+}
+
+#[test]
+fn a_5xx_releases_the_key_and_4xx_are_kept_for_less_time() {
+    let b = Bench::new(r#"{"ttl": "1h", "client_error_ttl": "1m"}"#);
+    let k = b.pending(&post(Some("k"), "a"));
+    assert_eq!(b.decide(k, b"", 1, T0), Decision::Claimed);
+    let failed = StoredResponse {
+        status: 503,
+        headers: vec![],
+        body: vec![],
+    };
+    assert_eq!(
+        b.finish(k, 1, Outcome::Response(failed), at(10)),
+        Finished::Released
+    );
+    assert_eq!(
+        b.decide(k, b"", 2, at(20)),
+        Decision::Claimed,
+        "the client may retry"
+    );
+    let refused = StoredResponse {
+        status: 402,
+        headers: vec![],
+        body: b"no".to_vec(),
+    };
+    assert_eq!(
+        b.finish(k, 2, Outcome::Response(refused.clone()), at(30)),
+        Finished::Stored
+    );
+    assert_eq!(b.decide(k, b"", 3, at(59_000)), Decision::Replay(refused));
+    assert_eq!(
+        b.decide(k, b"", 4, at(60_031)),
+        Decision::Claimed,
+        "the 4xx expired after a minute"
+    );
+}
+
+#[test]
+fn server_errors_can_be_kept_when_configured() {
+    let b = Bench::new(r#"{"server_error_ttl": "5m"}"#);
+    let k = b.pending(&post(Some("k"), "a"));
+    assert_eq!(b.decide(k, b"", 1, T0), Decision::Claimed);
+    let failed = StoredResponse {
+        status: 500,
+        headers: vec![],
+        body: b"oops".to_vec(),
+    };
+    assert_eq!(
+        b.finish(k, 1, Outcome::Response(failed.clone()), at(1)),
+        Finished::Stored
+    );
+    assert_eq!(b.decide(k, b"", 2, at(2)), Decision::Replay(failed));
+}
+
+#[test]
+fn a_request_without_a_response_frees_its_key() {
+    let b = Bench::new("{}");
+    let k = b.pending(&post(Some("k"), "a"));
+    assert_eq!(b.decide(k, b"", 1, T0), Decision::Claimed);
+    assert_eq!(
+        b.finish(k, 1, Outcome::NoResponse, at(5)),
+        Finished::Released
+    );
+    assert_eq!(b.decide(k, b"", 2, at(6)), Decision::Claimed);
+}
+
+#[test]
+fn a_claim_nobody_finishes_expires_with_its_lease_and_its_late_finish_is_dropped() {
+    let b = Bench::new(r#"{"lease": "2s"}"#);
+    let k = b.pending(&post(Some("k"), "a"));
+    assert_eq!(b.decide(k, b"", 1, T0), Decision::Claimed);
+    assert_eq!(
+        b.decide(k, b"", 2, at(1_999)),
+        Decision::InFlight {
+            retry_after_secs: 1
+        }
+    );
+    assert_eq!(
+        b.decide(k, b"", 3, at(2_000)),
+        Decision::Claimed,
+        "the lease ran out: claimable"
+    );
+    assert_eq!(
+        b.finish(k, 1, Outcome::Response(created()), at(2_500)),
+        Finished::Superseded
+    );
+    assert_eq!(
+        b.decide(k, b"", 4, at(2_600)),
+        Decision::InFlight {
+            retry_after_secs: 2
+        },
+        "claim 3 still holds it"
+    );
+}
+
+#[test]
+fn a_response_too_large_to_store_is_never_executed_again() {
+    let b = Bench::new("{}");
+    let k = b.pending(&post(Some("k"), "a"));
+    assert_eq!(b.decide(k, b"", 1, T0), Decision::Claimed);
+    assert_eq!(
+        b.finish(k, 1, Outcome::ResponseNotStored { status: 200 }, at(1)),
+        Finished::Stored
+    );
+    let again = b.decide(k, b"", 2, at(2));
+    assert_eq!(again, Decision::Unreplayable { status: 200 });
+    assert_eq!(b.policy.problem(&again).map(|p| p.status), Some(409));
+}
+
+#[test]
+fn a_live_record_of_another_key_makes_the_table_full() {
+    let b = Bench::new(r#"{"records": 1}"#);
+    let first = b.pending(&post(Some("first"), "a"));
+    let second = b.pending(&post(Some("second"), "a"));
+    assert_eq!(b.decide(first, b"", 1, T0), Decision::Claimed);
+    assert_eq!(b.decide(second, b"", 2, at(1)), Decision::Full);
+    assert_eq!(
+        b.policy
+            .problem(&Decision::Full)
+            .map(|p| (p.status, p.retry_after_secs)),
+        Some((503, Some(30)))
+    );
+    assert_eq!(
+        b.finish(first, 1, Outcome::Response(created()), at(2)),
+        Finished::Stored
+    );
+    assert_eq!(
+        b.decide(second, b"", 3, at(86_400_002)),
+        Decision::Claimed,
+        "the first expired after a day"
+    );
+    let (passing, _) = policy(r#"{"records": 1, "when_full": "pass"}"#);
+    assert_eq!(passing.problem(&Decision::Full), None);
+}
+
+#[test]
+fn expired_records_are_swept_and_give_their_bytes_back() {
+    let b = Bench::new(r#"{"records": 64, "ttl": "1s"}"#);
+    let mut stored = 0;
+    for i in 0..20 {
+        let k = b.pending(&post(Some(&format!("k{i}")), "a"));
+        if b.decide(k, b"", i, T0) == Decision::Claimed {
+            assert_eq!(
+                b.finish(k, i, Outcome::Response(created()), T0),
+                Finished::Stored
+            );
+            stored += 1;
+        }
+    }
+    assert!(
+        stored >= 15,
+        "keys sharing a slot find the table full: {stored} stored"
+    );
+    let before: usize = (0..64)
+        .filter_map(|s| {
+            b.store
+                .get(&format!("resilience/t/idem/{s}"))
+                .ok()
+                .flatten()
+        })
+        .map(|v| v.bytes.len())
+        .sum();
+    assert_eq!(
+        b.policy
+            .sweep(&b.store, &ns(), 0, 64, at(500), b.settings)
+            .0,
+        0,
+        "nothing expired yet"
+    );
+    let (freed, next) = b
+        .policy
+        .sweep(&b.store, &ns(), 0, 64, at(1_000), b.settings);
+    assert_eq!(freed, stored);
+    assert_eq!(next, 0);
+    let after: usize = (0..64)
+        .filter_map(|s| {
+            b.store
+                .get(&format!("resilience/t/idem/{s}"))
+                .ok()
+                .flatten()
+        })
+        .map(|v| v.bytes.len())
+        .sum();
+    assert!(after * 10 < before, "{before} bytes before, {after} after");
+}
+
+#[test]
+fn keys_are_checked_before_anything_else() {
+    let (p, _) = policy(r#"{"required": true, "match": {"path_prefix": "/charges"}}"#);
+    let problem = |r: &RequestInfo| match p.begin(r) {
+        Begin::Refuse(problem) => Some((problem.status, problem.kind)),
+        _ => None,
+    };
+    assert_eq!(problem(&post(None, "a")), Some((400, "key-missing")));
+    assert_eq!(
+        problem(&post(Some("bad key"), "a")),
+        Some((400, "key-invalid"))
+    );
+    assert_eq!(
+        problem(&post(Some(&"x".repeat(300)), "a")),
+        Some((400, "key-invalid"))
+    );
+    assert!(matches!(
+        p.begin(&post(Some("\"ok\""), "a")),
+        Begin::Check(_)
+    ));
+    let mut get = post(None, "a");
+    get.method = "GET".into();
+    assert_eq!(p.begin(&get), Begin::Skip, "GET is not covered by default");
+    let mut elsewhere = post(None, "a");
+    elsewhere.path = "/other".into();
+    assert_eq!(p.begin(&elsewhere), Begin::Skip);
+    let (optional, _) = policy("{}");
+    assert_eq!(
+        optional.begin(&post(None, "a")),
+        Begin::Skip,
+        "a missing key is fine unless required"
+    );
+}
+
+#[test]
+fn problems_are_rfc_9457_json() {
+    let (p, _) = policy("{}");
+    let problem = p.problem(&Decision::Mismatch).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&problem.body()).unwrap();
+    assert_eq!(json["status"], 422);
+    assert!(json["type"].as_str().unwrap().ends_with("#key-reused"));
+    assert!(json["detail"].as_str().unwrap().contains("Use a new key"));
+}
+
+#[test]
+fn records_round_trip_and_foreign_bytes_are_refused() {
+    use crate::store::{decode, encode};
+    let record = IdempotencyRecord {
+        owner: 5,
+        fingerprint: [3; 32],
+        deadline: T0,
+        entry: Entry::Completed(created()),
+    };
+    assert_eq!(
+        decode::<IdempotencyRecord>(&encode(&record)),
+        Ok(record.clone())
+    );
+    let in_flight = IdempotencyRecord {
+        entry: Entry::InFlight { claim: 9 },
+        ..record.clone()
+    };
+    assert_eq!(
+        decode::<IdempotencyRecord>(&encode(&in_flight)),
+        Ok(in_flight)
+    );
+    assert_eq!(
+        encode(&IdempotencyRecord::free()).len(),
+        2,
+        "a freed slot keeps two bytes"
+    );
+    let mut truncated = encode(&record);
+    truncated.truncate(truncated.len() - 3);
+    assert!(decode::<IdempotencyRecord>(&truncated).is_err());
+}
+
+/// Eight threads as eight workers, all sending the same request with the same key at once:
+/// exactly one claims it.
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn eight_workers_racing_with_one_key_make_one_claim() {
+    use std::sync::Arc;
+    let (policy, settings) = policy("{}");
+    let shared = Arc::new((policy, MemoryStore::default()));
+    let workers: Vec<_> = (0..8u64)
+        .map(|w| {
+            let shared = Arc::clone(&shared);
+            std::thread::spawn(move || {
+                let (policy, store) = &*shared;
+                let Begin::Check(pending) = policy.begin(&post(Some("race"), "a")) else {
+                    panic!()
+                };
+                let fingerprint = Idempotency::fingerprint("POST", "/charges", b"{}");
+                (0..25u64)
+                    .filter(|i| {
+                        let decided = policy.decide(
+                            store,
+                            &ns(),
+                            ClaimId {
+                                pending,
+                                claim: w * 100 + i,
+                            },
+                            fingerprint,
+                            T0,
+                            SharedDataSettings {
+                                max_attempts: 64,
+                                ..settings
+                            },
+                        );
+                        decided.unwrap().0 == Decision::Claimed
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let claims: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert_eq!(claims, 1, "of 200 attempts");
+}

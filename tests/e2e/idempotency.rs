@@ -1,0 +1,318 @@
+//! Idempotency keys through real Envoy with several workers.
+
+use super::envoy::{envoy, Envoy};
+use super::join_all;
+use super::upstream::{Upstream, DELAY_HEADER};
+use reqwest::{Client, Response};
+use std::time::Duration;
+
+/// A new connection per request, so the requests spread over Envoy's workers.
+fn fresh_connections() -> Client {
+    Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(0)
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+async fn post(envoy: &Envoy, key: Option<&str>, body: &str, auth: &str) -> Response {
+    let mut request = fresh_connections()
+        .post(envoy.url("/charges?currency=eur"))
+        .header("authorization", auth)
+        .body(body.to_owned());
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    request.send().await.unwrap()
+}
+
+fn header(response: &Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
+async fn problem_type(response: Response) -> String {
+    assert_eq!(
+        header(&response, "content-type").as_deref(),
+        Some("application/problem+json")
+    );
+    let json: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    let kind = json["type"].as_str().unwrap();
+    kind.rsplit('#').next().unwrap().to_owned()
+}
+
+async fn counter(envoy: &Envoy, name: &str) -> Option<u64> {
+    envoy
+        .stat(&format!("wasmcustom.resilience.idem.idempotency.{name}"))
+        .await
+}
+
+const CONFIG: &str = r#"{"idempotency": {"lease": "1s", "max_body_bytes": 1024}}"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_concurrent_duplicates_execute_once_and_replays_are_byte_for_byte() {
+    let upstream = Upstream::start().await;
+    upstream.set_status(201);
+    upstream.set_delay(Duration::from_millis(500));
+    let config = r#"{"idempotency": {"lease": "10s"}}"#;
+    let envoy = envoy()
+        .filter("idem", config)
+        .concurrency(3)
+        .start(&upstream)
+        .await;
+
+    let requests: Vec<_> = (0..50)
+        .map(|_| {
+            let client = fresh_connections();
+            let url = envoy.url("/charges?currency=eur");
+            async move {
+                let response = client
+                    .post(url)
+                    .header("authorization", "Bearer alice")
+                    .header("idempotency-key", "\"charge-1\"")
+                    .body(r#"{"amount": 100}"#)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status().as_u16();
+                let retry_after = header(&response, "retry-after");
+                (status, retry_after, response.text().await.unwrap())
+            }
+        })
+        .collect();
+    let results = join_all(requests).await;
+    assert_eq!(upstream.count(), 1, "executed once");
+    let originals: Vec<&String> = results
+        .iter()
+        .filter(|(s, _, _)| *s == 201)
+        .map(|(_, _, body)| body)
+        .collect();
+    assert!(!originals.is_empty());
+    assert!(
+        originals.iter().all(|body| *body == originals[0]),
+        "every 201 is the same response"
+    );
+    for (status, retry_after, _) in &results {
+        assert!(*status == 201 || *status == 409, "{results:?}");
+        if *status == 409 {
+            assert!(retry_after.is_some(), "409 carries Retry-After");
+        }
+    }
+    let original = originals[0].clone();
+
+    let replay = post(
+        &envoy,
+        Some("\"charge-1\""),
+        r#"{"amount": 100}"#,
+        "Bearer alice",
+    )
+    .await;
+    assert_eq!(replay.status(), 201);
+    assert_eq!(
+        header(&replay, "idempotent-replayed").as_deref(),
+        Some("true")
+    );
+    assert_eq!(
+        header(&replay, "content-type").as_deref(),
+        Some("application/octet-stream"),
+        "stored headers come back"
+    );
+    assert!(
+        header(&replay, "x-upstream-seq").is_none(),
+        "not an allow-listed header"
+    );
+    assert_eq!(
+        replay.bytes().await.unwrap(),
+        original.as_bytes(),
+        "byte for byte"
+    );
+    assert_eq!(upstream.count(), 1, "the upstream still saw one request");
+    assert_eq!(counter(&envoy, "claims").await, Some(1));
+    assert!(
+        counter(&envoy, "conflicts").await.unwrap() + counter(&envoy, "replays").await.unwrap()
+            >= 50
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_key_with_another_request_is_refused_with_422() {
+    let upstream = Upstream::start().await;
+    let envoy = envoy().filter("idem", CONFIG).start(&upstream).await;
+    assert_eq!(post(&envoy, Some("k"), "a", "alice").await.status(), 200);
+    let changed = post(&envoy, Some("k"), "b", "alice").await;
+    assert_eq!(changed.status(), 422);
+    assert_eq!(problem_type(changed).await, "key-reused");
+    assert_eq!(upstream.count(), 1);
+    assert_eq!(counter(&envoy, "mismatches").await, Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_required_key_or_a_bad_key_gets_400() {
+    let upstream = Upstream::start().await;
+    let envoy = envoy()
+        .filter("idem", r#"{"idempotency": {"required": true}}"#)
+        .start(&upstream)
+        .await;
+    let missing = post(&envoy, None, "a", "alice").await;
+    assert_eq!(missing.status(), 400);
+    assert_eq!(problem_type(missing).await, "key-missing");
+    let bad = post(&envoy, Some("not a key"), "a", "alice").await;
+    assert_eq!(bad.status(), 400);
+    assert_eq!(problem_type(bad).await, "key-invalid");
+    let get = fresh_connections()
+        .get(envoy.url("/charges"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 200, "GET is not covered");
+    assert_eq!(upstream.count(), 1);
+    assert_eq!(counter(&envoy, "rejected_keys").await, Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn different_clients_with_the_same_key_each_execute() {
+    let upstream = Upstream::start().await;
+    let envoy = envoy().filter("idem", CONFIG).start(&upstream).await;
+    let alice = post(&envoy, Some("shared-key"), "a", "Bearer alice").await;
+    let bob = post(&envoy, Some("shared-key"), "a", "Bearer bob").await;
+    assert!(header(&alice, "x-upstream-seq").is_some() && header(&bob, "x-upstream-seq").is_some());
+    assert_ne!(alice.text().await.unwrap(), bob.text().await.unwrap());
+    assert_eq!(upstream.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_abort_before_the_response_lets_a_retry_proceed() {
+    let upstream = Upstream::start().await;
+    let envoy = envoy()
+        .filter("idem", r#"{"idempotency": {"lease": "30s"}}"#)
+        .start(&upstream)
+        .await;
+    let impatient = Client::builder()
+        .timeout(Duration::from_millis(300))
+        .no_proxy()
+        .build()
+        .unwrap();
+    let aborted = impatient
+        .post(envoy.url("/charges"))
+        .header("authorization", "alice")
+        .header("idempotency-key", "k")
+        .header(DELAY_HEADER, "3000")
+        .body("a")
+        .send()
+        .await;
+    assert!(aborted.is_err_and(|e| e.is_timeout()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let retry = fresh_connections()
+        .post(envoy.url("/charges"))
+        .header("authorization", "alice")
+        .header("idempotency-key", "k")
+        .body("a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        retry.status(),
+        200,
+        "the claim was released, not left for its 30 s lease"
+    );
+    assert!(header(&retry, "x-upstream-seq").is_some());
+    assert_eq!(upstream.count(), 2);
+    assert_eq!(counter(&envoy, "released").await, Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_upstream_leaves_the_key_claimable_after_the_lease() {
+    let upstream = Upstream::start().await;
+    let envoy = envoy().filter("idem", CONFIG).start(&upstream).await;
+    let url = envoy.url("/charges?currency=eur");
+    let hung = tokio::spawn(async move {
+        fresh_connections()
+            .post(url)
+            .header("authorization", "alice")
+            .header("idempotency-key", "k")
+            .header(DELAY_HEADER, "4000")
+            .body("a")
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = post(&envoy, Some("k"), "a", "alice").await;
+    assert_eq!(during.status(), 409, "in flight");
+    assert_eq!(problem_type(during).await, "in-flight");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let after_lease = post(&envoy, Some("k"), "a", "alice").await;
+    assert_eq!(
+        after_lease.status(),
+        200,
+        "claimable again once the 1 s lease ran out"
+    );
+    assert_eq!(upstream.count(), 2);
+    hung.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_over_the_limit_gets_413() {
+    let upstream = Upstream::start().await;
+    let envoy = envoy().filter("idem", CONFIG).start(&upstream).await;
+    let large = post(&envoy, Some("k"), &"x".repeat(2048), "alice").await;
+    assert_eq!(large.status(), 413);
+    assert_eq!(problem_type(large).await, "body-too-large");
+    assert_eq!(
+        post(&envoy, Some("k2"), &"x".repeat(1000), "alice")
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(upstream.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_5xx_releases_the_key_so_the_client_may_retry() {
+    let upstream = Upstream::start().await;
+    let envoy = envoy().filter("idem", CONFIG).start(&upstream).await;
+    upstream.set_status(503);
+    assert_eq!(post(&envoy, Some("k"), "a", "alice").await.status(), 503);
+    upstream.set_status(201);
+    let retry = post(&envoy, Some("k"), "a", "alice").await;
+    assert_eq!(retry.status(), 201);
+    assert!(header(&retry, "idempotent-replayed").is_none());
+    let replay = post(&envoy, Some("k"), "a", "alice").await;
+    assert_eq!(
+        header(&replay, "idempotent-replayed").as_deref(),
+        Some("true")
+    );
+    assert_eq!(upstream.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_allow_on_headers_stop_iteration_requests_do_not_hang() {
+    let upstream = Upstream::start().await;
+    let envoy = envoy()
+        .filter("idem", CONFIG)
+        .without_headers_stop_iteration()
+        .start(&upstream)
+        .await;
+    let started = std::time::Instant::now();
+    let response = tokio::time::timeout(
+        Duration::from_secs(5),
+        post(&envoy, Some("k"), "a", "alice"),
+    )
+    .await;
+    assert_eq!(response.expect("no hang").status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        envoy
+            .log()
+            .matches("set `allow_on_headers_stop_iteration: true`")
+            .count(),
+        1,
+        "the missing setting is named once"
+    );
+}
