@@ -36,6 +36,11 @@ Envoy is serving the resilience filter on http://127.0.0.1:10000 (admin: http://
   for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{http_code} ' -H 'x-envoy-fault-delay-request: 2000' http://127.0.0.1:10000/ & done; wait; echo
   curl -si -H 'x-priority: critical' http://127.0.0.1:10000/ | head -1
 
+  # idempotency keys under /orders: the retry gets the stored response, a changed body 422
+  curl -si -X POST -H 'idempotency-key: order-1' -d '{"qty": 1}' http://127.0.0.1:10000/orders | head -1
+  curl -si -X POST -H 'idempotency-key: order-1' -d '{"qty": 1}' http://127.0.0.1:10000/orders | grep -iE '^(HTTP|idempotent-replayed)'
+  curl -s -X POST -H 'idempotency-key: order-1' -d '{"qty": 2}' http://127.0.0.1:10000/orders; echo
+
   # the filter's metrics
   curl -s http://127.0.0.1:9901/stats | grep resilience
 

@@ -89,8 +89,8 @@ pub struct Problem {
     pub retry_after_secs: Option<u64>,
 }
 
-pub const PROBLEM_TYPE_BASE: &str =
-    "https://github.com/envoy-resilience/envoy-resilience/blob/main/filters/idempotency/README.md#";
+/// Problem types are URNs; each is listed, with what to do, in filters/idempotency/README.md.
+pub const PROBLEM_TYPE_BASE: &str = "urn:envoy-resilience:idempotency:";
 /// Marks a replayed response, as Stripe's `Idempotent-Replayed` does.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 

@@ -41,7 +41,9 @@ async fn problem_type(response: Response) -> String {
     );
     let json: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
     let kind = json["type"].as_str().unwrap();
-    kind.rsplit('#').next().unwrap().to_owned()
+    kind.strip_prefix("urn:envoy-resilience:idempotency:")
+        .unwrap()
+        .to_owned()
 }
 
 async fn counter(envoy: &Envoy, name: &str) -> Option<u64> {

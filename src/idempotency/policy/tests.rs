@@ -369,7 +369,7 @@ fn problems_are_rfc_9457_json() {
     let problem = p.problem(&Decision::Mismatch).unwrap();
     let json: serde_json::Value = serde_json::from_str(&problem.body()).unwrap();
     assert_eq!(json["status"], 422);
-    assert!(json["type"].as_str().unwrap().ends_with("#key-reused"));
+    assert_eq!(json["type"], "urn:envoy-resilience:idempotency:key-reused");
     assert!(json["detail"].as_str().unwrap().contains("Use a new key"));
 }
 
