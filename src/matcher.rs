@@ -132,16 +132,7 @@ impl Match {
             (None, Some(exact)) => PathMatch::Exact(check_path(exact, &format!("{path}.path"))?),
             (None, None) => PathMatch::Any,
         };
-        let mut methods = Vec::new();
-        for (i, method) in raw.methods.unwrap_or_default().into_iter().enumerate() {
-            if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
-                return Err(ConfigError::at(
-                    &format!("{path}.methods[{i}]"),
-                    "must be an HTTP method name",
-                ));
-            }
-            methods.push(method.to_ascii_uppercase());
-        }
+        let methods = check_methods(raw.methods.unwrap_or_default(), &format!("{path}.methods"))?;
         let mut headers = Vec::new();
         for (i, header) in raw.headers.unwrap_or_default().into_iter().enumerate() {
             let at = format!("{path}.headers[{i}]");
@@ -225,6 +216,24 @@ fn check_path(path: String, at: &str) -> Result<String, ConfigError> {
     } else {
         Err(ConfigError::at(at, "must start with `/`"))
     }
+}
+
+/// Upper-cases method names and refuses anything that cannot be one.
+pub fn check_methods(methods: Vec<String>, at: &str) -> Result<Vec<String>, ConfigError> {
+    methods
+        .into_iter()
+        .enumerate()
+        .map(|(i, method)| {
+            if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+                Err(ConfigError::at(
+                    &format!("{at}[{i}]"),
+                    "must be an HTTP method name",
+                ))
+            } else {
+                Ok(method.to_ascii_uppercase())
+            }
+        })
+        .collect()
 }
 
 /// Lower-cases a header name and refuses what HTTP does not allow in one.

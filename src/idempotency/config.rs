@@ -1,7 +1,7 @@
 //! The `idempotency` section.
 
 use crate::config::{ConfigError, Duration};
-use crate::matcher::{check_header_name, Match, RawMatch};
+use crate::matcher::{check_header_name, check_methods, Match, RawMatch};
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,21 +86,11 @@ pub const RECORD_OVERHEAD_BYTES: u64 = 4096;
 impl IdempotencyConfig {
     pub fn validate(raw: RawIdempotency, at: &str) -> Result<IdempotencyConfig, ConfigError> {
         let matcher = Match::compile(raw.matcher.unwrap_or_default(), &format!("{at}.match"))?;
-        let mut methods = Vec::new();
-        for (i, method) in raw
-            .methods
-            .unwrap_or_else(|| vec!["POST".into(), "PATCH".into()])
-            .into_iter()
-            .enumerate()
-        {
-            if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
-                return Err(ConfigError::at(
-                    &format!("{at}.methods[{i}]"),
-                    "must be an HTTP method name",
-                ));
-            }
-            methods.push(method.to_ascii_uppercase());
-        }
+        let methods = check_methods(
+            raw.methods
+                .unwrap_or_else(|| vec!["POST".into(), "PATCH".into()]),
+            &format!("{at}.methods"),
+        )?;
         let header = check_header_name(
             raw.header.as_deref().unwrap_or("idempotency-key"),
             &format!("{at}.header"),

@@ -1,23 +1,13 @@
 //! Circuit breaking through real Envoy with several workers.
 
 use super::envoy::{envoy, Envoy};
-use super::join_all;
 use super::upstream::{Upstream, DELAY_HEADER};
+use super::{fresh_connections, join_all};
 use reqwest::{Client, Response};
 use std::time::{Duration, Instant};
 
 fn breaker(fields: &str) -> String {
     format!(r#"{{"circuit_breaker": {{"breakers": [{{"name": "b", {fields}}}]}}}}"#)
-}
-
-/// A new connection per request, so the requests spread over Envoy's workers.
-fn fresh_connections() -> Client {
-    Client::builder()
-        .http1_only()
-        .pool_max_idle_per_host(0)
-        .no_proxy()
-        .build()
-        .unwrap()
 }
 
 fn from_breaker(response: &Response) -> bool {

@@ -1,20 +1,10 @@
 //! Load shedding through real Envoy with several workers and a slow upstream.
 
 use super::envoy::{envoy, Envoy};
-use super::join_all;
 use super::upstream::{Upstream, DELAY_HEADER};
+use super::{fresh_connections, join_all};
 use reqwest::Client;
 use std::time::{Duration, Instant};
-
-/// A new connection per request, so the requests spread over Envoy's workers.
-fn fresh_connections() -> Client {
-    Client::builder()
-        .http1_only()
-        .pool_max_idle_per_host(0)
-        .no_proxy()
-        .build()
-        .unwrap()
-}
 
 #[derive(Debug)]
 struct Outcome {

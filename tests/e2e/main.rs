@@ -26,6 +26,17 @@ pub fn clients() -> [(&'static str, reqwest::Client); 2] {
     ]
 }
 
+/// An HTTP/1.1 client that opens a new connection for every request, so Envoy spreads the
+/// requests over its workers.
+pub fn fresh_connections() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(0)
+        .no_proxy()
+        .build()
+        .expect("HTTP client")
+}
+
 /// Runs the futures concurrently on the runtime's threads and returns their outputs in order.
 pub async fn join_all<F>(futures: Vec<F>) -> Vec<F::Output>
 where

@@ -1,23 +1,12 @@
 //! Rate limiting through real Envoy with several workers.
 
 use super::envoy::envoy;
-use super::join_all;
 use super::upstream::Upstream;
+use super::{fresh_connections, join_all};
 use reqwest::{Client, Response};
 
 fn rule(fields: &str) -> String {
     format!(r#"{{"rate_limit": {{"rules": [{{{fields}}}]}}}}"#)
-}
-
-/// A client that opens a new connection for every request, so Envoy spreads them over its
-/// workers.
-fn fresh_connections() -> Client {
-    Client::builder()
-        .http1_only()
-        .pool_max_idle_per_host(0)
-        .no_proxy()
-        .build()
-        .unwrap()
 }
 
 async fn statuses(client: &Client, url: &str, n: usize, headers: &[(&str, &str)]) -> Vec<u16> {
