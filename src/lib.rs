@@ -1,9 +1,11 @@
 //! Resilience policies for Envoy, as one proxy-wasm HTTP filter.
 //!
-//! The crate is a pure core (`clock`, `store`, `config` and, as they land, one module per
-//! policy) and a thin host adapter (`host`, compiled only for `wasm32-wasip1`). The core never
-//! calls proxy-wasm: it gets the time and a [`store::Store`] as arguments, so the same code is
-//! tested natively, under `wasm-bindgen-test`, and run inside Envoy.
+//! The crate is a pure core and a thin host adapter (`host`, compiled only for
+//! `wasm32-wasip1`). The core is the shared pieces (`clock`, `store`, `config`, `hashing`,
+//! `matcher`, `request`, `response`) and one module per policy (`load_shed`, `rate_limit`,
+//! `idempotency`, `circuit_breaker`). It never calls proxy-wasm: it gets the time and a
+//! [`store::Store`] as arguments, so the same code is tested natively, under
+//! `wasm-bindgen-test`, and run inside Envoy.
 
 pub mod circuit_breaker;
 pub mod clock;
