@@ -2,7 +2,7 @@
 //!
 //! Each rule's bucket is GCRA state (one timestamp) in shared data, changed only by
 //! compare-and-swap, so one bucket of C tokens admits C requests per Envoy, not per worker.
-//! Keyed buckets live in a fixed-size table per rule (see [`table`] for the eviction rule).
+//! Keyed buckets live in a fixed-size table per rule (`table.rs` states the eviction rule).
 //! A request costs one read and one compare-and-swap per matching rule; a refusal writes
 //! nothing.
 
