@@ -39,6 +39,16 @@ pub fn nanos_saturating(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// Whole seconds, rounded up: what the draft's `t` and `w` rate-limit parameters carry.
+pub fn ceil_secs(duration: Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
+}
+
+/// `Retry-After` for a wait: whole seconds, rounded up, and at least one.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    ceil_secs(wait).max(1)
+}
+
 /// Where the current time comes from.
 pub trait Clock {
     fn now(&self) -> Instant;
@@ -91,6 +101,15 @@ mod tests {
             before.saturating_since(clock.now()),
             Duration::from_nanos(3_000)
         );
+    }
+
+    #[test]
+    fn seconds_round_up_and_retry_after_is_at_least_one() {
+        assert_eq!(ceil_secs(Duration::from_millis(7_500)), 8);
+        assert_eq!(ceil_secs(Duration::from_secs(3)), 3);
+        assert_eq!(ceil_secs(Duration::ZERO), 0);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1_001)), 2);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use super::config::BreakerConfig;
 use super::window::{Window, WindowSpec};
-use crate::clock::{nanos_saturating, Instant};
+use crate::clock::Instant;
 use crate::config::SharedDataSettings;
 use crate::store::{self, DecodeError, Namespace, Reader, Record, Store, StoreError};
 use std::time::Duration;
@@ -501,11 +501,6 @@ pub fn record(
 /// The phase to show in the state gauge (0 closed, 1 open, 2 half-open).
 pub fn phase_value(phase: Phase) -> u64 {
     phase as u64
-}
-
-/// Seconds, rounded up and at least one, for `Retry-After`.
-pub fn retry_after_secs(wait: Duration) -> u64 {
-    nanos_saturating(wait).div_ceil(1_000_000_000).max(1)
 }
 
 #[cfg(test)]

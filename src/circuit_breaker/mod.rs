@@ -11,8 +11,8 @@ mod config;
 mod window;
 
 pub use breaker::{
-    admit, phase_value, record, retry_after_secs, Admission, BreakerState, Completion, Effects,
-    Outcome, Permit, Phase, Transition, DOWNSTREAM_TERMINATION_FLAG, UPSTREAM_FAILURE_FLAGS,
+    admit, phase_value, record, Admission, BreakerState, Completion, Effects, Outcome, Permit,
+    Phase, Transition, DOWNSTREAM_TERMINATION_FLAG, UPSTREAM_FAILURE_FLAGS,
 };
 pub use config::{BreakerConfig, CircuitBreakerConfig, RawCircuitBreaker};
 pub use window::{Totals, Window, WindowSpec};

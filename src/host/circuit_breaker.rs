@@ -4,10 +4,10 @@ use super::metrics::{Counter, Gauge, Metrics};
 use super::shared_data::SharedData;
 use super::{Instance, LocalReply};
 use crate::circuit_breaker::{
-    self, phase_value, retry_after_secs, Admission, BreakerConfig, CircuitBreakerConfig,
-    Completion, Effects, Outcome, Permit, Phase,
+    self, phase_value, Admission, BreakerConfig, CircuitBreakerConfig, Completion, Effects,
+    Outcome, Permit, Phase,
 };
-use crate::clock::Instant;
+use crate::clock::{retry_after_secs, Instant};
 use crate::config::FailureMode;
 use crate::request::RequestInfo;
 use proxy_wasm::types::LogLevel;

@@ -3,9 +3,8 @@
 use super::metrics::{Counter, Gauge, Metrics};
 use super::shared_data::SharedData;
 use super::{Instance, LocalReply};
-use crate::clock::Instant;
+use crate::clock::{retry_after_secs, Instant};
 use crate::load_shed::{Class, LoadShedder, LoadSheddingConfig, PoolState, Verdict};
-use crate::rate_limit::ceil_secs;
 use crate::request::RequestInfo;
 use crate::store;
 use proxy_wasm::types::LogLevel;
@@ -100,7 +99,7 @@ impl ShedPolicy {
                     headers: config.response.headers_with(vec![
                         (
                             "retry-after".to_owned(),
-                            ceil_secs(config.retry_after).to_string(),
+                            retry_after_secs(config.retry_after).to_string(),
                         ),
                         (
                             "x-load-shed".to_owned(),

@@ -4,10 +4,10 @@
 use super::config::{IdempotencyConfig, IdentityPart, Overflow};
 use super::key::{parse_key, KeyError};
 use super::record::{Entry, IdempotencyRecord, StoredResponse};
-use crate::clock::Instant;
+use crate::clock::{retry_after_secs, Instant};
 use crate::config::SharedDataSettings;
 use crate::hashing::KeyHasher;
-use crate::rate_limit::{ceil_secs, client_address};
+use crate::rate_limit::client_address;
 use crate::request::RequestInfo;
 use crate::store::{self, Namespace, Store, StoreError};
 use sha2::{Digest, Sha256};
@@ -241,7 +241,7 @@ impl Idempotency {
             ),
             Decision::Full if self.config.when_full == Overflow::Pass => return None,
             Decision::Full => Problem {
-                retry_after_secs: Some(ceil_secs(self.config.lease).max(1)),
+                retry_after_secs: Some(retry_after_secs(self.config.lease)),
                 ..Problem::new(503, "store-full", "Idempotency store full", "The idempotency store has no room for this key right now. Retry later.".to_owned())
             },
         })
@@ -288,8 +288,9 @@ impl Idempotency {
                 } else {
                     match record.entry {
                         Entry::InFlight { .. } => Decision::InFlight {
-                            retry_after_secs: ceil_secs(record.deadline.saturating_since(now))
-                                .max(1),
+                            retry_after_secs: retry_after_secs(
+                                record.deadline.saturating_since(now),
+                            ),
                         },
                         Entry::Completed(response) => Decision::Replay(response),
                         Entry::Unreplayable { status } => Decision::Unreplayable { status },

@@ -1,6 +1,7 @@
 //! The `rate_limit` section: rules, each a match, a key and a bucket.
 
 use super::bucket::Bucket;
+use crate::clock::ceil_secs;
 use crate::config::{ConfigError, Duration};
 use crate::matcher::{check_header_name, check_name, Match, RawMatch};
 use crate::response::{RawResponse, Response};
@@ -242,9 +243,4 @@ impl Rule {
             policy_item,
         })
     }
-}
-
-/// Whole seconds, rounded up: what `Retry-After` and the draft's `t` and `w` carry.
-pub fn ceil_secs(duration: std::time::Duration) -> u64 {
-    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
 }

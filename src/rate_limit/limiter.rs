@@ -1,9 +1,9 @@
 //! The rate-limit policy: every matching rule applies, and a request refused by one rule
 //! takes no tokens from the others.
 
-use super::config::{ceil_secs, KeyPart, MissingKey, RateLimitConfig, Rule};
+use super::config::{KeyPart, MissingKey, RateLimitConfig, Rule};
 use super::table::{admit, refund, Slot};
-use crate::clock::Instant;
+use crate::clock::{ceil_secs, retry_after_secs, Instant};
 use crate::config::{FailureMode, SharedDataSettings};
 use crate::hashing::KeyHasher;
 use crate::request::RequestInfo;
@@ -148,7 +148,7 @@ impl RateLimiter {
                 let headers = response.headers_with(vec![
                     (
                         "retry-after".to_owned(),
-                        ceil_secs(check.retry_after).max(1).to_string(),
+                        retry_after_secs(check.retry_after).to_string(),
                     ),
                     ("ratelimit-policy".to_owned(), rule.policy_item.clone()),
                     (

@@ -12,6 +12,6 @@ mod limiter;
 mod table;
 
 pub use bucket::{Bucket, Check};
-pub use config::{ceil_secs, KeyPart, MissingKey, RateLimitConfig, RawRateLimit, Rule};
+pub use config::{KeyPart, MissingKey, RateLimitConfig, RawRateLimit, Rule};
 pub use limiter::{client_address, Decision, RateLimiter, RuleOutcome, Verdict};
 pub use table::Slot;
