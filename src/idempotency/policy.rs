@@ -366,26 +366,20 @@ impl Idempotency {
         for i in 0..count.min(records) {
             let slot = (start + i) % records;
             let key = self.slot_key(namespace, slot);
-            let Ok(Some(current)) = store.get(&key) else {
-                continue;
-            };
-            let expired = store::decode::<IdempotencyRecord>(&current.bytes)
-                .is_ok_and(|r| r.entry != Entry::Free && !r.is_live(now));
-            if expired {
-                let swept = store::update::<IdempotencyRecord, _>(
-                    store,
-                    namespace,
-                    &key,
-                    settings.max_attempts,
-                    |record| match record {
-                        Some(r) if r.entry != Entry::Free && !r.is_live(now) => {
-                            (true, Some(IdempotencyRecord::free()))
-                        }
-                        _ => (false, None),
-                    },
-                );
-                freed += u32::from(swept.is_ok_and(|u| u.decision));
-            }
+            // A slot that is missing, unreadable, free or live decides to write nothing.
+            let swept = store::update::<IdempotencyRecord, _>(
+                store,
+                namespace,
+                &key,
+                settings.max_attempts,
+                |record| match record {
+                    Some(r) if r.entry != Entry::Free && !r.is_live(now) => {
+                        (true, Some(IdempotencyRecord::free()))
+                    }
+                    _ => (false, None),
+                },
+            );
+            freed += u32::from(swept.is_ok_and(|u| u.decision));
         }
         (freed, (start + count.min(records)) % records)
     }
