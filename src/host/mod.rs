@@ -104,6 +104,7 @@ impl Instance {
             );
         }
         let metrics = Metrics::new(name);
+        // Only keyed tables need the shared seed; it exists exactly when one is configured.
         let hasher = if config.rate_limit.is_some() || config.idempotency.is_some() {
             let seed = shared_seed(
                 &SharedData,
@@ -116,16 +117,16 @@ impl Instance {
         } else {
             None
         };
-        let with_hasher =
-            |hasher: Option<KeyHasher>| hasher.ok_or_else(|| "no key-hashing seed".to_owned());
-        let rate_limit = match config.rate_limit.clone() {
-            Some(c) => Some(RateLimitPolicy::new(c, with_hasher(hasher)?, &metrics)),
-            None => None,
-        };
-        let idempotency = match config.idempotency.clone() {
-            Some(c) => Some(IdempotencyPolicy::new(c, with_hasher(hasher)?, &metrics)),
-            None => None,
-        };
+        let rate_limit = config
+            .rate_limit
+            .clone()
+            .zip(hasher)
+            .map(|(c, hasher)| RateLimitPolicy::new(c, hasher, &metrics));
+        let idempotency = config
+            .idempotency
+            .clone()
+            .zip(hasher)
+            .map(|(c, hasher)| IdempotencyPolicy::new(c, hasher, &metrics));
         Ok(Instance {
             load_shedding: config
                 .load_shedding
