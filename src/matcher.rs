@@ -1,7 +1,10 @@
-//! Which requests a rule applies to: path (prefix or exact), methods, headers.
+//! Which requests a rule applies to: host, path (prefix or exact), methods, headers.
+//!
+//! Paths are compared after [`normalize_path`], so a rule written for `/reports/` also covers
+//! `//reports/`, `/%72eports/` and `/x/../reports/`. Header values are compared as bytes.
 
-use crate::config::ConfigError;
-use crate::request::RequestInfo;
+use crate::config::{check_header_name, check_methods, ConfigError};
+use crate::request::{normalize_path, RequestInfo};
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,22 +73,6 @@ impl Scope {
     }
 }
 
-/// A name that can appear in shared-data keys, metric names and headers.
-pub fn check_name(name: &str, at: &str) -> Result<(), ConfigError> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::at(
-            at,
-            "must be 1 to 64 letters, digits, `_` or `-`",
-        ))
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Match {
     /// Lower-case, compared with `:authority` without its port.
@@ -113,7 +100,7 @@ struct HeaderMatch {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum HeaderRule {
     Present(bool),
-    Exact(String),
+    Exact(Vec<u8>),
 }
 
 impl Match {
@@ -138,7 +125,7 @@ impl Match {
             let at = format!("{path}.headers[{i}]");
             let name = check_header_name(&header.name, &format!("{at}.name"))?;
             let rule = match (header.exact, header.present) {
-                (Some(exact), None) => HeaderRule::Exact(exact),
+                (Some(exact), None) => HeaderRule::Exact(exact.into_bytes()),
                 (None, Some(present)) => HeaderRule::Present(present),
                 _ => {
                     return Err(ConfigError::at(
@@ -173,16 +160,16 @@ impl Match {
             PathMatch::Exact(exact) => request.path == *exact,
         };
         let host_ok = self.host.as_ref().is_none_or(|host| {
-            request
-                .header(":authority")
-                .is_some_and(|authority| authority_host(authority).eq_ignore_ascii_case(host))
+            request.header(":authority").is_some_and(|authority| {
+                authority_host(authority).eq_ignore_ascii_case(host.as_bytes())
+            })
         });
         host_ok
             && path_ok
             && (self.methods.is_empty() || self.methods.contains(&request.method))
             && self.headers.iter().all(|h| match &h.rule {
                 HeaderRule::Present(present) => request.header(&h.name).is_some() == *present,
-                HeaderRule::Exact(value) => request.header(&h.name) == Some(value.as_str()),
+                HeaderRule::Exact(value) => request.header(&h.name) == Some(value.as_slice()),
             })
     }
 
@@ -197,56 +184,34 @@ impl Match {
 }
 
 /// `host[:port]` or `[v6]:port` without the port.
-fn authority_host(authority: &str) -> &str {
-    match authority.rsplit_once(':') {
-        Some((host, port))
-            if !port.is_empty()
-                && port.bytes().all(|b| b.is_ascii_digit())
-                && !host.ends_with(':') =>
+fn authority_host(authority: &[u8]) -> &[u8] {
+    match authority.iter().rposition(|&b| b == b':') {
+        Some(colon)
+            if colon + 1 < authority.len()
+                && authority[colon + 1..].iter().all(u8::is_ascii_digit)
+                && !authority[..colon].ends_with(b":") =>
         {
-            host
+            &authority[..colon]
         }
         _ => authority,
     }
 }
 
+/// A configured path must be written as requests are compared: normalized.
 fn check_path(path: String, at: &str) -> Result<String, ConfigError> {
-    if path.starts_with('/') {
-        Ok(path)
-    } else {
-        Err(ConfigError::at(at, "must start with `/`"))
+    if !path.starts_with('/') {
+        return Err(ConfigError::at(at, "must start with `/`"));
     }
-}
-
-/// Upper-cases method names and refuses anything that cannot be one.
-pub fn check_methods(methods: Vec<String>, at: &str) -> Result<Vec<String>, ConfigError> {
-    methods
-        .into_iter()
-        .enumerate()
-        .map(|(i, method)| {
-            if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
-                Err(ConfigError::at(
-                    &format!("{at}[{i}]"),
-                    "must be an HTTP method name",
-                ))
-            } else {
-                Ok(method.to_ascii_uppercase())
-            }
-        })
-        .collect()
-}
-
-/// Lower-cases a header name and refuses what HTTP does not allow in one.
-pub fn check_header_name(name: &str, at: &str) -> Result<String, ConfigError> {
-    let valid = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    if valid {
-        Ok(name.to_ascii_lowercase())
-    } else {
-        Err(ConfigError::at(at, "must be an HTTP header name"))
+    let normalized = normalize_path(path.as_bytes());
+    if normalized != path {
+        return Err(ConfigError::at(
+            at,
+            format!(
+                "requests are matched on their normalized path, so write {normalized:?} instead"
+            ),
+        ));
     }
+    Ok(path)
 }
 
 #[cfg(test)]
@@ -263,13 +228,11 @@ mod tests {
 
     fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> RequestInfo {
         RequestInfo {
-            method: method.into(),
-            path: path.into(),
             headers: headers
                 .iter()
-                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
                 .collect(),
-            ..RequestInfo::default()
+            ..RequestInfo::new(method.as_bytes(), path.as_bytes())
         }
     }
 
@@ -350,5 +313,55 @@ mod tests {
             at(r#"{"headers": [{"name": "a"}]}"#).as_deref(),
             Some("m.headers[0]")
         );
+    }
+
+    #[test]
+    fn other_spellings_of_a_path_match_the_rule_written_for_it() {
+        let Ok(m) = compile(r#"{"path_prefix": "/reports/"}"#) else {
+            panic!()
+        };
+        for spelling in [
+            "//reports/a",
+            "/%72eports/a",
+            "/x/../reports/a",
+            "/reports%2Fa",
+        ] {
+            assert!(m.matches(&request("GET", spelling, &[])), "{spelling}");
+        }
+        assert!(!m.matches(&request("GET", "/reports", &[])));
+        assert!(!m.matches(&request("GET", "/other/a", &[])));
+    }
+
+    #[test]
+    fn configured_paths_must_be_written_normalized() {
+        let reason = |json| compile(json).err().map(|e| (e.path, e.reason));
+        assert_eq!(
+            reason(r#"{"path_prefix": "/api//v1/"}"#),
+            Some((
+                "m.path_prefix".to_owned(),
+                "requests are matched on their normalized path, so write \"/api/v1/\" instead"
+                    .to_owned()
+            ))
+        );
+        assert!(compile(r#"{"path": "/a/../b"}"#).is_err());
+        assert!(compile(r#"{"path": "/%7Eu"}"#).is_err());
+        assert!(compile(r#"{"path_prefix": "/a%20b/"}"#).is_ok());
+    }
+
+    #[test]
+    fn header_values_compare_as_bytes() {
+        let Ok(m) = compile(r#"{"headers": [{"name": "x-tier", "exact": "free"}]}"#) else {
+            panic!()
+        };
+        let mut request = request("GET", "/", &[]);
+        request.headers = vec![("x-tier".to_owned(), b"fr\xe9e".to_vec())];
+        assert!(!m.matches(&request));
+        request.headers = vec![("x-tier".to_owned(), b"free".to_vec())];
+        assert!(m.matches(&request));
+        let Ok(host) = compile(r#"{"host": "api.example.com"}"#) else {
+            panic!()
+        };
+        request.headers = vec![(":authority".to_owned(), b"api.example.com\xe9".to_vec())];
+        assert!(!host.matches(&request));
     }
 }

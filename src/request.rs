@@ -1,39 +1,173 @@
 //! The parts of a request that policies look at, gathered once by the host.
 //!
-//! The host fills in only the headers the configuration names (see
-//! [`crate::config::Config::request_headers`]), so the core never asks the host for anything.
+//! The host fills in only what the configuration needs (see
+//! [`crate::pipeline::config::Needs`]), as bytes: header values may hold any byte Envoy
+//! accepts (≥ 0x80 included), so nothing here assumes UTF-8, and every reader has a defined
+//! outcome for a value that is not text.
 
 use std::net::IpAddr;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RequestInfo {
+    /// `:method`; a method that is not UTF-8 reads as U+FFFD and matches no rule.
     pub method: String,
-    /// The `:path` without its query string.
+    /// `:path` as rules see it: without its query, normalized by [`normalize_path`].
     pub path: String,
+    /// `:path` exactly as received, query included: what an idempotency fingerprint covers.
+    pub path_and_query: Vec<u8>,
     /// Lower-case names, as Envoy delivers them (`:authority` among them when a match needs it).
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<(String, Vec<u8>)>,
     /// The upstream cluster the route selected, when a policy is scoped by cluster.
     pub cluster: Option<String>,
     /// The downstream connection's peer address.
     pub peer: Option<IpAddr>,
+    /// The whole body, once a stage waited for it (idempotency fingerprints it); else empty.
+    pub body: Vec<u8>,
 }
 
 impl RequestInfo {
-    pub fn header(&self, name: &str) -> Option<&str> {
+    /// A request from the raw `:method` and `:path`, normalizing the path once for all rules.
+    pub fn new(method: &[u8], path: &[u8]) -> RequestInfo {
+        RequestInfo {
+            method: String::from_utf8_lossy(method).into_owned(),
+            path: normalize_path(path),
+            path_and_query: path.to_vec(),
+            ..RequestInfo::default()
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
             .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The client's address, for an Envoy whose connection manager has `use_remote_address:
+    /// true` (without it Envoy itself takes the downstream address from `X-Forwarded-For`,
+    /// and any client can choose it).
+    ///
+    /// With `trusted_hops` = 0 it is the connection's peer, and `X-Forwarded-For` is ignored.
+    /// With N > 0 trusted proxies in front of Envoy, each appending the address it saw, the
+    /// client is the N-th entry from the right of the header as it arrived; the last entry,
+    /// which Envoy appended itself, is skipped. A header with too few entries did not come
+    /// through those proxies, and an entry that is not an IP address (or not text) was not
+    /// written by one: both fall back to the connection's peer.
+    pub fn client_address(&self, trusted_hops: u32) -> Option<IpAddr> {
+        if trusted_hops == 0 {
+            return self.peer;
+        }
+        let Some(forwarded) = self.header("x-forwarded-for") else {
+            return self.peer;
+        };
+        let entries: Vec<&[u8]> = forwarded.split(|&b| b == b',').collect();
+        let arrived = &entries[..entries.len().saturating_sub(1)];
+        arrived
+            .len()
+            .checked_sub(trusted_hops as usize)
+            .and_then(|index| arrived.get(index))
+            .and_then(|entry| std::str::from_utf8(entry.trim_ascii()).ok())
+            .and_then(|entry| entry.parse().ok())
+            .or(self.peer)
     }
 }
 
-/// `:path` without the query string or fragment.
-pub fn path_without_query(path: &str) -> &str {
-    path.split(['?', '#']).next().unwrap_or(path)
+/// Builds a key from several request parts: each part length-prefixed, so no choice of values
+/// makes two different part lists collide; a missing part has its own marker.
+#[derive(Debug, Default)]
+pub struct KeyBuilder(Vec<u8>);
+
+impl KeyBuilder {
+    pub fn part(&mut self, value: Option<&[u8]>) {
+        match value {
+            // Request parts are far below 4 GiB: a header that long never reaches a filter.
+            Some(value) => {
+                let len = u32::try_from(value.len()).unwrap_or(u32::MAX - 1);
+                self.0.extend_from_slice(&len.to_le_bytes());
+                self.0.extend_from_slice(value);
+            }
+            None => self.0.extend_from_slice(&u32::MAX.to_le_bytes()),
+        }
+    }
+
+    pub fn finish(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+/// The path as an upstream that normalizes would serve it, so that no other spelling of a path
+/// escapes a rule written for it: the query and fragment cut off; `%XX` escapes of unreserved
+/// characters and of `/` and `\` decoded, other escapes upper-cased; `\` read as `/`; bytes
+/// that are not printable ASCII percent-encoded; dot segments removed (RFC 3986 §5.2.4); runs
+/// of slashes merged. This is what Envoy's `normalize_path` and `merge_slashes` do, and more:
+/// an upstream that decodes `%2F` cannot reach `/reports/` through `/reports%2F`.
+pub fn normalize_path(raw: &[u8]) -> String {
+    let end = raw
+        .iter()
+        .position(|&b| b == b'?' || b == b'#')
+        .unwrap_or(raw.len());
+    let mut decoded = String::with_capacity(end + 1);
+    let mut i = 0;
+    while let Some(&byte) = raw[..end].get(i) {
+        i += 1;
+        let escaped = (byte == b'%')
+            .then(|| raw[..end].get(i..i + 2))
+            .flatten()
+            .and_then(|hex| Some((hex_value(hex[0])? << 4) | hex_value(hex[1])?));
+        match escaped {
+            Some(b) if b.is_ascii_alphanumeric() || b"-._~/\\".contains(&b) => {
+                decoded.push(if b == b'\\' { '/' } else { char::from(b) });
+                i += 2;
+            }
+            Some(b) => {
+                push_escaped(&mut decoded, b);
+                i += 2;
+            }
+            None if byte == b'\\' => decoded.push('/'),
+            None if byte.is_ascii_graphic() => decoded.push(char::from(byte)),
+            None => push_escaped(&mut decoded, byte),
+        }
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    let mut ends_in_directory = false;
+    for segment in decoded.split('/') {
+        ends_in_directory = true;
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            segment => {
+                segments.push(segment);
+                ends_in_directory = false;
+            }
+        }
+    }
+    let mut path = String::with_capacity(decoded.len() + 1);
+    for segment in &segments {
+        path.push('/');
+        path.push_str(segment);
+    }
+    if ends_in_directory || segments.is_empty() {
+        path.push('/');
+    }
+    path
+}
+
+fn hex_value(digit: u8) -> Option<u8> {
+    char::from(digit).to_digit(16).map(|d| d as u8)
+}
+
+fn push_escaped(out: &mut String, byte: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push('%');
+    out.push(char::from(HEX[usize::from(byte >> 4)]));
+    out.push(char::from(HEX[usize::from(byte & 0xF)]));
 }
 
 /// The peer IP from Envoy's `source.address` property (`"10.0.0.1:5678"`, `"[::1]:5678"`).
-pub fn parse_peer(address: &str) -> Option<IpAddr> {
+pub fn parse_peer(address: &[u8]) -> Option<IpAddr> {
+    let address = std::str::from_utf8(address).ok()?;
     address
         .parse::<std::net::SocketAddr>()
         .map(|socket| socket.ip())
@@ -116,10 +250,113 @@ mod tests {
 
     #[test]
     fn peers_parse_from_envoy_addresses() {
-        assert_eq!(parse_peer("10.0.0.1:5678"), Some(ip("10.0.0.1")));
-        assert_eq!(parse_peer("[::1]:5678"), Some(ip("::1")));
-        assert_eq!(parse_peer("::1"), Some(ip("::1")));
-        assert_eq!(parse_peer("pipe:/tmp/x"), None);
-        assert_eq!(path_without_query("/a/b?c=d#e"), "/a/b");
+        assert_eq!(parse_peer(b"10.0.0.1:5678"), Some(ip("10.0.0.1")));
+        assert_eq!(parse_peer(b"[::1]:5678"), Some(ip("::1")));
+        assert_eq!(parse_peer(b"::1"), Some(ip("::1")));
+        assert_eq!(parse_peer(b"pipe:/tmp/x"), None);
+        assert_eq!(parse_peer(b"10.0.0.\xe9:1"), None);
+    }
+
+    #[test]
+    fn every_spelling_of_a_path_normalizes_to_one() {
+        for spelling in [
+            "/reports/a",
+            "//reports/a",
+            "/reports//a",
+            "/%72eports/a",
+            "/%72%65ports/a",
+            "/x/../reports/a",
+            "/x/%2e%2e/reports/a",
+            "/x/%2E%2E/reports/./a",
+            "/./reports/a",
+            "/../reports/a",
+            "/healthz/../reports/a",
+            "/reports%2Fa",
+            "/reports%2fa",
+            "/reports\\a",
+            "/reports%5Ca",
+            "/reports/a?x=/../b",
+            "/reports/a#frag",
+        ] {
+            assert_eq!(
+                normalize_path(spelling.as_bytes()),
+                "/reports/a",
+                "{spelling}"
+            );
+        }
+    }
+
+    #[test]
+    fn normalization_keeps_what_is_not_a_path_separator_or_unreserved() {
+        assert_eq!(normalize_path(b""), "/");
+        assert_eq!(normalize_path(b"*"), "/*");
+        assert_eq!(normalize_path(b"/"), "/");
+        assert_eq!(normalize_path(b"/a/"), "/a/");
+        assert_eq!(normalize_path(b"/a/b/.."), "/a/");
+        assert_eq!(normalize_path(b"/a/."), "/a/");
+        assert_eq!(normalize_path(b"/.."), "/");
+        assert_eq!(normalize_path(b"/a%20b"), "/a%20b");
+        assert_eq!(
+            normalize_path(b"/a%3fb"),
+            "/a%3Fb",
+            "escapes are upper-cased"
+        );
+        assert_eq!(
+            normalize_path(b"/%252e%252e/a"),
+            "/%252e%252e/a",
+            "decoded once only"
+        );
+        assert_eq!(normalize_path(b"/caf\xc3\xa9"), "/caf%C3%A9");
+        assert_eq!(normalize_path(b"/caf\xe9"), "/caf%E9", "not UTF-8");
+        assert_eq!(normalize_path(b"/a%zz%4"), "/a%zz%4", "broken escapes stay");
+        assert_eq!(normalize_path(b"/a b\x00"), "/a%20b%00");
+    }
+
+    #[test]
+    fn key_parts_cannot_collide() {
+        let key = |parts: &[Option<&[u8]>]| {
+            let mut key = KeyBuilder::default();
+            parts.iter().for_each(|part| key.part(*part));
+            key.finish()
+        };
+        assert_ne!(
+            key(&[Some(b"ab"), Some(b"c")]),
+            key(&[Some(b"a"), Some(b"bc")])
+        );
+        assert_ne!(key(&[None]), key(&[Some(b"")]));
+        assert_ne!(key(&[Some(b"caf\xe9")]), key(&[Some(b"caf\xc3\xa9")]));
+    }
+
+    fn forwarded(value: &[u8]) -> RequestInfo {
+        RequestInfo {
+            headers: vec![("x-forwarded-for".to_owned(), value.to_vec())],
+            peer: Some(ip("10.9.9.9")),
+            ..RequestInfo::default()
+        }
+    }
+
+    #[test]
+    fn the_client_is_the_entry_the_trusted_hops_wrote() {
+        let request = forwarded(b"6.6.6.6, 203.0.113.7, 10.0.0.1");
+        assert_eq!(request.client_address(0), Some(ip("10.9.9.9")));
+        assert_eq!(request.client_address(1), Some(ip("203.0.113.7")));
+        assert_eq!(request.client_address(2), Some(ip("6.6.6.6")));
+        assert_eq!(
+            request.client_address(3),
+            Some(ip("10.9.9.9")),
+            "too few entries: not through the proxies"
+        );
+    }
+
+    #[test]
+    fn a_forwarded_entry_that_is_no_address_falls_back_to_the_peer() {
+        for value in [
+            &b"caf\xe9, 10.0.0.1"[..],
+            b"not-an-ip, 10.0.0.1",
+            b", 10.0.0.1",
+            b"\xff\xfe",
+        ] {
+            assert_eq!(forwarded(value).client_address(1), Some(ip("10.9.9.9")));
+        }
     }
 }

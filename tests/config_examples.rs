@@ -2,7 +2,7 @@
 #![cfg(not(target_arch = "wasm32"))]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use envoy_resilience::config::Config;
+use envoy_resilience::pipeline::config::Config;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 

@@ -8,8 +8,10 @@
 use super::config::BreakerConfig;
 use super::window::{Window, WindowSpec};
 use crate::clock::Instant;
-use crate::config::SharedDataSettings;
-use crate::store::{self, DecodeError, Namespace, Reader, Record, Store, StoreError};
+use crate::policy::Completion;
+use crate::store::{
+    self, DecodeError, Namespace, Reader, Record, SharedDataSettings, Store, StoreError,
+};
 use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,39 +135,25 @@ pub enum Outcome {
     Ignored,
 }
 
-/// How a request ended, as Envoy reports it in `on_log`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Completion {
-    pub status: Option<u16>,
-    /// Envoy's response flags (the `response.flags` attribute).
-    pub flags: u64,
-    pub duration: Duration,
-}
-
-/// Response flags meaning the upstream failed: no healthy upstream (UH), upstream timeout
-/// (UT), remote reset (UR), connect failure (UF), connection termination (UC), overflow
-/// (UO), retries exhausted (URX), max stream duration (UMSDR), protocol error (UPE).
-pub const UPSTREAM_FAILURE_FLAGS: u64 =
-    0x2 | 0x4 | 0x10 | 0x20 | 0x40 | 0x80 | 0x8000 | 0x8_0000 | 0x80_0000;
-/// DC: the downstream connection ended first.
-pub const DOWNSTREAM_TERMINATION_FLAG: u64 = 0x4000;
-
 /// While half-open with every probe slot taken, come back after this.
 const PROBES_BUSY_RETRY: Duration = Duration::from_secs(1);
 
 impl BreakerConfig {
+    /// What a finished request says about the upstream. Only the upstream's own answers and
+    /// Envoy's failures to get one count; a local reply (from this filter, a chained instance,
+    /// or any other filter) and a request the client abandoned say nothing about it.
     pub fn classify(&self, completion: &Completion) -> Outcome {
         let slow = self
             .slow_call
             .is_some_and(|limit| completion.duration > limit);
-        if completion.flags & UPSTREAM_FAILURE_FLAGS != 0 {
+        if completion.upstream_failed() {
             return if self.local_failures {
                 Outcome::Failure { slow }
             } else {
                 Outcome::Ignored
             };
         }
-        if completion.flags & DOWNSTREAM_TERMINATION_FLAG != 0 {
+        if completion.downstream_gone() || !completion.via_upstream {
             return Outcome::Ignored;
         }
         match completion.status {
@@ -476,7 +464,9 @@ pub fn admit(
     ))
 }
 
-/// Records the outcome of a request `breaker` let through with `permit`.
+/// Records the outcome of a request `breaker` let through with `permit`. It retries until
+/// it lands: a lost failure would trip the breaker late, and a lost probe would hold its slot
+/// until the probe timeout.
 pub fn record(
     store: &impl Store,
     namespace: &Namespace,
@@ -484,14 +474,12 @@ pub fn record(
     permit: Permit,
     outcome: Outcome,
     now: Instant,
-    settings: SharedDataSettings,
 ) -> Result<Effects, StoreError> {
     let key = state_key(namespace, breaker);
-    let updated =
-        store::update::<BreakerState, _>(store, namespace, &key, settings.max_attempts, |state| {
-            let (next, transition) = breaker.record(state, permit, outcome, now);
-            (transition, next)
-        })?;
+    let updated = store::settle::<BreakerState, _>(store, namespace, &key, |state| {
+        let (next, transition) = breaker.record(state, permit, outcome, now);
+        (transition, next)
+    })?;
     Ok(Effects {
         transition: updated.decision,
         conflicts: updated.conflicts,

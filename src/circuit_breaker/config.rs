@@ -3,9 +3,9 @@
 
 use super::window::{WindowSpec, MAX_CALLS, TIME_BUCKETS};
 use crate::clock::nanos_saturating;
-use crate::config::{ConfigError, Duration};
-use crate::matcher::{check_name, RawScope, Scope};
-use crate::response::{RawResponse, Response};
+use crate::config::{check_name, check_range as range, ConfigError, Duration};
+use crate::matcher::{RawScope, Scope};
+use crate::reply::{RawResponse, Response};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -144,30 +144,6 @@ impl CircuitBreakerConfig {
             breakers.push(breaker);
         }
         Ok(CircuitBreakerConfig { breakers })
-    }
-
-    pub fn header_names(&self) -> impl Iterator<Item = &str> {
-        self.breakers.iter().flat_map(|b| b.scope.header_names())
-    }
-
-    pub fn needs_cluster(&self) -> bool {
-        self.breakers.iter().any(|b| b.scope.needs_cluster())
-    }
-}
-
-fn range<T: PartialOrd + std::fmt::Display>(
-    value: T,
-    min: T,
-    max: T,
-    at: &str,
-) -> Result<T, ConfigError> {
-    if value < min || value > max {
-        Err(ConfigError::at(
-            at,
-            format!("must be between {min} and {max}"),
-        ))
-    } else {
-        Ok(value)
     }
 }
 

@@ -8,11 +8,13 @@
 
 mod breaker;
 mod config;
+mod policy;
 mod window;
 
 pub use breaker::{
-    admit, phase_value, record, Admission, BreakerState, Completion, Effects, Outcome, Permit,
-    Phase, Transition, DOWNSTREAM_TERMINATION_FLAG, UPSTREAM_FAILURE_FLAGS,
+    admit, phase_value, record, Admission, BreakerState, Effects, Outcome, Permit, Phase,
+    Transition,
 };
 pub use config::{BreakerConfig, CircuitBreakerConfig, RawCircuitBreaker};
+pub use policy::{CircuitBreaker, Held, Permits};
 pub use window::{Totals, Window, WindowSpec};

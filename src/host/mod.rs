@@ -1,274 +1,217 @@
 //! The proxy-wasm adapter: the only code that talks to Envoy.
 //!
-//! It parses the configuration once per VM in `on_configure`, gathers the request parts the
-//! configuration names, runs the policies in their fixed order (load shedding, rate
-//! limiting, idempotency, circuit breaking), and turns their decisions into Envoy actions.
-//! What a request holds (in-flight slots, an idempotency claim, probe slots) is given back in
-//! `on_log`, which Envoy calls exactly once for every stream however it ended, so a refusal
-//! by a later policy releases it too.
+//! It reads what the core asks for (headers as bytes, properties, bodies), calls the
+//! [`pipeline`](crate::pipeline), turns each [`Step`] into an Envoy action, and applies the
+//! core's telemetry to Envoy's stats and log. Every hostcall goes through [`abi`], which
+//! never panics.
 
-mod circuit_breaker;
-mod idempotency;
-mod load_shed;
-mod metrics;
-mod rate_limit;
+mod abi;
 mod shared_data;
 
-use crate::circuit_breaker::{Completion, DOWNSTREAM_TERMINATION_FLAG};
-use crate::clock::{nanos_saturating, Clock, Instant};
-use crate::config::{Config, SharedDataSettings};
-use crate::hashing::{shared_seed, KeyHasher, Seed};
-use crate::idempotency::{Begin, Idempotency, Pending};
-use crate::request::{parse_peer, path_without_query, RequestInfo};
-use crate::store::{Namespace, StoreError};
-use circuit_breaker::{BreakerPolicy, Held};
-use idempotency::{Claim, IdempotencyPolicy};
-use load_shed::ShedPolicy;
-use metrics::{Counter, Gauge, Metrics};
-use proxy_wasm::hostcalls;
+use crate::hashing::Seed;
+use crate::pipeline::{Exchange, Filter, Response, Step, Sweeper};
+use crate::policy::{Completion, Env};
+use crate::reply::Reply;
+use crate::request::{parse_peer, RequestInfo};
+use crate::telemetry::{Event, Level, Telemetry};
+use abi::{Buffer, Map};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
-use rate_limit::RateLimitPolicy;
 use shared_data::SharedData;
 use std::cell::RefCell;
-use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::rc::{Rc, Weak};
 
 proxy_wasm::main! {{
+    // Installs the SDK's panic hook, which logs a panic before the trap: none is expected.
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
-fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, message);
+/// A configured filter instance and the Envoy stats its metrics live in.
+struct Configured {
+    filter: Filter,
+    /// Envoy's metric id for each catalog entry, in catalog order.
+    metrics: Vec<Option<u32>>,
 }
 
-/// Envoy's wall clock, shared by all workers; it may step backwards, which the core absorbs.
-struct HostClock;
-
-impl Clock for HostClock {
-    fn now(&self) -> Instant {
-        let since_epoch = hostcalls::get_current_time()
-            .ok()
-            .and_then(|time| time.duration_since(UNIX_EPOCH).ok())
-            .unwrap_or_default();
-        Instant::from_nanos(nanos_saturating(since_epoch))
+impl Configured {
+    fn new(filter: Filter) -> Configured {
+        let metrics = filter
+            .catalog()
+            .metrics()
+            .iter()
+            .map(|(kind, name)| abi::define_metric(*kind, name).ok())
+            .collect();
+        Configured { filter, metrics }
     }
-}
 
-/// An answer Envoy sends in place of the upstream's.
-pub struct LocalReply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl LocalReply {
-    /// Shared data failed and `shared_data.on_error` is `deny`.
-    fn unavailable(policy: &str) -> Self {
-        LocalReply {
-            status: 503,
-            headers: vec![("content-type".to_owned(), "text/plain".to_owned())],
-            body: format!("{policy} state unavailable\n").into_bytes(),
-        }
-    }
-}
-
-/// What every request of one configured filter instance shares, read-only.
-pub struct Instance {
-    name: String,
-    namespace: Namespace,
-    shared_data: SharedDataSettings,
-    request_headers: Vec<String>,
-    needs_peer: bool,
-    needs_cluster: bool,
-    load_shedding: Option<ShedPolicy>,
-    rate_limit: Option<RateLimitPolicy>,
-    idempotency: Option<IdempotencyPolicy>,
-    circuit_breaker: Option<BreakerPolicy>,
-    requests: Counter,
-    vms: Gauge,
-    store_errors: Counter,
-    store_conflicts: Counter,
-}
-
-impl Instance {
-    fn configure(name: &str, bytes: &[u8]) -> Result<Instance, String> {
-        let config = Config::parse(bytes).map_err(|err| err.to_string())?;
-        let namespace = Namespace::new(name);
-        if let Err(err) = namespace.prepare(&SharedData) {
-            // Not fatal: creation writes the witness itself when it finds it missing.
-            log(
-                LogLevel::Warn,
-                &format!("resilience filter {name:?}: {err}"),
-            );
-        }
-        let metrics = Metrics::new(name);
-        // Only keyed tables need the shared seed; it exists exactly when one is configured.
-        let hasher = if config.rate_limit.is_some() || config.idempotency.is_some() {
-            let seed = shared_seed(
-                &SharedData,
-                &namespace,
-                random_seed(),
-                config.shared_data.max_attempts,
-            )
-            .map_err(|err| format!("cannot share the key-hashing seed: {err}"))?;
-            Some(KeyHasher::new(seed))
-        } else {
-            None
+    /// Runs one call into the core with Envoy's store and clock, then reports what it said.
+    fn run<R>(&self, call: impl FnOnce(&Filter, &mut Env<'_, SharedData>) -> R) -> R {
+        let mut telemetry = Telemetry::default();
+        let mut env = Env {
+            store: &SharedData,
+            instance: &self.filter.instance,
+            now: abi::now(),
+            random: random_u64,
+            telemetry: &mut telemetry,
         };
-        let rate_limit = config
-            .rate_limit
-            .clone()
-            .zip(hasher)
-            .map(|(c, hasher)| RateLimitPolicy::new(c, hasher, &metrics));
-        let idempotency = config
-            .idempotency
-            .clone()
-            .zip(hasher)
-            .map(|(c, hasher)| IdempotencyPolicy::new(c, hasher, &metrics));
-        Ok(Instance {
-            load_shedding: config
-                .load_shedding
-                .clone()
-                .map(|c| ShedPolicy::new(c, &metrics, &namespace)),
-            circuit_breaker: config
-                .circuit_breaker
-                .clone()
-                .map(|c| BreakerPolicy::new(c, &metrics)),
-            name: name.to_owned(),
-            namespace,
-            shared_data: config.shared_data,
-            request_headers: config.request_headers(),
-            needs_peer: config.needs_peer(),
-            needs_cluster: config.needs_cluster(),
-            rate_limit,
-            idempotency,
-            requests: metrics.counter("requests"),
-            vms: metrics.gauge("vms"),
-            store_errors: metrics.counter("shared_data.errors"),
-            store_conflicts: metrics.counter("shared_data.conflicts"),
-        })
+        let result = call(&self.filter, &mut env);
+        self.report(&mut telemetry);
+        result
     }
 
-    fn has_policies(&self) -> bool {
-        self.load_shedding.is_some()
-            || self.rate_limit.is_some()
-            || self.idempotency.is_some()
-            || self.circuit_breaker.is_some()
+    fn report(&self, telemetry: &mut Telemetry) {
+        for event in telemetry.drain() {
+            // Stats must never fail a request: a sample that cannot be recorded is dropped.
+            let _ = match event {
+                Event::Add(id, n) => self.metric(id.0).map(|m| abi::increment_metric(m, n)),
+                Event::Set(id, value) => self.metric(id.0).map(|m| abi::record_metric(m, value)),
+                Event::Log(level, message) => {
+                    log(level, &self.filter.instance.name, &message);
+                    None
+                }
+            };
+        }
     }
 
-    fn log(&self, level: LogLevel, message: &str) {
-        log(
-            level,
-            &format!("resilience filter {:?}: {message}", self.name),
+    fn metric(&self, index: u32) -> Option<u32> {
+        self.metrics.get(index as usize).copied().flatten()
+    }
+
+    /// The request parts the filter needs, as bytes.
+    fn request_info(&self) -> RequestInfo {
+        let needs = self.filter.needs();
+        let header = |name: &str| abi::header(Map::RequestHeaders, name).ok().flatten();
+        let mut request = RequestInfo::new(
+            &header(":method").unwrap_or_default(),
+            &header(":path").unwrap_or_default(),
         );
+        request.headers = needs
+            .headers
+            .iter()
+            .filter_map(|name| Some((name.clone(), header(name)?)))
+            .collect();
+        request.peer = needs
+            .peer
+            .then(|| abi::property(&["source", "address"]).ok().flatten())
+            .flatten()
+            .and_then(|address| parse_peer(&address));
+        request.cluster = needs
+            .cluster
+            .then(|| abi::property(&["xds", "cluster_name"]).ok().flatten())
+            .flatten()
+            .and_then(|name| String::from_utf8(name).ok());
+        request
     }
+}
 
-    fn store_error(&self, what: &str, err: StoreError) {
-        self.store_errors.increment();
-        self.log(LogLevel::Warn, &format!("{what}: {err}"));
-    }
+fn log(level: Level, instance: &str, message: &str) {
+    abi::log(level, &format!("resilience filter {instance:?}: {message}"));
 }
 
 /// A fresh SipHash key from the VM's randomness (WASI `random_get` behind `RandomState`).
 fn random_seed() -> Seed {
-    use std::hash::BuildHasher;
-    let state = std::collections::hash_map::RandomState::new();
-    let now = HostClock.now().as_nanos();
-    Seed([state.hash_one(now), state.hash_one(!now)])
+    Seed([random_u64(), random_u64()])
 }
+
+/// A number no other call draws: a fresh `RandomState` takes new keys from the VM's randomness.
+fn random_u64() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(abi::now().as_nanos())
+}
+
+/// Streams of this VM waiting for their request body, each until its deadline.
+type Waiting = Rc<RefCell<Vec<(u32, Weak<RefCell<Exchange>>)>>>;
 
 #[derive(Default)]
 struct Root {
-    instance: Option<Rc<Instance>>,
-    /// Where this VM's sweep of expired idempotency records goes on.
-    sweep_cursor: u32,
-    stalled: Rc<RefCell<StalledBodies>>,
-}
-
-/// Streams of this VM holding their headers until the body is in, for idempotency.
-///
-/// The body reaches a filter that holds its headers only when the plugin config sets
-/// `allow_on_headers_stop_iteration: true`; otherwise Envoy stops the whole stream and the
-/// request would hang. A stream that saw no body within a tick is resumed (unprotected),
-/// and the missing setting is logged once.
-#[derive(Default)]
-struct StalledBodies {
-    waiting: Vec<(u32, Instant)>,
-    warned: bool,
+    configured: Option<Rc<Configured>>,
+    sweeper: Option<Sweeper>,
+    waiting: Waiting,
 }
 
 impl Context for Root {
     fn on_done(&mut self) -> bool {
-        if let Some(instance) = self.instance.take() {
-            instance.vms.add(-1);
+        if let Some(configured) = self.configured.take() {
+            let mut telemetry = Telemetry::default();
+            telemetry.move_gauge(configured.filter.instance.vms, -1);
+            configured.report(&mut telemetry);
         }
         true
     }
 }
 
-impl Root {
-    fn resume_stalled(&self, instance: &Instance, now: Instant) {
-        let mut stalled = self.stalled.borrow_mut();
-        let (late, waiting): (Vec<_>, Vec<_>) = stalled
-            .waiting
-            .drain(..)
-            .partition(|(_, since)| now.saturating_since(*since) >= Duration::from_secs(1));
-        stalled.waiting = waiting;
-        if late.is_empty() {
-            return;
-        }
-        if !stalled.warned {
-            stalled.warned = true;
-            instance.log(
-                LogLevel::Error,
-                "idempotency: request bodies do not reach the filter; set `allow_on_headers_stop_iteration: true` \
-                 in this Wasm plugin's config. Until then, requests with a body pass unprotected after a second.",
-            );
-        }
-        for (id, _) in late {
-            if hostcalls::set_effective_context(id).is_ok() {
-                let _ = hostcalls::resume_http_request();
-            }
-        }
-    }
-}
-
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
-        let name = plugin_name();
-        let bytes = self.get_plugin_configuration().unwrap_or_default();
-        match Instance::configure(&name, &bytes) {
-            Ok(instance) => {
-                if self.instance.is_none() {
-                    instance.vms.add(1);
-                }
-                if let Some(policy) = &instance.idempotency {
-                    // Start each VM's sweep somewhere else in the table.
-                    self.sweep_cursor =
-                        (random_seed().0[0] % u64::from(policy.policy().config().records)) as u32;
-                    self.set_tick_period(Duration::from_secs(1));
-                }
-                self.instance = Some(Rc::new(instance));
-                true
-            }
+        let name = abi::property(&["plugin_name"])
+            .ok()
+            .flatten()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "default".to_owned());
+        let bytes = abi::buffer(Buffer::PluginConfiguration, usize::MAX).unwrap_or_default();
+        let mut telemetry = Telemetry::default();
+        let configured = Filter::configure(
+            &name,
+            &bytes,
+            &SharedData,
+            random_seed(),
+            abi::now(),
+            &mut telemetry,
+        );
+        let filter = match configured {
+            Ok(filter) => filter,
             Err(message) => {
-                log(
-                    LogLevel::Error,
-                    &format!("resilience filter {name:?}: {message}"),
-                );
-                false
+                log(Level::Error, &name, &message);
+                return false;
             }
+        };
+        let configured = Rc::new(Configured::new(filter));
+        if self.configured.is_none() {
+            telemetry.move_gauge(configured.filter.instance.vms, 1);
         }
+        configured.report(&mut telemetry);
+        if let Some(period) = configured.filter.tick_period() {
+            if let Err(status) = abi::set_tick_period(period) {
+                log(
+                    Level::Error,
+                    &name,
+                    &format!("cannot set a timer ({status:?}): request bodies will wait without a deadline"),
+                );
+            }
+            self.sweeper = Some(configured.filter.sweeper(random_u64()));
+        }
+        self.configured = Some(configured);
+        true
     }
 
     fn on_tick(&mut self) {
-        if let Some(instance) = &self.instance {
-            if let Some(policy) = &instance.idempotency {
-                let now = HostClock.now();
-                self.sweep_cursor = policy.sweep(instance, self.sweep_cursor, now);
-                self.resume_stalled(instance, now);
+        let (Some(configured), Some(sweeper)) = (&self.configured, &mut self.sweeper) else {
+            return;
+        };
+        let due = configured.run(|filter, env| {
+            filter.tick(env, sweeper);
+            let mut due: Vec<(u32, Reply)> = Vec::new();
+            self.waiting.borrow_mut().retain(|(id, exchange)| {
+                let Some(exchange) = exchange.upgrade() else {
+                    return false;
+                };
+                let Ok(mut exchange) = exchange.try_borrow_mut() else {
+                    return true;
+                };
+                match exchange.on_body_timeout(filter, env) {
+                    Some(reply) => {
+                        due.push((*id, reply));
+                        false
+                    }
+                    None => exchange.body_deadline().is_some(),
+                }
+            });
+            due
+        });
+        for (id, reply) in due {
+            if abi::set_effective_context(id).is_ok() {
+                send(configured, &reply);
             }
         }
     }
@@ -277,16 +220,9 @@ impl RootContext for Root {
         // The SDK traps on None, so an unconfigured VM gets a pass-through stream.
         Some(Box::new(Stream {
             id: context_id,
-            stalled: Rc::clone(&self.stalled),
-            instance: self.instance.clone(),
-            request: None,
-            started: Instant::default(),
-            pools_held: Vec::new(),
-            awaiting_body: None,
-            claim: None,
-            went_upstream: false,
-            breakers_held: Vec::new(),
-            response_headers: Vec::new(),
+            configured: self.configured.clone(),
+            exchange: Rc::default(),
+            waiting: Rc::clone(&self.waiting),
         }))
     }
 
@@ -295,288 +231,166 @@ impl RootContext for Root {
     }
 }
 
-/// The name Envoy gives this plugin (`name` in its Wasm config): it keys the instance's
-/// shared data and metrics.
-fn plugin_name() -> String {
-    hostcalls::get_property(vec!["plugin_name"])
-        .ok()
-        .flatten()
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "default".to_owned())
-}
-
-/// An idempotent request waiting for its body: where its record lives, and what the
-/// fingerprint covers besides the body.
-struct AwaitingBody {
-    pending: Pending,
-    method: String,
-    path_and_query: String,
+/// Sends a local reply; a reply that cannot be sent is logged, and the stream stays paused.
+fn send(configured: &Configured, reply: &Reply) {
+    if let Err(status) = abi::send_local_response(reply) {
+        log(
+            Level::Error,
+            &configured.filter.instance.name,
+            &format!("cannot send a {} reply: status {status:?}", reply.status),
+        );
+    }
 }
 
 struct Stream {
     id: u32,
-    stalled: Rc<RefCell<StalledBodies>>,
-    instance: Option<Rc<Instance>>,
-    request: Option<RequestInfo>,
-    started: Instant,
-    /// Load-shedding pools counting this request, to be released when it ends.
-    pools_held: Vec<usize>,
-    awaiting_body: Option<AwaitingBody>,
-    /// The idempotency claim this request holds, and its response so far.
-    claim: Option<Claim>,
-    /// Every policy let the request through to the upstream.
-    went_upstream: bool,
-    /// Breakers that let this request through, to be told how it ended.
-    breakers_held: Vec<Held>,
-    /// Headers a policy asked to add to the upstream's response.
-    response_headers: Vec<(String, String)>,
+    configured: Option<Rc<Configured>>,
+    exchange: Rc<RefCell<Exchange>>,
+    waiting: Waiting,
 }
 
 impl Context for Stream {}
 
 impl Stream {
-    fn request_info(&self, instance: &Instance) -> RequestInfo {
-        let header = |name: &str| self.get_http_request_header(name);
-        let property = |path: Vec<&str>| {
-            self.get_property(path)
-                .and_then(|bytes| String::from_utf8(bytes).ok())
-        };
-        RequestInfo {
-            method: header(":method").unwrap_or_default(),
-            path: header(":path")
-                .map(|path| path_without_query(&path).to_owned())
-                .unwrap_or_default(),
-            headers: instance
-                .request_headers
-                .iter()
-                .filter_map(|name| Some((name.clone(), header(name)?)))
-                .collect(),
-            peer: instance
-                .needs_peer
-                .then(|| property(vec!["source", "address"]))
-                .flatten()
-                .and_then(|address| parse_peer(&address)),
-            cluster: instance
-                .needs_cluster
-                .then(|| property(vec!["xds", "cluster_name"]))
-                .flatten(),
-        }
-    }
-
-    fn reply(&mut self, instance: &Instance, reply: LocalReply) -> Action {
-        // A claim taken for this request is given back: it never went upstream.
-        if let (Some(claim), Some(policy)) = (self.claim.take(), &instance.idempotency) {
-            policy.finish(instance, claim, false, HostClock.now());
-        }
-        let headers: Vec<(&str, &str)> = reply
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
-        self.send_http_response(u32::from(reply.status), headers, Some(&reply.body));
-        Action::Pause
-    }
-
-    /// An integer attribute (Envoy passes them as 8 little-endian bytes).
-    fn int_property(&self, path: Vec<&str>) -> Option<u64> {
-        let bytes = self.get_property(path)?;
-        Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
-    }
-
-    /// The last stage: circuit breakers, then upstream.
-    fn admit_breakers(&mut self, instance: &Instance) -> Action {
-        if let (Some(policy), Some(request)) = (&instance.circuit_breaker, &self.request) {
-            match policy.admit(instance, request, self.started) {
-                Ok(held) => self.breakers_held = held,
-                Err(reply) => return self.reply(instance, reply),
-            }
-        }
-        self.went_upstream = true;
-        Action::Continue
-    }
-
-    /// Decides an idempotent request once its whole body is known.
-    fn decide_idempotency(
-        &mut self,
-        instance: &Instance,
-        waiting: AwaitingBody,
-        body: &[u8],
+    /// Runs `call` on the exchange, then does what it says.
+    fn step(
+        &self,
+        call: impl FnOnce(&mut Exchange, &Filter, &mut Env<'_, SharedData>) -> Step,
     ) -> Action {
-        let Some(policy) = &instance.idempotency else {
-            return self.admit_breakers(instance);
+        let Some(configured) = &self.configured else {
+            return Action::Continue;
         };
-        let fingerprint = Idempotency::fingerprint(&waiting.method, &waiting.path_and_query, body);
-        match policy.decide(instance, waiting.pending, fingerprint, HostClock.now()) {
-            Ok(claim) => {
-                self.claim = claim;
-                self.admit_breakers(instance)
+        // Envoy defers what a callback asks for, so the exchange is never borrowed twice;
+        // were it ever, the stream passes rather than trapping.
+        let Ok(mut exchange) = self.exchange.try_borrow_mut() else {
+            return Action::Continue;
+        };
+        let step = configured.run(|filter, env| call(&mut exchange, filter, env));
+        let waiting = exchange.body_deadline().is_some();
+        drop(exchange);
+        match step {
+            Step::Continue => Action::Continue,
+            Step::Pause => {
+                if waiting {
+                    self.watch_body_deadline();
+                }
+                Action::Pause
             }
-            Err(reply) => self.reply(instance, reply),
+            Step::Reply(reply) => {
+                send(configured, &reply);
+                Action::Pause
+            }
+        }
+    }
+
+    fn watch_body_deadline(&self) {
+        let mut waiting = self.waiting.borrow_mut();
+        if !waiting.iter().any(|(id, _)| *id == self.id) {
+            waiting.push((self.id, Rc::downgrade(&self.exchange)));
         }
     }
 }
 
+/// The response, read from Envoy only when the exchange asks.
+struct HostResponse;
+
+impl Response for HostResponse {
+    fn status(&self) -> Option<u16> {
+        let status = abi::header(Map::ResponseHeaders, ":status").ok()??;
+        std::str::from_utf8(&status).ok()?.parse().ok()
+    }
+
+    fn via_upstream(&self) -> bool {
+        via_upstream()
+    }
+
+    fn headers(&self) -> Vec<(String, Vec<u8>)> {
+        abi::headers(Map::ResponseHeaders).unwrap_or_default()
+    }
+}
+
+fn via_upstream() -> bool {
+    abi::property(&["response", "code_details"])
+        .ok()
+        .flatten()
+        .is_some_and(|details| details == b"via_upstream")
+}
+
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let Some(instance) = self.instance.clone() else {
+        let Some(configured) = self.configured.clone() else {
             return Action::Continue;
         };
-        instance.requests.increment();
-        if !instance.has_policies() {
-            return Action::Continue;
-        }
-        let request = self.request_info(&instance);
-        self.started = HostClock.now();
-        if let Some(policy) = &instance.load_shedding {
-            let (held, shed) = policy.admit(&instance, &request, self.started);
-            self.pools_held = held;
-            if let Some(reply) = shed {
-                return self.reply(&instance, reply);
-            }
-        }
-        if let Some(policy) = &instance.rate_limit {
-            match policy.check(&instance, &request, self.started) {
-                Ok(headers) => self.response_headers = headers,
-                Err(reply) => return self.reply(&instance, reply),
-            }
-        }
-        let idempotent = instance
-            .idempotency
-            .as_ref()
-            .map(|policy| policy.policy().begin(&request));
-        self.request = Some(request);
-        match (idempotent, &instance.idempotency) {
-            (Some(Begin::Refuse(problem)), Some(policy)) => {
-                let reply = policy.refuse_key(&problem);
-                self.reply(&instance, reply)
-            }
-            (Some(Begin::Check(pending)), _) => {
-                let waiting = AwaitingBody {
-                    pending,
-                    method: self
-                        .request
-                        .as_ref()
-                        .map(|r| r.method.clone())
-                        .unwrap_or_default(),
-                    path_and_query: self.get_http_request_header(":path").unwrap_or_default(),
-                };
-                if end_of_stream {
-                    self.decide_idempotency(&instance, waiting, &[])
-                } else {
-                    // Hold the request until its body is in: the fingerprint covers it.
-                    self.awaiting_body = Some(waiting);
-                    self.stalled
-                        .borrow_mut()
-                        .waiting
-                        .push((self.id, self.started));
-                    Action::Pause
-                }
-            }
-            _ => self.admit_breakers(&instance),
-        }
+        let request = configured.request_info();
+        self.step(|exchange, filter, env| {
+            exchange.on_request_headers(filter, env, request, end_of_stream)
+        })
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let (Some(instance), true) = (self.instance.clone(), self.awaiting_body.is_some()) else {
-            return Action::Continue;
-        };
-        self.stalled
-            .borrow_mut()
-            .waiting
-            .retain(|(id, _)| *id != self.id);
-        let limit = instance
-            .idempotency
-            .as_ref()
-            .map_or(0, |p| p.policy().config().max_body_bytes);
-        if body_size > limit {
-            self.awaiting_body = None;
-            return match instance
-                .idempotency
-                .as_ref()
-                .and_then(IdempotencyPolicy::body_too_large)
-            {
-                Some(reply) => self.reply(&instance, reply),
-                None => self.admit_breakers(&instance),
-            };
-        }
-        if !end_of_stream {
-            return Action::Pause;
-        }
-        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
-        match self.awaiting_body.take() {
-            Some(waiting) => self.decide_idempotency(&instance, waiting, &body),
-            None => Action::Continue,
-        }
+        self.step(|exchange, filter, env| {
+            exchange.on_request_body(filter, env, body_size, end_of_stream, |max| {
+                abi::buffer(Buffer::RequestBody, max).unwrap_or_default()
+            })
+        })
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.step(|exchange, filter, env| {
+            exchange.on_request_trailers(filter, env, |max| {
+                abi::buffer(Buffer::RequestBody, max).unwrap_or_default()
+            })
+        })
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        for (name, value) in &self.response_headers {
-            self.add_http_response_header(name, value);
-        }
-        if let (Some(instance), Some(mut claim)) = (self.instance.clone(), self.claim.take()) {
-            if let Some(policy) = &instance.idempotency {
-                let status = self
-                    .get_http_response_header(":status")
-                    .and_then(|s| s.parse().ok());
-                policy.response_headers(
-                    &mut claim,
-                    status,
-                    |name| self.get_http_response_header(name),
-                    end_of_stream,
-                );
-            }
-            self.claim = Some(claim);
+        let (Some(configured), Ok(mut exchange)) =
+            (&self.configured, self.exchange.try_borrow_mut())
+        else {
+            return Action::Continue;
+        };
+        for (name, value) in
+            exchange.on_response_headers(&configured.filter, &HostResponse, end_of_stream)
+        {
+            let _ = abi::add_header(Map::ResponseHeaders, name, value.as_bytes());
         }
         Action::Continue
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if let (Some(instance), Some(mut claim)) = (self.instance.clone(), self.claim.take()) {
-            if let Some(policy) = &instance.idempotency {
-                let chunk = self
-                    .get_http_response_body(0, body_size)
-                    .unwrap_or_default();
-                policy.response_body(&mut claim, &chunk, end_of_stream);
+        if let (Some(configured), Ok(mut exchange)) =
+            (&self.configured, self.exchange.try_borrow_mut())
+        {
+            if exchange.captures_response() {
+                let chunk = abi::buffer(Buffer::ResponseBody, body_size).unwrap_or_default();
+                exchange.on_response_body(&configured.filter, &chunk, end_of_stream);
             }
-            self.claim = Some(claim);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        if let Ok(mut exchange) = self.exchange.try_borrow_mut() {
+            exchange.on_response_trailers();
         }
         Action::Continue
     }
 
     fn on_log(&mut self) {
-        self.stalled
-            .borrow_mut()
-            .waiting
-            .retain(|(id, _)| *id != self.id);
-        let Some(instance) = self.instance.clone() else {
+        let (Some(configured), Ok(mut exchange)) =
+            (&self.configured, self.exchange.try_borrow_mut())
+        else {
             return;
         };
-        if self.pools_held.is_empty() && self.breakers_held.is_empty() && self.claim.is_none() {
-            return;
-        }
-        let now = HostClock.now();
-        let flags = self.int_property(vec!["response", "flags"]).unwrap_or(0);
-        let duration = Duration::from_nanos(nanos_saturating(now.saturating_since(self.started)));
-        if let (Some(policy), Some(claim)) = (&instance.idempotency, self.claim.take()) {
-            policy.finish(&instance, claim, self.went_upstream, now);
-        }
-        if let Some(policy) = &instance.load_shedding {
-            // Only requests that went upstream and were not abandoned say how slow it is.
-            let sample = (self.went_upstream && flags & DOWNSTREAM_TERMINATION_FLAG == 0)
-                .then_some(duration);
-            policy.release(&instance, &self.pools_held, now, sample);
-        }
-        if let (Some(policy), false) = (&instance.circuit_breaker, self.breakers_held.is_empty()) {
-            let completion = Completion {
-                status: self
-                    .int_property(vec!["response", "code"])
+        configured.run(|filter, env| {
+            exchange.finish(filter, env, || Completion {
+                status: abi::int_property(&["response", "code"])
                     .and_then(|code| u16::try_from(code).ok())
                     .filter(|&code| code > 0),
-                flags,
-                duration,
-            };
-            policy.finish(&instance, &self.breakers_held, &completion, now);
-        }
+                flags: abi::int_property(&["response", "flags"]).unwrap_or(0),
+                via_upstream: via_upstream(),
+                ..Completion::default()
+            })
+        });
     }
 }

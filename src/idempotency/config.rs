@@ -1,7 +1,7 @@
 //! The `idempotency` section.
 
-use crate::config::{ConfigError, Duration};
-use crate::matcher::{check_header_name, check_methods, Match, RawMatch};
+use crate::config::{check_duration, check_header_name, check_methods, ConfigError, Duration};
+use crate::matcher::{Match, RawMatch};
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
@@ -16,6 +16,7 @@ pub struct RawIdempotency {
     pub identity: Option<Vec<RawIdentityPart>>,
     pub max_body_bytes: Option<usize>,
     pub on_large_body: Option<Overflow>,
+    pub body_timeout: Option<Duration>,
     pub lease: Option<Duration>,
     pub ttl: Option<Duration>,
     pub client_error_ttl: Option<Duration>,
@@ -62,6 +63,8 @@ pub struct IdempotencyConfig {
     pub identity: Vec<IdentityPart>,
     pub max_body_bytes: usize,
     pub on_large_body: Overflow,
+    /// How long a request may take to send its body; then it is answered 408, never forwarded.
+    pub body_timeout: std::time::Duration,
     pub lease: std::time::Duration,
     pub ttl: std::time::Duration,
     pub client_error_ttl: std::time::Duration,
@@ -69,6 +72,8 @@ pub struct IdempotencyConfig {
     pub server_error_ttl: Option<std::time::Duration>,
     /// Lower-case.
     pub stored_headers: Vec<String>,
+    /// The most a stored response may take: its stored headers (names, values and 4 bytes of
+    /// framing each) and its body.
     pub max_response_bytes: usize,
     pub records: u32,
     pub when_full: Overflow,
@@ -80,8 +85,11 @@ pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 pub const MAX_RECORDS: u32 = 1 << 20;
 /// The most shared-data memory the records may take, stored responses included.
 pub const MAX_STORAGE_BYTES: u64 = 1 << 30;
-/// A stored record's size beyond its body: key, owner, fingerprint, deadlines, headers.
+/// What a record costs beyond its stored response, at most: its fixed fields
+/// ([`super::record::RECORD_FIXED_BYTES`]), its shared-data key, and Envoy's own bookkeeping
+/// for one entry.
 pub const RECORD_OVERHEAD_BYTES: u64 = 4096;
+pub const MAX_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl IdempotencyConfig {
     pub fn validate(raw: RawIdempotency, at: &str) -> Result<IdempotencyConfig, ConfigError> {
@@ -142,6 +150,13 @@ impl IdempotencyConfig {
                 Ok(d)
             }
         };
+        let body_timeout = check_duration(
+            raw.body_timeout
+                .map_or(std::time::Duration::from_secs(10), |d| d.0),
+            std::time::Duration::from_millis(1),
+            MAX_BODY_TIMEOUT,
+            &format!("{at}.body_timeout"),
+        )?;
         let lease = duration(raw.lease, std::time::Duration::from_secs(30), "lease")?;
         let ttl = duration(raw.ttl, DAY, "ttl")?;
         let client_error_ttl = duration(
@@ -203,6 +218,7 @@ impl IdempotencyConfig {
             identity,
             max_body_bytes,
             on_large_body: raw.on_large_body.unwrap_or(Overflow::Reject),
+            body_timeout,
             lease,
             ttl,
             client_error_ttl,
@@ -212,20 +228,6 @@ impl IdempotencyConfig {
             records,
             when_full: raw.when_full.unwrap_or(Overflow::Reject),
         })
-    }
-
-    pub fn header_names(&self) -> impl Iterator<Item = &str> {
-        let identity = self.identity.iter().filter_map(|part| match part {
-            IdentityPart::Header(name) => Some(name.as_str()),
-            IdentityPart::ClientAddress => None,
-        });
-        identity
-            .chain(self.matcher.header_names())
-            .chain(std::iter::once(self.header.as_str()))
-    }
-
-    pub fn needs_peer(&self) -> bool {
-        self.identity.contains(&IdentityPart::ClientAddress)
     }
 
     /// How long a response with `status` is kept; `None`: not kept, the key is released.

@@ -5,14 +5,20 @@
 //! hashed to one slot, so exactly one request can claim it across all workers (a claim is a
 //! compare-and-swap on that one value). See `filters/idempotency/README.md`.
 
+mod capture;
 mod config;
 mod key;
 mod policy;
 mod record;
 
+pub use capture::Capture;
 pub use config::{IdempotencyConfig, IdentityPart, Overflow, RawIdempotency};
 pub use key::{parse_key, KeyError};
 pub use policy::{
-    Begin, ClaimId, Decision, Finished, Idempotency, Outcome, Pending, Problem, REPLAYED_HEADER,
+    Begin, Claim, ClaimId, Decision, Finished, Idempotency, Outcome, Pending, Problem,
+    REPLAYED_HEADER, SWEEP_PER_SECOND,
 };
-pub use record::{Entry, IdempotencyRecord, StoredResponse};
+pub use record::{
+    Entry, IdempotencyRecord, StoredResponse, HEADER_FRAMING_BYTES, MAX_STORED_HEADERS,
+    RECORD_FIXED_BYTES,
+};

@@ -1,20 +1,47 @@
 //! The idempotency policy: claim a key once across all workers, store the response, replay
 //! it to duplicates, refuse conflicts.
 
+use super::capture::Capture;
 use super::config::{IdempotencyConfig, IdentityPart, Overflow};
 use super::key::{parse_key, KeyError};
 use super::record::{Entry, IdempotencyRecord, StoredResponse};
 use crate::clock::{retry_after_secs, Instant};
-use crate::config::SharedDataSettings;
 use crate::hashing::KeyHasher;
-use crate::rate_limit::client_address;
-use crate::request::RequestInfo;
-use crate::store::{self, Namespace, Store, StoreError};
+use crate::policy::{Completion, Env, Needs, Policy};
+use crate::reply::Reply;
+use crate::request::{KeyBuilder, RequestInfo};
+use crate::store::{self, Namespace, SharedDataSettings, Store, StoreError};
+use crate::telemetry::{Catalog, Level, MetricId};
 use sha2::{Digest, Sha256};
+use std::cell::Cell;
 
 pub struct Idempotency {
     config: IdempotencyConfig,
     hasher: KeyHasher,
+    metrics: Metrics,
+    /// A request body has reached this VM's filter: `allow_on_headers_stop_iteration` is set.
+    body_seen: Cell<bool>,
+    /// The missing setting was named in the log already.
+    hint_logged: Cell<bool>,
+}
+
+struct Metrics {
+    claims: MetricId,
+    replays: MetricId,
+    conflicts: MetricId,
+    mismatches: MetricId,
+    rejected_keys: MetricId,
+    full: MetricId,
+    released: MetricId,
+    evictions: MetricId,
+    body_timeouts: MetricId,
+}
+
+/// What an admitted request holds: its claim on the key, and its response so far.
+#[derive(Debug)]
+pub struct Claim {
+    pub id: ClaimId,
+    pub capture: Capture,
 }
 
 /// A request the policy covers: where its record lives.
@@ -89,20 +116,21 @@ pub struct Problem {
     pub retry_after_secs: Option<u64>,
 }
 
-/// Problem types are URNs; each is listed, with what to do, in filters/idempotency/README.md.
-pub const PROBLEM_TYPE_BASE: &str = "urn:envoy-resilience:idempotency:";
 /// Marks a replayed response, as Stripe's `Idempotent-Replayed` does.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
 impl Problem {
-    pub fn body(&self) -> String {
-        serde_json::json!({
-            "type": format!("{PROBLEM_TYPE_BASE}{}", self.kind),
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-        })
-        .to_string()
+    /// The problem as a local reply; its type is `urn:envoy-resilience:idempotency:<kind>`,
+    /// each listed, with what to do, in filters/idempotency/README.md.
+    pub fn reply(&self) -> Reply {
+        Reply::problem(
+            self.status,
+            &format!("idempotency:{}", self.kind),
+            self.title,
+            &self.detail,
+            self.retry_after_secs,
+            "resilience_idempotency",
+        )
     }
 
     fn new(status: u16, kind: &'static str, title: &'static str, detail: String) -> Problem {
@@ -117,34 +145,54 @@ impl Problem {
 }
 
 impl Idempotency {
-    pub fn new(config: IdempotencyConfig, hasher: KeyHasher) -> Self {
-        Self { config, hasher }
+    pub fn new(config: IdempotencyConfig, hasher: KeyHasher, catalog: &mut Catalog) -> Self {
+        let mut counter = |what: &str| catalog.counter(&format!("idempotency.{what}"));
+        let metrics = Metrics {
+            claims: counter("claims"),
+            replays: counter("replays"),
+            conflicts: counter("conflicts"),
+            mismatches: counter("mismatches"),
+            rejected_keys: counter("rejected_keys"),
+            full: counter("full"),
+            released: counter("released"),
+            evictions: counter("evictions"),
+            body_timeouts: counter("body_timeouts"),
+        };
+        Self {
+            config,
+            hasher,
+            metrics,
+            body_seen: Cell::new(false),
+            hint_logged: Cell::new(false),
+        }
     }
 
     pub fn config(&self) -> &IdempotencyConfig {
         &self.config
     }
 
-    pub fn begin(&self, request: &RequestInfo) -> Begin {
+    /// The request's key: `Ok(None)` when the policy does not cover the request, `Err` when
+    /// its key is missing (and required) or malformed. No hashing: cheap enough to ask twice.
+    fn key<'r>(&self, request: &'r RequestInfo) -> Result<Option<&'r str>, Problem> {
         if !self.config.methods.contains(&request.method) || !self.config.matcher.matches(request) {
-            return Begin::Skip;
+            return Ok(None);
         }
         let header = &self.config.header;
         let Some(value) = request.header(header) else {
             return if self.config.required {
-                Begin::Refuse(Problem::new(
+                Err(Problem::new(
                     400,
                     "key-missing",
                     "Idempotency key required",
                     format!("Send a unique `{header}` header with this {} request, and the same one when you retry it.", request.method),
                 ))
             } else {
-                Begin::Skip
+                Ok(None)
             };
         };
-        let key = match parse_key(value, self.config.max_key_length) {
-            Ok(key) => key,
-            Err(err) => {
+        parse_key(value, self.config.max_key_length)
+            .map(Some)
+            .map_err(|err| {
                 let why = match err {
                     KeyError::Empty => "is empty".to_owned(),
                     KeyError::TooLong => {
@@ -158,45 +206,52 @@ impl Idempotency {
                             .to_owned()
                     }
                 };
-                return Begin::Refuse(Problem::new(
+                Problem::new(
                     400,
                     "key-invalid",
                     "Invalid idempotency key",
                     format!("The `{header}` header {why}."),
-                ));
-            }
+                )
+            })
+    }
+
+    /// Whether the pipeline must hold this request until its body is in: the policy covers
+    /// it and its key is well formed. A request refused for its key is answered at once.
+    pub fn awaits_body(&self, request: &RequestInfo) -> bool {
+        matches!(self.key(request), Ok(Some(_)))
+    }
+
+    pub fn begin(&self, request: &RequestInfo) -> Begin {
+        let key = match self.key(request) {
+            Ok(Some(key)) => key,
+            Ok(None) => return Begin::Skip,
+            Err(problem) => return Begin::Refuse(problem),
         };
-        // Length-prefixed parts, so no choice of values makes two identities collide.
-        let mut scoped = Vec::new();
+        // Identity headers are hashed as the bytes they are, text or not.
+        let mut scoped = KeyBuilder::default();
         for part in &self.config.identity {
             let address;
             let value = match part {
                 IdentityPart::ClientAddress => {
-                    address = client_address(request, 0).map(|ip| ip.to_string());
-                    address.as_deref()
+                    address = request.peer.map(|ip| ip.to_string());
+                    address.as_deref().map(str::as_bytes)
                 }
                 IdentityPart::Header(name) => request.header(name),
             };
-            match value {
-                Some(value) => {
-                    scoped.extend_from_slice(&(value.len() as u32).to_le_bytes());
-                    scoped.extend_from_slice(value.as_bytes());
-                }
-                None => scoped.extend_from_slice(&u32::MAX.to_le_bytes()),
-            }
+            scoped.part(value);
         }
-        scoped.extend_from_slice(key.as_bytes());
-        let placement = self.hasher.place(&scoped, self.config.records);
+        scoped.part(Some(key.as_bytes()));
+        let placement = self.hasher.place(&scoped.finish(), self.config.records);
         Begin::Check(Pending {
             slot: placement.index,
             owner: placement.owner,
         })
     }
 
-    /// SHA-256 over the method, the path with its query, and the body.
-    pub fn fingerprint(method: &str, path_and_query: &str, body: &[u8]) -> [u8; 32] {
+    /// SHA-256 over the method, the path with its query (as received), and the body.
+    pub fn fingerprint(method: &str, path_and_query: &[u8], body: &[u8]) -> [u8; 32] {
         let mut hash = Sha256::new();
-        for part in [method.as_bytes(), path_and_query.as_bytes(), body] {
+        for part in [method.as_bytes(), path_and_query, body] {
             hash.update((part.len() as u64).to_le_bytes());
             hash.update(part);
         }
@@ -303,7 +358,8 @@ impl Idempotency {
         Ok(updated.decision)
     }
 
-    /// Records how the claimed request ended: stores the response, or frees the key.
+    /// Records how the claimed request ended: stores the response, or frees the key. It
+    /// retries until it lands: a lost result would hold the key until its lease ran out.
     pub fn finish(
         &self,
         store: &impl Store,
@@ -311,42 +367,35 @@ impl Idempotency {
         id: ClaimId,
         outcome: Outcome,
         now: Instant,
-        settings: SharedDataSettings,
     ) -> Result<Finished, StoreError> {
         let (pending, claim) = (id.pending, id.claim);
         let key = self.slot_key(namespace, pending.slot);
-        let updated = store::update::<IdempotencyRecord, _>(
-            store,
-            namespace,
-            &key,
-            settings.max_attempts,
-            |record| {
-                let Some(mut record) = record
-                    .filter(|r| r.owner == pending.owner && r.entry == Entry::InFlight { claim })
-                else {
-                    return (Finished::Superseded, None);
-                };
-                let kept = match &outcome {
-                    Outcome::Response(response) => self
-                        .config
-                        .keep_for(response.status)
-                        .map(|ttl| (ttl, Entry::Completed(response.clone()))),
-                    Outcome::ResponseNotStored { status } => self
-                        .config
-                        .keep_for(*status)
-                        .map(|ttl| (ttl, Entry::Unreplayable { status: *status })),
-                    Outcome::NoResponse => None,
-                };
-                match kept {
-                    Some((ttl, entry)) => {
-                        record.entry = entry;
-                        record.deadline = now.saturating_add(ttl);
-                        (Finished::Stored, Some(record))
-                    }
-                    None => (Finished::Released, Some(IdempotencyRecord::free())),
+        let updated = store::settle::<IdempotencyRecord, _>(store, namespace, &key, |record| {
+            let Some(mut record) =
+                record.filter(|r| r.owner == pending.owner && r.entry == Entry::InFlight { claim })
+            else {
+                return (Finished::Superseded, None);
+            };
+            let kept = match &outcome {
+                Outcome::Response(response) => self
+                    .config
+                    .keep_for(response.status)
+                    .map(|ttl| (ttl, Entry::Completed(response.clone()))),
+                Outcome::ResponseNotStored { status } => self
+                    .config
+                    .keep_for(*status)
+                    .map(|ttl| (ttl, Entry::Unreplayable { status: *status })),
+                Outcome::NoResponse => None,
+            };
+            match kept {
+                Some((ttl, entry)) => {
+                    record.entry = entry;
+                    record.deadline = now.saturating_add(ttl);
+                    (Finished::Stored, Some(record))
                 }
-            },
-        )?;
+                None => (Finished::Released, Some(IdempotencyRecord::free())),
+            }
+        })?;
         Ok(updated.decision)
     }
 
@@ -382,6 +431,164 @@ impl Idempotency {
             freed += u32::from(swept.is_ok_and(|u| u.decision));
         }
         (freed, (start + count.min(records)) % records)
+    }
+}
+
+/// Slots each VM checks per second for expired records.
+pub const SWEEP_PER_SECOND: u32 = 256;
+
+impl Idempotency {
+    /// A request body reached the filter: the plugin config lets bodies through.
+    pub fn saw_body(&self) {
+        self.body_seen.set(true);
+    }
+
+    /// The answer to a request whose body did not arrive within `body_timeout`: it never went
+    /// upstream. While no body has reached this VM's filter at all, the likely cause is a
+    /// missing setting, which is named once.
+    pub fn body_timed_out<S: Store>(&self, env: &mut Env<'_, S>) -> Reply {
+        env.telemetry.increment(self.metrics.body_timeouts);
+        if !self.body_seen.get() && !self.hint_logged.replace(true) {
+            env.telemetry.log(
+                Level::Error,
+                format!(
+                    "idempotency: a request body did not reach the filter within {}, and none has yet. \
+                     If every request with a body times out, set `allow_on_headers_stop_iteration: true` \
+                     in this Wasm plugin's config: without it Envoy holds bodies back from the filter.",
+                    humantime::format_duration(self.config.body_timeout)
+                ),
+            );
+        }
+        Problem::new(
+            408,
+            "body-timeout",
+            "Request body too slow",
+            format!(
+                "The body of a request with an idempotency key must arrive within {}. Retry with the same key.",
+                humantime::format_duration(self.config.body_timeout)
+            ),
+        )
+        .reply()
+    }
+
+    /// Frees expired records from `cursor` on; returns where to go on next time.
+    pub fn sweep_step<S: Store>(&self, env: &mut Env<'_, S>, cursor: u32) -> u32 {
+        let (freed, next) = self.sweep(
+            env.store,
+            env.namespace(),
+            cursor,
+            SWEEP_PER_SECOND,
+            env.now,
+            env.settings(),
+        );
+        env.telemetry.add(self.metrics.evictions, u64::from(freed));
+        next
+    }
+
+    fn count(&self, env: &mut Env<'_, impl Store>, decision: &Decision) {
+        let metric = match decision {
+            Decision::Claimed => self.metrics.claims,
+            Decision::Replay(_) => self.metrics.replays,
+            Decision::InFlight { .. } | Decision::Unreplayable { .. } => self.metrics.conflicts,
+            Decision::Mismatch => self.metrics.mismatches,
+            Decision::Full => self.metrics.full,
+        };
+        env.telemetry.increment(metric);
+    }
+}
+
+impl Policy for Idempotency {
+    /// `None`: the request goes upstream unprotected (not covered, or `pass` chose so).
+    type Loan = Option<Claim>;
+
+    fn needs(&self) -> Needs {
+        let identity = self.config.identity.iter().filter_map(|part| match part {
+            IdentityPart::Header(name) => Some(name.as_str()),
+            IdentityPart::ClientAddress => None,
+        });
+        Needs {
+            headers: identity
+                .chain(self.config.matcher.header_names())
+                .chain(std::iter::once(self.config.header.as_str()))
+                .map(str::to_owned)
+                .collect(),
+            peer: self.config.identity.contains(&IdentityPart::ClientAddress),
+            cluster: false,
+        }
+    }
+
+    /// Decides a request whose body is in `request.body` (the pipeline waited for it when
+    /// [`Idempotency::awaits_body`] said so).
+    fn admit<S: Store>(
+        &self,
+        env: &mut Env<'_, S>,
+        request: &RequestInfo,
+    ) -> Result<Option<Claim>, Reply> {
+        let pending = match self.begin(request) {
+            Begin::Skip => return Ok(None),
+            Begin::Refuse(problem) => {
+                env.telemetry.increment(self.metrics.rejected_keys);
+                return Err(problem.reply());
+            }
+            Begin::Check(pending) => pending,
+        };
+        let fingerprint =
+            Self::fingerprint(&request.method, &request.path_and_query, &request.body);
+        let id = ClaimId {
+            pending,
+            claim: (env.random)(),
+        };
+        let decided = self.decide(
+            env.store,
+            env.namespace(),
+            id,
+            fingerprint,
+            env.now,
+            env.settings(),
+        );
+        let (decision, evicted) = match decided {
+            Ok(decided) => decided,
+            Err(err) => {
+                env.admission_failed("idempotency", "idempotency", err)?;
+                return Ok(None);
+            }
+        };
+        if evicted {
+            env.telemetry.increment(self.metrics.evictions);
+        }
+        self.count(env, &decision);
+        match decision {
+            Decision::Claimed => Ok(Some(Claim {
+                id,
+                capture: Capture::default(),
+            })),
+            Decision::Replay(stored) => Err(Reply::replay(
+                stored.status,
+                stored.headers,
+                stored.body,
+                REPLAYED_HEADER,
+            )),
+            other => self.problem(&other).map_or(Ok(None), |p| Err(p.reply())),
+        }
+    }
+
+    /// Stores what the upstream answered, or frees the key when it never answered (the client
+    /// left, the upstream failed before its response, a later stage refused the request).
+    fn release<S: Store>(&self, env: &mut Env<'_, S>, claim: Option<Claim>, _: &Completion) {
+        let Some(claim) = claim else {
+            return;
+        };
+        let outcome = claim.capture.outcome();
+        match self.finish(env.store, env.namespace(), claim.id, outcome, env.now) {
+            Ok(Finished::Released) => env.telemetry.increment(self.metrics.released),
+            Ok(Finished::Stored) => {}
+            Ok(Finished::Superseded) => env.telemetry.log(
+                Level::Info,
+                "idempotency: a claim finished after its lease had run out; its result was not stored"
+                    .to_owned(),
+            ),
+            Err(err) => env.store_failed("idempotency", err),
+        }
     }
 }
 

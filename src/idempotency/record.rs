@@ -12,15 +12,44 @@ pub enum Entry {
     InFlight { claim: u64 },
     /// Executed; a duplicate gets this response.
     Completed(StoredResponse),
-    /// Executed, but the response was too large (or ended too early) to store.
+    /// Executed, but the response could not be stored (too large, cut short, or not
+    /// replayable as a local reply).
     Unreplayable { status: u16 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredResponse {
     pub status: u16,
-    pub headers: Vec<(String, String)>,
+    /// Lower-case names; values as the upstream sent them, in any bytes.
+    pub headers: Vec<(String, Vec<u8>)>,
     pub body: Vec<u8>,
+}
+
+/// The most headers a stored response keeps.
+pub const MAX_STORED_HEADERS: usize = 64;
+/// The bytes each stored header costs beyond its name and value: their two lengths.
+pub const HEADER_FRAMING_BYTES: usize = 4;
+
+impl StoredResponse {
+    /// What storing this response costs beyond the record's fixed fields: every header's name,
+    /// value and framing, and the body. `max_response_bytes` bounds exactly this.
+    pub fn size(&self) -> usize {
+        self.headers
+            .iter()
+            .map(|(name, value)| name.len() + value.len() + HEADER_FRAMING_BYTES)
+            .sum::<usize>()
+            + self.body.len()
+    }
+
+    /// Whether the record's fixed-width lengths can hold it whole. One that cannot is stored as
+    /// unreplayable, never cut: a cut header or body would replay something else.
+    pub fn fits_record(&self) -> bool {
+        self.headers.len() <= MAX_STORED_HEADERS
+            && self.headers.iter().all(|(name, value)| {
+                name.len() <= usize::from(u16::MAX) && value.len() <= usize::from(u16::MAX)
+            })
+            && u32::try_from(self.body.len()).is_ok()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +62,10 @@ pub struct IdempotencyRecord {
     pub deadline: Instant,
     pub entry: Entry,
 }
+
+/// A record's bytes beyond its stored response: format, kind, owner, fingerprint, deadline,
+/// claim, status, header count, body length.
+pub const RECORD_FIXED_BYTES: usize = 1 + 1 + 8 + 32 + 8 + 8 + 2 + 1 + 4;
 
 impl IdempotencyRecord {
     pub fn free() -> Self {
@@ -49,21 +82,21 @@ impl IdempotencyRecord {
     }
 }
 
-const MAX_HEADERS: usize = 64;
-
 impl Record for IdempotencyRecord {
     const FORMAT: u8 = 0x41;
 
     fn encode_fields(&self, out: &mut Vec<u8>) {
-        if self.entry == Entry::Free {
-            out.push(0);
-            return;
-        }
         let (kind, claim, status) = match &self.entry {
-            Entry::Free => (0, 0, 0),
+            Entry::Free => {
+                out.push(0);
+                return;
+            }
             Entry::InFlight { claim } => (1, *claim, 0),
-            Entry::Completed(response) => (2, 0, response.status),
-            Entry::Unreplayable { status } => (3, 0, *status),
+            Entry::Completed(response) if response.fits_record() => (2, 0, response.status),
+            // Never cut to fit: what does not fit was executed and is not replayable.
+            Entry::Completed(StoredResponse { status, .. }) | Entry::Unreplayable { status } => {
+                (3, 0, *status)
+            }
         };
         out.push(kind);
         out.extend_from_slice(&self.owner.to_le_bytes());
@@ -71,12 +104,10 @@ impl Record for IdempotencyRecord {
         out.extend_from_slice(&self.deadline.as_nanos().to_le_bytes());
         out.extend_from_slice(&claim.to_le_bytes());
         out.extend_from_slice(&status.to_le_bytes());
-        if let Entry::Completed(response) = &self.entry {
-            let headers = &response.headers[..response.headers.len().min(MAX_HEADERS)];
-            out.push(headers.len() as u8);
-            for (name, value) in headers {
-                for text in [name, value] {
-                    let bytes = &text.as_bytes()[..text.len().min(u16::MAX as usize)];
+        if let (2, Entry::Completed(response)) = (kind, &self.entry) {
+            out.push(response.headers.len() as u8);
+            for (name, value) in &response.headers {
+                for bytes in [name.as_bytes(), value.as_slice()] {
                     out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
                     out.extend_from_slice(bytes);
                 }
@@ -101,13 +132,14 @@ impl Record for IdempotencyRecord {
             2 => {
                 let count = fields.u8()?;
                 let mut headers = Vec::with_capacity(usize::from(count));
-                let text = |fields: &mut Reader<'_>| -> Result<String, DecodeError> {
+                let field = |fields: &mut Reader<'_>| -> Result<Vec<u8>, DecodeError> {
                     let len = u16::from_le_bytes(fields.bytes()?);
-                    let bytes = fields.take(usize::from(len))?;
-                    String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::Invalid)
+                    Ok(fields.take(usize::from(len))?.to_vec())
                 };
                 for _ in 0..count {
-                    headers.push((text(fields)?, text(fields)?));
+                    let name =
+                        String::from_utf8(field(fields)?).map_err(|_| DecodeError::Invalid)?;
+                    headers.push((name, field(fields)?));
                 }
                 let len = fields.u32()?;
                 let body = fields.take(len as usize)?.to_vec();

@@ -4,18 +4,29 @@
 //! A bucket of `capacity` tokens refilled at one token per `emission` is full when
 //! `TAT <= now` and empty when `TAT >= now + capacity * emission`. Admitting a request of
 //! cost `n` moves the TAT `n * emission` later. No timers: refill is the clock moving on.
-//! Time saturates at `u64::MAX` nanoseconds (the year 2554), where every bucket is full.
+//!
+//! The arithmetic is exact. `tokens` per `interval` is rarely a whole number of nanoseconds
+//! per token (7×10^8 per second is 1.43 ns), so time is counted in ticks of `1/tokens` ns,
+//! where a token is exactly `interval` ticks; in 128 bits, with the parameters
+//! [`Bucket::new`] accepts, no sum or product can overflow, so nothing saturates into a looser
+//! limit, whatever the window (10^9 tokens refilled one per 17 s, 1000 one per 200 days).
 
-use crate::clock::{nanos_saturating, Instant};
+use crate::clock::Instant;
 use std::time::Duration;
+
+/// A theoretical arrival time, in ticks of `1/tokens` nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Tat(pub u128);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bucket {
     capacity: u64,
-    /// Time for one token to come back.
-    emission_ns: u64,
-    /// Time for the whole bucket to refill from empty: `capacity * emission`.
-    tolerance_ns: u64,
+    /// Ticks per nanosecond: the refill's `tokens`.
+    ticks_per_ns: u64,
+    /// Ticks for one token to come back: the refill's `interval` in nanoseconds.
+    emission: u128,
+    /// Ticks to refill the whole bucket from empty: `capacity * emission`.
+    tolerance: u128,
 }
 
 /// What one check found.
@@ -24,7 +35,7 @@ pub struct Check {
     pub admitted: bool,
     /// The TAT to store when admitted. When refused, the TAT as read, but brought back to
     /// `now + capacity` if a clock step left it beyond: worth storing when it changed.
-    pub tat: Instant,
+    pub tat: Tat,
     /// Tokens left after this request (if admitted) or now (if not).
     pub remaining: u64,
     /// How long until this request would be admitted; zero when it was.
@@ -34,13 +45,25 @@ pub struct Check {
 }
 
 impl Bucket {
-    /// `None` when refilling is faster than one token per nanosecond.
+    /// `None` when refilling is faster than one token per nanosecond, or when the parameters
+    /// are too large for exact arithmetic (far beyond what the configuration accepts).
     pub fn new(capacity: u64, refill_tokens: u64, refill_interval: Duration) -> Option<Bucket> {
-        let emission_ns = nanos_saturating(refill_interval).checked_div(refill_tokens)?;
-        (emission_ns > 0).then(|| Bucket {
+        let interval_ns = u64::try_from(refill_interval.as_nanos()).ok()?;
+        if refill_tokens == 0 || refill_tokens > interval_ns {
+            return None;
+        }
+        let emission = u128::from(interval_ns);
+        let tolerance = emission * u128::from(capacity);
+        // The largest sum the checks form: the latest time the clock can read, in ticks, plus
+        // the tolerance and one more request's worth.
+        u128::from(u64::MAX)
+            .checked_mul(u128::from(refill_tokens))?
+            .checked_add(tolerance.checked_mul(2)?)?;
+        Some(Bucket {
             capacity,
-            emission_ns,
-            tolerance_ns: emission_ns.saturating_mul(capacity),
+            ticks_per_ns: refill_tokens,
+            emission,
+            tolerance,
         })
     }
 
@@ -48,44 +71,72 @@ impl Bucket {
         self.capacity
     }
 
+    /// Ticks per nanosecond, stored beside a TAT so that a changed refill can read it.
+    pub fn ticks_per_ns(&self) -> u64 {
+        self.ticks_per_ns
+    }
+
     /// The time to refill the whole bucket from empty.
     pub fn window(&self) -> Duration {
-        Duration::from_nanos(self.tolerance_ns)
+        self.duration(self.tolerance)
+    }
+
+    /// `now` in ticks.
+    pub fn ticks(&self, now: Instant) -> Tat {
+        Tat(u128::from(now.as_nanos()) * u128::from(self.ticks_per_ns))
+    }
+
+    /// A TAT stored at another tick rate (the refill changed), in this bucket's ticks.
+    pub fn rescale(&self, tat: Tat, ticks_per_ns: u64) -> Tat {
+        if ticks_per_ns == self.ticks_per_ns || ticks_per_ns == 0 {
+            return tat;
+        }
+        let ns = tat.0.div_ceil(u128::from(ticks_per_ns));
+        Tat(ns.saturating_mul(u128::from(self.ticks_per_ns)))
     }
 
     /// Checks a request of `cost` tokens against the stored TAT (`None`: a full bucket).
-    pub fn check(&self, stored: Option<Instant>, now: Instant, cost: u64) -> Check {
-        let limit = now.saturating_add(Duration::from_nanos(self.tolerance_ns));
+    pub fn check(&self, stored: Option<Tat>, now: Instant, cost: u64) -> Check {
+        let now = self.ticks(now).0;
+        let limit = now + self.tolerance;
         // Only a clock that stepped back leaves a TAT past `limit`: the bucket is then
         // empty, not emptier than empty for as long as the step.
-        let tat = stored.map_or(now, |tat| tat.max(now).min(limit));
-        let next = tat.saturating_add(Duration::from_nanos(self.emission_ns.saturating_mul(cost)));
+        let tat = stored.map_or(now, |tat| tat.0.clamp(now, limit));
+        let next = tat + self.emission * u128::from(cost);
         if next <= limit {
             Check {
                 admitted: true,
-                tat: next,
-                remaining: self.tokens_between(next, limit),
+                tat: Tat(next),
+                remaining: self.tokens_in(limit - next),
                 retry_after: Duration::ZERO,
-                full_in: next.saturating_since(now),
+                full_in: self.duration(next - now),
             }
         } else {
             Check {
                 admitted: false,
-                tat,
-                remaining: self.tokens_between(tat, limit),
-                retry_after: next.saturating_since(limit),
-                full_in: tat.saturating_since(now),
+                tat: Tat(tat),
+                remaining: self.tokens_in(limit - tat),
+                retry_after: self.duration(next - limit),
+                full_in: self.duration(tat - now),
             }
         }
     }
 
     /// Gives back `cost` tokens taken by an admission that did not go ahead.
-    pub fn refund(&self, tat: Instant, cost: u64) -> Instant {
-        tat.saturating_sub(Duration::from_nanos(self.emission_ns.saturating_mul(cost)))
+    pub fn refund(&self, tat: Tat, cost: u64) -> Tat {
+        Tat(tat.0.saturating_sub(self.emission * u128::from(cost)))
     }
 
-    fn tokens_between(&self, from: Instant, to: Instant) -> u64 {
-        nanos_saturating(to.saturating_since(from)) / self.emission_ns
+    /// Whole tokens in a span of ticks.
+    fn tokens_in(&self, ticks: u128) -> u64 {
+        u64::try_from(ticks / self.emission).unwrap_or(u64::MAX)
+    }
+
+    /// A span of ticks as a duration, rounded up to the nanosecond so a wait is never short.
+    fn duration(&self, ticks: u128) -> Duration {
+        let ns = ticks.div_ceil(u128::from(self.ticks_per_ns));
+        let secs = u64::try_from(ns / 1_000_000_000).unwrap_or(u64::MAX);
+        Duration::new(secs, (ns % 1_000_000_000) as u32)
     }
 }
 
@@ -109,7 +160,7 @@ mod tests {
     }
 
     /// Runs `n` requests of cost 1 at `now`, storing each admitted TAT.
-    fn drain(bucket: &Bucket, tat: &mut Option<Instant>, now: Instant, n: u64) -> u64 {
+    fn drain(bucket: &Bucket, tat: &mut Option<Tat>, now: Instant, n: u64) -> u64 {
         let mut admitted = 0;
         for _ in 0..n {
             let check = bucket.check(*tat, now, 1);
@@ -218,24 +269,103 @@ mod tests {
     }
 
     #[test]
-    fn extreme_parameters_saturate_instead_of_overflowing() {
+    fn parameters_beyond_exact_arithmetic_are_refused() {
         assert_eq!(
             Bucket::new(1, 2, Duration::from_nanos(1)),
             None,
             "faster than 1/ns"
         );
         assert_eq!(Bucket::new(1, 0, SECOND), None);
-        let huge = bucket(u64::MAX, 1, Duration::from_secs(u64::MAX));
-        let check = huge.check(None, at(0), u64::MAX);
-        assert!(check.admitted);
-        // Foreign state far in the future reads as an empty bucket, nothing worse.
-        let b = bucket(10, 10, SECOND);
-        let far = b.check(
-            Some(Instant::from_nanos(u64::MAX)),
-            Instant::from_nanos(0),
-            1,
+        assert_eq!(
+            Bucket::new(u64::MAX, 1, Duration::from_secs(u64::MAX)),
+            None
         );
+        assert_eq!(
+            Bucket::new(u64::MAX, u64::MAX, Duration::from_nanos(u64::MAX)),
+            None
+        );
+        // The configuration's extremes are all exact.
+        let largest = Duration::from_secs(366 * 86_400);
+        let ns = u64::try_from(largest.as_nanos()).unwrap_or(0);
+        assert!(Bucket::new(1_000_000_000, ns, largest).is_some());
+        assert!(Bucket::new(1_000_000_000, 1, largest).is_some());
+    }
+
+    #[test]
+    fn foreign_state_far_in_the_future_reads_as_an_empty_bucket() {
+        let b = bucket(10, 10, SECOND);
+        let far = b.check(Some(Tat(u128::MAX)), Instant::from_nanos(0), 1);
         assert!(!far.admitted);
         assert_eq!(far.retry_after, Duration::from_millis(100));
+        let end_of_time = b.check(None, Instant::from_nanos(u64::MAX), 10);
+        assert!(end_of_time.admitted, "no overflow at the clock's end");
+    }
+
+    /// Issue 15, defect 6: `now + window` saturated for windows of centuries, and the
+    /// bucket then admitted everything.
+    #[test]
+    fn a_window_of_centuries_still_admits_exactly_the_capacity() {
+        let b = bucket(1000, 1, Duration::from_secs(200 * 86_400));
+        let mut tat = None;
+        assert_eq!(drain(&b, &mut tat, at(0), 1_500), 1_000);
+        assert_eq!(drain(&b, &mut tat, at(86_400_000), 10), 0, "a day later");
+        let later = at(0).saturating_add(Duration::from_secs(200 * 86_400));
+        assert_eq!(
+            drain(&b, &mut tat, later, 10),
+            1,
+            "200 days later: one token"
+        );
+
+        let b = bucket(1_000_000_000, 1, Duration::from_secs(17));
+        let all = b.check(None, at(0), 1_000_000_000);
+        assert!(all.admitted);
+        assert!(!b.check(Some(all.tat), at(0), 1).admitted);
+        assert!(!b.check(Some(all.tat), at(16_999), 1).admitted);
+        assert!(b.check(Some(all.tat), at(17_000), 1).admitted);
+        assert_eq!(b.window(), Duration::from_secs(17_000_000_000));
+    }
+
+    /// Issue 15, defect 6: `interval / tokens` rounded down, so 7×10^8 tokens per second
+    /// refilled at one per ns, 43% more than configured.
+    #[test]
+    fn refill_rates_that_are_not_whole_nanoseconds_are_exact() {
+        let b = bucket(1_000_000_000, 700_000_000, SECOND);
+        let empty = b.check(None, at(0), 1_000_000_000);
+        assert!(empty.admitted);
+        let second = b.check(Some(empty.tat), at(1_000), 1);
+        assert_eq!(
+            second.remaining,
+            700_000_000 - 1,
+            "exactly 7×10^8 back in 1 s"
+        );
+        assert!(b.check(Some(empty.tat), at(1_000), 700_000_000).admitted);
+        assert!(!b.check(Some(empty.tat), at(1_000), 700_000_001).admitted);
+
+        let b = bucket(3, 3, Duration::from_nanos(10)); // a token every 3⅓ ns
+        let drained = b.check(None, at(0), 3);
+        let now = |ns| at(0).saturating_add(Duration::from_nanos(ns));
+        assert!(!b.check(Some(drained.tat), now(3), 1).admitted);
+        assert!(b.check(Some(drained.tat), now(4), 1).admitted);
+        assert!(!b.check(Some(drained.tat), now(6), 2).admitted);
+        assert!(b.check(Some(drained.tat), now(7), 2).admitted);
+        assert_eq!(
+            b.check(Some(drained.tat), now(3), 1).retry_after,
+            Duration::from_nanos(1),
+            "3⅓ ns rounds up"
+        );
+    }
+
+    #[test]
+    fn a_tat_stored_at_another_rate_reads_at_the_same_time() {
+        let before = bucket(10, 5, SECOND);
+        let taken = before.check(None, at(0), 10);
+        let after = bucket(10, 7, SECOND);
+        let rescaled = after.rescale(taken.tat, before.ticks_per_ns());
+        assert_eq!(after.check(Some(rescaled), at(0), 1).remaining, 0);
+        assert_eq!(
+            after.check(Some(rescaled), at(1_000), 1).remaining,
+            2,
+            "the TAT still lies 2 s ahead: a second later 3 tokens are back at 7/s, one taken"
+        );
     }
 }

@@ -2,9 +2,9 @@
 
 use super::bucket::Bucket;
 use crate::clock::ceil_secs;
-use crate::config::{ConfigError, Duration};
-use crate::matcher::{check_header_name, check_name, Match, RawMatch};
-use crate::response::{RawResponse, Response};
+use crate::config::{check_header_name, check_name, ConfigError, Duration};
+use crate::matcher::{Match, RawMatch};
+use crate::reply::{RawResponse, Response};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -134,28 +134,6 @@ impl RateLimitConfig {
             limited_response,
             headers_on_allowed: raw.headers_on_allowed.unwrap_or(true),
         })
-    }
-
-    /// Header names the rules read, for the host to fetch.
-    pub fn header_names(&self) -> impl Iterator<Item = &str> {
-        let keyed = self.rules.iter().flat_map(|rule| {
-            rule.key.iter().filter_map(|part| match part {
-                KeyPart::Header(name) => Some(name.as_str()),
-                _ => None,
-            })
-        });
-        let matched = self
-            .rules
-            .iter()
-            .flat_map(|rule| rule.matcher.header_names());
-        let forwarded = (self.trusted_hops > 0).then_some("x-forwarded-for");
-        keyed.chain(matched).chain(forwarded)
-    }
-
-    pub fn needs_peer(&self) -> bool {
-        self.rules
-            .iter()
-            .any(|rule| rule.key.contains(&KeyPart::ClientAddress))
     }
 }
 

@@ -3,51 +3,29 @@
 
 use super::config::{KeyPart, MissingKey, RateLimitConfig, Rule};
 use super::table::{admit, refund, Slot};
-use crate::clock::{ceil_secs, retry_after_secs, Instant};
-use crate::config::{FailureMode, SharedDataSettings};
+use crate::clock::{ceil_secs, retry_after_secs};
 use crate::hashing::KeyHasher;
-use crate::request::RequestInfo;
-use crate::store::{self, Namespace, Store, StoreError};
-use std::net::IpAddr;
+use crate::policy::{Completion, Env, Needs, Policy};
+use crate::reply::Reply;
+use crate::request::{KeyBuilder, RequestInfo};
+use crate::store::{self, Store};
+use crate::telemetry::{Catalog, Level, MetricId};
 
-pub struct RateLimiter {
+pub struct RateLimit {
     config: RateLimitConfig,
     hasher: KeyHasher,
+    /// Per rule, in configuration order.
+    metrics: Vec<RuleMetrics>,
 }
 
-/// What happened to each rule, for metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RuleOutcome {
-    NotApplied,
-    Allowed,
-    Limited,
-    /// A shadow rule that would have refused the request.
-    ShadowLimited,
-    Failed(StoreError),
+struct RuleMetrics {
+    allowed: MetricId,
+    limited: MetricId,
+    shadow_limited: MetricId,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// Let the request through; the headers go on its response.
-    Allow { headers: Vec<(String, String)> },
-    /// Answer locally: the configured limited response plus the rate-limit headers.
-    Limited {
-        status: u16,
-        body: String,
-        headers: Vec<(String, String)>,
-    },
-    /// Shared data failed and `shared_data.on_error` is `deny`.
-    Unavailable,
-}
-
-#[derive(Debug)]
-pub struct Decision {
-    pub verdict: Verdict,
-    /// One per rule evaluated, in configuration order; rules after a refusal are not.
-    pub outcomes: Vec<RuleOutcome>,
-    /// Compare-and-swap attempts lost to other workers.
-    pub conflicts: u32,
-}
+/// Headers an admitted request carries to its response: the tightest rule's state.
+pub type ResponseHeaders = Vec<(String, String)>;
 
 /// A token taken that must be given back if a later rule refuses the request.
 struct Taken<'a> {
@@ -56,46 +34,132 @@ struct Taken<'a> {
     holder: u64,
 }
 
-impl RateLimiter {
-    pub fn new(config: RateLimitConfig, hasher: KeyHasher) -> Self {
-        Self { config, hasher }
+impl RateLimit {
+    pub fn new(config: RateLimitConfig, hasher: KeyHasher, catalog: &mut Catalog) -> Self {
+        let metrics = config
+            .rules
+            .iter()
+            .map(|rule| {
+                let mut counter =
+                    |what: &str| catalog.counter(&format!("rate_limit.{}.{what}", rule.name));
+                RuleMetrics {
+                    allowed: counter("allowed"),
+                    limited: counter("limited"),
+                    shadow_limited: counter("shadow_limited"),
+                }
+            })
+            .collect();
+        Self {
+            config,
+            hasher,
+            metrics,
+        }
     }
 
     pub fn config(&self) -> &RateLimitConfig {
         &self.config
     }
 
-    pub fn decide(
+    /// Refunds what earlier rules took for a request that will not go ahead. It retries until
+    /// it lands: a lost refund would leave a client with fewer tokens than it is owed.
+    fn give_back<S: Store>(&self, env: &mut Env<'_, S>, taken: &[Taken<'_>]) {
+        for t in taken {
+            let refunded =
+                store::settle::<Slot, _>(env.store, env.namespace(), &t.slot_key, |slot| {
+                    ((), refund(&t.rule.bucket, slot, t.holder, t.rule.cost))
+                });
+            match refunded {
+                Ok(updated) => env.conflicts(updated.conflicts),
+                Err(err) => {
+                    env.store_failed(&format!("rate limit rule {:?} refund", t.rule.name), err)
+                }
+            }
+        }
+    }
+
+    /// The rule's bucket key for this request. `None`: the rule does not apply.
+    fn key(&self, rule: &Rule, request: &RequestInfo) -> Option<Vec<u8>> {
+        let mut key = KeyBuilder::default();
+        for part in &rule.key {
+            let address;
+            let value = match part {
+                KeyPart::ClientAddress => {
+                    address = request
+                        .client_address(self.config.trusted_hops)
+                        .map(|ip| ip.to_string());
+                    address.as_deref().map(str::as_bytes)
+                }
+                KeyPart::Method => Some(request.method.as_bytes()),
+                KeyPart::Path => Some(request.path.as_bytes()),
+                KeyPart::Header(name) => request.header(name),
+            };
+            if value.is_none() && rule.on_missing_key == MissingKey::Skip {
+                return None;
+            }
+            key.part(value);
+        }
+        Some(key.finish())
+    }
+}
+
+impl Policy for RateLimit {
+    type Loan = ResponseHeaders;
+
+    fn needs(&self) -> Needs {
+        let keyed = self.config.rules.iter().flat_map(|rule| {
+            rule.key.iter().filter_map(|part| match part {
+                KeyPart::Header(name) => Some(name.as_str()),
+                _ => None,
+            })
+        });
+        let matched = self
+            .config
+            .rules
+            .iter()
+            .flat_map(|rule| rule.matcher.header_names());
+        let forwarded = (self.config.trusted_hops > 0).then_some("x-forwarded-for");
+        Needs {
+            headers: keyed
+                .chain(matched)
+                .chain(forwarded)
+                .map(str::to_owned)
+                .collect(),
+            peer: self
+                .config
+                .rules
+                .iter()
+                .any(|rule| rule.key.contains(&KeyPart::ClientAddress)),
+            cluster: false,
+        }
+    }
+
+    fn admit<S: Store>(
         &self,
-        store: &impl Store,
-        namespace: &Namespace,
+        env: &mut Env<'_, S>,
         request: &RequestInfo,
-        now: Instant,
-        shared_data: SharedDataSettings,
-    ) -> Decision {
-        let mut outcomes = Vec::with_capacity(self.config.rules.len());
-        let mut conflicts = 0;
+    ) -> Result<ResponseHeaders, Reply> {
         let mut taken: Vec<Taken<'_>> = Vec::new();
         // The admitted rule with the fewest tokens left speaks for the response.
         let mut tightest: Option<(u64, String)> = None;
-
-        for rule in &self.config.rules {
+        for (rule, metrics) in self.config.rules.iter().zip(&self.metrics) {
             let key = rule
                 .matcher
                 .matches(request)
                 .then(|| self.key(rule, request))
                 .flatten();
             let Some(key) = key else {
-                outcomes.push(RuleOutcome::NotApplied);
                 continue;
             };
             let placement = self.hasher.place(&key, rule.table_size);
-            let slot_key = namespace.key(&format!("rl/{}/{}", rule.name, placement.index));
+            let slot_key = env
+                .namespace()
+                .key(&format!("rl/{}/{}", rule.name, placement.index));
+            let now = env.now;
             let updated = store::update::<Slot, _>(
-                store,
-                namespace,
+                env.store,
+                env.namespace(),
                 &slot_key,
-                shared_data.max_attempts,
+                env.settings().max_attempts,
                 |slot| {
                     let (check, holder, next) =
                         admit(&rule.bucket, slot, placement.owner, now, rule.cost);
@@ -104,34 +168,30 @@ impl RateLimiter {
             );
             let (check, holder) = match updated {
                 Ok(updated) => {
-                    conflicts += updated.conflicts;
+                    env.conflicts(updated.conflicts);
                     updated.decision
                 }
                 Err(err) => {
-                    outcomes.push(RuleOutcome::Failed(err));
-                    if shared_data.on_error == FailureMode::Deny {
-                        conflicts += self.give_back(store, namespace, &taken, shared_data);
-                        return Decision {
-                            verdict: Verdict::Unavailable,
-                            outcomes,
-                            conflicts,
-                        };
+                    let what = format!("rate limit rule {:?}", rule.name);
+                    if let Err(reply) = env.admission_failed("rate limit", &what, err) {
+                        self.give_back(env, &taken);
+                        return Err(reply);
                     }
                     continue;
                 }
             };
+            let state = format!(
+                "\"{}\";r={};t={}",
+                rule.name,
+                check.remaining,
+                ceil_secs(check.full_in)
+            );
             if check.admitted {
-                outcomes.push(RuleOutcome::Allowed);
+                env.telemetry.increment(metrics.allowed);
                 if tightest
                     .as_ref()
                     .is_none_or(|(remaining, _)| check.remaining < *remaining)
                 {
-                    let state = format!(
-                        "\"{}\";r={};t={}",
-                        rule.name,
-                        check.remaining,
-                        ceil_secs(check.full_in)
-                    );
                     tightest = Some((check.remaining, state));
                 }
                 taken.push(Taken {
@@ -140,39 +200,33 @@ impl RateLimiter {
                     holder,
                 });
             } else if rule.shadow {
-                outcomes.push(RuleOutcome::ShadowLimited);
+                env.telemetry.increment(metrics.shadow_limited);
+                env.telemetry.log(
+                    Level::Info,
+                    format!(
+                        "shadow rule {:?} would refuse {} {}",
+                        rule.name, request.method, request.path
+                    ),
+                );
             } else {
-                outcomes.push(RuleOutcome::Limited);
-                conflicts += self.give_back(store, namespace, &taken, shared_data);
-                let response = &self.config.limited_response;
-                let headers = response.headers_with(vec![
+                env.telemetry.increment(metrics.limited);
+                self.give_back(env, &taken);
+                let own = vec![
                     (
                         "retry-after".to_owned(),
                         retry_after_secs(check.retry_after).to_string(),
                     ),
                     ("ratelimit-policy".to_owned(), rule.policy_item.clone()),
-                    (
-                        "ratelimit".to_owned(),
-                        format!(
-                            "\"{}\";r={};t={}",
-                            rule.name,
-                            check.remaining,
-                            ceil_secs(check.full_in)
-                        ),
-                    ),
-                ]);
-                return Decision {
-                    verdict: Verdict::Limited {
-                        status: response.status,
-                        body: response.body.clone(),
-                        headers,
-                    },
-                    outcomes,
-                    conflicts,
-                };
+                    ("ratelimit".to_owned(), state),
+                ];
+                return Err(Reply::configured(
+                    &self.config.limited_response,
+                    own,
+                    "resilience_rate_limited",
+                ));
             }
         }
-        let headers = match (tightest, self.config.headers_on_allowed) {
+        Ok(match (tightest, self.config.headers_on_allowed) {
             (Some((_, state)), true) => {
                 let policies: Vec<&str> =
                     taken.iter().map(|t| t.rule.policy_item.as_str()).collect();
@@ -182,88 +236,12 @@ impl RateLimiter {
                 ]
             }
             _ => Vec::new(),
-        };
-        Decision {
-            verdict: Verdict::Allow { headers },
-            outcomes,
-            conflicts,
-        }
+        })
     }
 
-    /// Refunds what earlier rules took for a request that will not go ahead. Best effort: a
-    /// refund that fails leaves the bucket stricter than it should be, never looser.
-    fn give_back(
-        &self,
-        store: &impl Store,
-        namespace: &Namespace,
-        taken: &[Taken<'_>],
-        shared_data: SharedDataSettings,
-    ) -> u32 {
-        let mut conflicts = 0;
-        for t in taken {
-            let refunded = store::update::<Slot, _>(
-                store,
-                namespace,
-                &t.slot_key,
-                shared_data.max_attempts,
-                |slot| ((), refund(&t.rule.bucket, slot, t.holder, t.rule.cost)),
-            );
-            conflicts += refunded.map_or(0, |updated| updated.conflicts);
-        }
-        conflicts
-    }
-
-    /// The rule's bucket key for this request: each part length-prefixed, so no choice of
-    /// header values can make two different part lists collide. `None`: the rule does not apply.
-    fn key(&self, rule: &Rule, request: &RequestInfo) -> Option<Vec<u8>> {
-        let mut key = Vec::new();
-        for part in &rule.key {
-            let address;
-            let value = match part {
-                KeyPart::ClientAddress => {
-                    address =
-                        client_address(request, self.config.trusted_hops).map(|ip| ip.to_string());
-                    address.as_deref()
-                }
-                KeyPart::Method => Some(request.method.as_str()),
-                KeyPart::Path => Some(request.path.as_str()),
-                KeyPart::Header(name) => request.header(name),
-            };
-            match (value, rule.on_missing_key) {
-                (Some(value), _) => {
-                    key.extend_from_slice(&(value.len() as u32).to_le_bytes());
-                    key.extend_from_slice(value.as_bytes());
-                }
-                (None, MissingKey::Shared) => key.extend_from_slice(&u32::MAX.to_le_bytes()),
-                (None, MissingKey::Skip) => return None,
-            }
-        }
-        Some(key)
-    }
-}
-
-/// The client's address, for an Envoy whose connection manager has `use_remote_address:
-/// true` (without it Envoy itself takes the downstream address from `X-Forwarded-For`, and
-/// any client can choose it).
-///
-/// With `trusted_hops` = 0 it is the connection's peer, and `X-Forwarded-For` is ignored.
-/// With N > 0 trusted proxies in front of Envoy, each appending the address it saw, the
-/// client is the N-th entry from the right of the header as it arrived; the last entry, which
-/// Envoy appended itself, is skipped. A header with too few entries did not come through
-/// those proxies, so the peer is used. An entry that is not an IP address counts as missing.
-pub fn client_address(request: &RequestInfo, trusted_hops: u32) -> Option<IpAddr> {
-    if trusted_hops == 0 {
-        return request.peer;
-    }
-    let Some(forwarded) = request.header("x-forwarded-for") else {
-        return request.peer;
-    };
-    let entries: Vec<&str> = forwarded.split(',').map(str::trim).collect();
-    let arrived = &entries[..entries.len().saturating_sub(1)];
-    match arrived.len().checked_sub(trusted_hops as usize) {
-        Some(index) => arrived[index].parse().ok(),
-        None => request.peer,
-    }
+    /// Tokens are spent, not lent: a request that a later stage refuses still counted against
+    /// its client's rate, as with Envoy's `local_ratelimit`.
+    fn release<S: Store>(&self, _: &mut Env<'_, S>, _: ResponseHeaders, _: &Completion) {}
 }
 
 #[cfg(test)]

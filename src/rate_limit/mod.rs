@@ -11,7 +11,7 @@ mod config;
 mod limiter;
 mod table;
 
-pub use bucket::{Bucket, Check};
+pub use bucket::{Bucket, Check, Tat};
 pub use config::{KeyPart, MissingKey, RateLimitConfig, RawRateLimit, Rule};
-pub use limiter::{client_address, Decision, RateLimiter, RuleOutcome, Verdict};
+pub use limiter::{RateLimit, ResponseHeaders};
 pub use table::Slot;

@@ -12,7 +12,7 @@
 //! looser, so no client ever gets more than its configured limit; the price is that two
 //! clients active at once in the same slot share one budget.
 
-use super::bucket::{Bucket, Check};
+use super::bucket::{Bucket, Check, Tat};
 use crate::clock::Instant;
 use crate::store::{DecodeError, Reader, Record};
 
@@ -20,21 +20,25 @@ use crate::store::{DecodeError, Reader, Record};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Slot {
     pub owner: u64,
-    pub tat: Instant,
+    pub tat: Tat,
+    /// The tick rate the TAT is counted in (the refill's tokens), so a changed refill reads it.
+    pub ticks_per_ns: u64,
 }
 
 impl Record for Slot {
-    const FORMAT: u8 = 0x11;
+    const FORMAT: u8 = 0x13;
 
     fn encode_fields(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.owner.to_le_bytes());
-        out.extend_from_slice(&self.tat.as_nanos().to_le_bytes());
+        out.extend_from_slice(&self.tat.0.to_le_bytes());
+        out.extend_from_slice(&self.ticks_per_ns.to_le_bytes());
     }
 
     fn decode_fields(fields: &mut Reader<'_>) -> Result<Self, DecodeError> {
         Ok(Slot {
             owner: fields.u64()?,
-            tat: Instant::from_nanos(fields.u64()?),
+            tat: Tat(u128::from_le_bytes(fields.bytes()?)),
+            ticks_per_ns: fields.u64()?,
         })
     }
 }
@@ -49,9 +53,13 @@ pub fn admit(
     now: Instant,
     cost: u64,
 ) -> (Check, u64, Option<Slot>) {
+    let slot = slot.map(|slot| Slot {
+        tat: bucket.rescale(slot.tat, slot.ticks_per_ns),
+        ..slot
+    });
     let (holder, tat) = match slot {
         Some(slot) if slot.owner == owner => (owner, Some(slot.tat)),
-        Some(slot) if slot.tat > now => (slot.owner, Some(slot.tat)),
+        Some(slot) if slot.tat > bucket.ticks(now) => (slot.owner, Some(slot.tat)),
         _ => (owner, None),
     };
     let check = bucket.check(tat, now, cost);
@@ -59,6 +67,7 @@ pub fn admit(
     let next = (check.admitted || repaired).then_some(Slot {
         owner: holder,
         tat: check.tat,
+        ticks_per_ns: bucket.ticks_per_ns(),
     });
     (check, holder, next)
 }
@@ -67,7 +76,8 @@ pub fn admit(
 pub fn refund(bucket: &Bucket, slot: Option<Slot>, holder: u64, cost: u64) -> Option<Slot> {
     slot.filter(|slot| slot.owner == holder).map(|slot| Slot {
         owner: holder,
-        tat: bucket.refund(slot.tat, cost),
+        tat: bucket.refund(bucket.rescale(slot.tat, slot.ticks_per_ns), cost),
+        ticks_per_ns: bucket.ticks_per_ns(),
     })
 }
 
@@ -124,7 +134,7 @@ mod tests {
         assert!(!check.admitted);
         assert_eq!(
             next.map(|s| s.tat),
-            Some(back.saturating_add(Duration::from_secs(20)))
+            Some(bucket().ticks(back.saturating_add(Duration::from_secs(20))))
         );
         let (again, _, unchanged) = admit(&bucket(), next, 7, back, 1);
         assert!(!again.admitted);

@@ -13,9 +13,13 @@
 
 mod memory;
 mod record;
+mod settings;
 
 pub use memory::MemoryStore;
 pub use record::{decode, encode, DecodeError, Reader, Record};
+pub use settings::{
+    FailureMode, RawSharedData, SharedDataSettings, DEFAULT_MAX_ATTEMPTS, MAX_ATTEMPTS_RANGE,
+};
 
 use std::fmt;
 use std::num::NonZeroU32;
@@ -149,16 +153,39 @@ pub struct Updated<R> {
 ///
 /// `decide` sees `None` when the key is missing or unreadable, and may be called once per
 /// attempt, so it must be pure. Returning no next state writes nothing (a denial costs one
-/// read). Running out of attempts is [`StoreError::Contended`].
+/// read). Running out of attempts is [`StoreError::Contended`]: for admissions, where
+/// `shared_data.on_error` decides what happens next.
 pub fn update<T: Record, R>(
     store: &impl Store,
     namespace: &Namespace,
     key: &str,
     max_attempts: u32,
+    decide: impl FnMut(Option<T>) -> (R, Option<T>),
+) -> Result<Updated<R>, StoreError> {
+    retry(store, namespace, key, Some(max_attempts), decide)
+}
+
+/// [`update`] for a change that must not be lost (a release, a refund, an outcome): it retries
+/// compare-and-swap conflicts until its write lands. That always ends: a conflict means another
+/// worker's write landed, so the store as a whole moves on. Only a host error stops it.
+pub fn settle<T: Record, R>(
+    store: &impl Store,
+    namespace: &Namespace,
+    key: &str,
+    decide: impl FnMut(Option<T>) -> (R, Option<T>),
+) -> Result<Updated<R>, StoreError> {
+    retry(store, namespace, key, None, decide)
+}
+
+fn retry<T: Record, R>(
+    store: &impl Store,
+    namespace: &Namespace,
+    key: &str,
+    max_attempts: Option<u32>,
     mut decide: impl FnMut(Option<T>) -> (R, Option<T>),
 ) -> Result<Updated<R>, StoreError> {
-    let mut conflicts = 0;
-    while conflicts < max_attempts {
+    let mut conflicts: u32 = 0;
+    while max_attempts.is_none_or(|max| conflicts < max) {
         let current = store.get(key)?;
         let (state, replaced_unreadable) = match &current {
             Some(current) => match decode::<T>(&current.bytes) {
@@ -191,10 +218,10 @@ pub fn update<T: Record, R>(
                 replaced_unreadable,
             });
         }
-        conflicts += 1;
+        conflicts = conflicts.saturating_add(1);
     }
     Err(StoreError::Contended {
-        attempts: max_attempts,
+        attempts: conflicts,
     })
 }
 

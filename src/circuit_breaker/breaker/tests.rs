@@ -1,28 +1,24 @@
 use super::*;
 use crate::circuit_breaker::CircuitBreakerConfig;
-use crate::config::Config;
+use crate::pipeline::config::Config;
 use crate::store::MemoryStore;
+use crate::testing::{at, config, T0};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
-const T0: Instant = Instant::from_nanos(1_700_000_000_000_000_000);
 const OK: Outcome = Outcome::Success { slow: false };
 const FAIL: Outcome = Outcome::Failure { slow: false };
-
-fn at(ms: u64) -> Instant {
-    T0.saturating_add(Duration::from_millis(ms))
-}
 
 fn breaker(fields: &str) -> (BreakerConfig, SharedDataSettings) {
     let json = format!(
         r#"{{"circuit_breaker": {{"breakers": [{{"name": "b", "scope": {{"match": {{}}}}, {fields}}}]}}}}"#
     );
-    match Config::parse(json.as_bytes()) {
-        Ok(Config {
+    match config(&json) {
+        Config {
             circuit_breaker: Some(CircuitBreakerConfig { mut breakers }),
             shared_data,
             ..
-        }) => (breakers.remove(0), shared_data),
+        } => (breakers.remove(0), shared_data),
         other => panic!("{other:?}"),
     }
 }
@@ -54,16 +50,7 @@ impl Bench {
     }
 
     fn finish(&mut self, permit: Permit, outcome: Outcome, now: Instant) {
-        let effects = record(
-            &self.store,
-            &ns(),
-            &self.breaker,
-            permit,
-            outcome,
-            now,
-            self.settings,
-        )
-        .unwrap();
+        let effects = record(&self.store, &ns(), &self.breaker, permit, outcome, now).unwrap();
         self.note(effects);
     }
 
@@ -369,6 +356,7 @@ fn completions_are_classified_by_flags_then_status() {
     let done = |status: Option<u16>, flags: u64, ms: u64| Completion {
         status,
         flags,
+        via_upstream: flags == 0,
         duration: Duration::from_millis(ms),
     };
     assert_eq!(b.classify(&done(Some(200), 0, 10)), OK);
@@ -405,6 +393,37 @@ fn completions_are_classified_by_flags_then_status() {
     let (quiet, _) =
         breaker(r#""failure": {"local_failures": false}, "trip": {"consecutive_failures": 1}"#);
     assert_eq!(quiet.classify(&done(Some(503), 0x20, 10)), Outcome::Ignored);
+    let reset_by_client = Completion {
+        flags: 0x1000_0000,
+        ..done(Some(200), 0, 10)
+    };
+    assert_eq!(
+        b.classify(&reset_by_client),
+        Outcome::Ignored,
+        "an HTTP/2 client reset its stream (DR)"
+    );
+}
+
+/// Issue 15, defect 4: a 503 that another filter answered locally (a chained instance
+/// shedding load, a rate limit, an auth filter) said nothing about the upstream, yet opened
+/// the breaker.
+#[test]
+fn local_replies_say_nothing_about_the_upstream() {
+    let (b, _) = breaker(r#""trip": {"consecutive_failures": 1}"#);
+    let local = |status| Completion {
+        status: Some(status),
+        flags: 0,
+        via_upstream: false,
+        duration: Duration::from_millis(1),
+    };
+    for status in [503, 429, 500, 401, 200] {
+        assert_eq!(b.classify(&local(status)), Outcome::Ignored, "{status}");
+    }
+    let from_upstream = Completion {
+        via_upstream: true,
+        ..local(503)
+    };
+    assert_eq!(b.classify(&from_upstream), FAIL);
 }
 
 #[test]
@@ -443,10 +462,6 @@ fn eight_workers_trip_once_and_share_the_probe_budget() {
     let (breaker, settings) = breaker(
         r#""trip": {"consecutive_failures": 5}, "open": {"duration": "1s"}, "half_open": {"max_probes": 3}"#,
     );
-    let settings = SharedDataSettings {
-        max_attempts: 64,
-        ..settings
-    };
     let shared = Arc::new((breaker, MemoryStore::default(), Mutex::new(Vec::new())));
     let run = |phase_ms: u64| {
         let workers: Vec<_> = (0..8)
@@ -464,8 +479,7 @@ fn eight_workers_trip_once_and_share_the_probe_budget() {
                             (admission, phase_ms)
                         {
                             let effects =
-                                record(store, &ns(), breaker, permit, FAIL, at(0), settings)
-                                    .unwrap();
+                                record(store, &ns(), breaker, permit, FAIL, at(0)).unwrap();
                             log.lock()
                                 .unwrap()
                                 .push((admission, effects.transition.map(|t| t.to)));

@@ -1,25 +1,19 @@
 use super::*;
-use crate::config::Config;
 use crate::hashing::Seed;
+use crate::pipeline::config::Config;
 use crate::store::MemoryStore;
-use std::time::Duration;
+use crate::testing::{at, config, T0};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
-const T0: Instant = Instant::from_nanos(1_700_000_000_000_000_000);
-
-fn at(ms: u64) -> Instant {
-    T0.saturating_add(Duration::from_millis(ms))
-}
-
 fn policy(json: &str) -> (Idempotency, SharedDataSettings) {
-    match Config::parse(format!(r#"{{"idempotency": {json}}}"#).as_bytes()) {
-        Ok(Config {
+    match config(&format!(r#"{{"idempotency": {json}}}"#)) {
+        Config {
             idempotency: Some(config),
             shared_data,
             ..
-        }) => (
-            Idempotency::new(config, KeyHasher::new(Seed([7, 9]))),
+        } => (
+            Idempotency::new(config, KeyHasher::new(Seed([7, 9])), &mut Catalog::new("t")),
             shared_data,
         ),
         other => panic!("{other:?}"),
@@ -27,16 +21,17 @@ fn policy(json: &str) -> (Idempotency, SharedDataSettings) {
 }
 
 fn post(key: Option<&str>, authorization: &str) -> RequestInfo {
-    let mut headers = vec![("authorization".to_owned(), authorization.to_owned())];
+    let mut headers = vec![(
+        "authorization".to_owned(),
+        authorization.as_bytes().to_vec(),
+    )];
     if let Some(key) = key {
-        headers.push(("idempotency-key".to_owned(), key.to_owned()));
+        headers.push(("idempotency-key".to_owned(), key.as_bytes().to_vec()));
     }
     RequestInfo {
-        method: "POST".into(),
-        path: "/charges".into(),
         headers,
         peer: "192.0.2.1".parse().ok(),
-        cluster: None,
+        ..RequestInfo::new(b"POST", b"/charges")
     }
 }
 
@@ -64,7 +59,7 @@ impl Bench {
     }
 
     fn decide(&self, pending: Pending, body: &[u8], claim: u64, now: Instant) -> Decision {
-        let fingerprint = Idempotency::fingerprint("POST", "/charges?x=1", body);
+        let fingerprint = Idempotency::fingerprint("POST", b"/charges?x=1", body);
         self.policy
             .decide(
                 &self.store,
@@ -80,14 +75,7 @@ impl Bench {
 
     fn finish(&self, pending: Pending, claim: u64, outcome: Outcome, now: Instant) -> Finished {
         self.policy
-            .finish(
-                &self.store,
-                &ns(),
-                ClaimId { pending, claim },
-                outcome,
-                now,
-                self.settings,
-            )
+            .finish(&self.store, &ns(), ClaimId { pending, claim }, outcome, now)
             .unwrap()
     }
 }
@@ -100,8 +88,8 @@ fn created() -> StoredResponse {
     StoredResponse {
         status: 201,
         headers: vec![
-            ("content-type".into(), "application/json".into()),
-            ("location".into(), "/charges/1".into()),
+            ("content-type".into(), b"application/json".to_vec()),
+            ("location".into(), b"/charges/1".to_vec()),
         ],
         body: br#"{"id": 1}"#.to_vec(),
     }
@@ -366,8 +354,13 @@ fn keys_are_checked_before_anything_else() {
 #[test]
 fn problems_are_rfc_9457_json() {
     let (p, _) = policy("{}");
-    let problem = p.problem(&Decision::Mismatch).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&problem.body()).unwrap();
+    let reply = p.problem(&Decision::Mismatch).unwrap().reply();
+    assert_eq!(
+        reply.header("content-type"),
+        Some(&b"application/problem+json"[..])
+    );
+    assert_eq!(reply.details, "resilience_idempotency");
+    let json: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
     assert_eq!(json["status"], 422);
     assert_eq!(json["type"], "urn:envoy-resilience:idempotency:key-reused");
     assert!(json["detail"].as_str().unwrap().contains("Use a new key"));
@@ -410,17 +403,17 @@ fn records_round_trip_and_foreign_bytes_are_refused() {
 #[test]
 fn eight_workers_racing_with_one_key_make_one_claim() {
     use std::sync::Arc;
-    let (policy, settings) = policy("{}");
-    let shared = Arc::new((policy, MemoryStore::default()));
+    let store = Arc::new(MemoryStore::default());
     let workers: Vec<_> = (0..8u64)
         .map(|w| {
-            let shared = Arc::clone(&shared);
+            let store = Arc::clone(&store);
             std::thread::spawn(move || {
-                let (policy, store) = &*shared;
+                let (policy, settings) = policy("{}");
+                let store = &*store;
                 let Begin::Check(pending) = policy.begin(&post(Some("race"), "a")) else {
                     panic!()
                 };
-                let fingerprint = Idempotency::fingerprint("POST", "/charges", b"{}");
+                let fingerprint = Idempotency::fingerprint("POST", b"/charges", b"{}");
                 (0..25u64)
                     .filter(|i| {
                         let decided = policy.decide(
@@ -432,10 +425,7 @@ fn eight_workers_racing_with_one_key_make_one_claim() {
                             },
                             fingerprint,
                             T0,
-                            SharedDataSettings {
-                                max_attempts: 64,
-                                ..settings
-                            },
+                            settings,
                         );
                         decided.unwrap().0 == Decision::Claimed
                     })
@@ -445,4 +435,169 @@ fn eight_workers_racing_with_one_key_make_one_claim() {
         .collect();
     let claims: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
     assert_eq!(claims, 1, "of 200 attempts");
+}
+
+fn captured(
+    config: &IdempotencyConfig,
+    headers: &[(&str, &[u8])],
+    body: &[u8],
+    from_upstream: bool,
+) -> Outcome {
+    let mut capture = Capture::default();
+    let headers: Vec<(String, Vec<u8>)> = headers
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_vec()))
+        .collect();
+    capture.headers(config, Some(201), from_upstream, &headers, false);
+    capture.body(config, body, true);
+    capture.outcome()
+}
+
+/// Issue 15, defect 8: a stored header was cut at 65,535 bytes, which could split a UTF-8
+/// character; the record then failed to decode and the duplicate executed again.
+#[test]
+fn a_header_too_long_for_the_record_makes_it_unreplayable_never_cut() {
+    use crate::store::{decode, encode};
+    let long = "é".repeat(40_000).into_bytes();
+    let record = IdempotencyRecord {
+        owner: 5,
+        fingerprint: [3; 32],
+        deadline: T0,
+        entry: Entry::Completed(StoredResponse {
+            status: 201,
+            headers: vec![("location".into(), long.clone())],
+            body: b"{}".to_vec(),
+        }),
+    };
+    assert_eq!(
+        decode::<IdempotencyRecord>(&encode(&record)).map(|r| r.entry),
+        Ok(Entry::Unreplayable { status: 201 })
+    );
+    let (p, _) = policy(r#"{"max_response_bytes": 1048576, "records": 512}"#);
+    assert_eq!(
+        captured(p.config(), &[("location", &long)], b"{}", true),
+        Outcome::ResponseNotStored { status: 201 },
+        "within max_response_bytes, but longer than a record's header field"
+    );
+}
+
+/// Issue 15, defect 1: a stored header that is not UTF-8 is replayed byte for byte.
+#[test]
+fn header_values_that_are_not_utf8_are_stored_and_replayed_as_bytes() {
+    use crate::store::{decode, encode};
+    let (p, _) = policy("{}");
+    let outcome = captured(
+        p.config(),
+        &[("location", b"/orders/caf\xe9"), ("x-other", b"dropped")],
+        b"{}",
+        true,
+    );
+    let Outcome::Response(stored) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(
+        stored.headers,
+        [("location".to_owned(), b"/orders/caf\xe9".to_vec())],
+        "allow-listed headers only"
+    );
+    let record = IdempotencyRecord {
+        owner: 1,
+        fingerprint: [0; 32],
+        deadline: T0,
+        entry: Entry::Completed(stored.clone()),
+    };
+    assert_eq!(
+        decode::<IdempotencyRecord>(&encode(&record)).map(|r| r.entry),
+        Ok(Entry::Completed(stored))
+    );
+}
+
+/// Issue 15, defect 8: the memory bound `records × (max_response_bytes + 4096)` ignored stored
+/// headers, and one record took 80 KB against a 4 KB allowance. Headers now count.
+#[test]
+fn a_record_never_takes_more_than_its_allowance() {
+    use crate::store::encode;
+    let (p, _) = policy(r#"{"max_response_bytes": 4096}"#);
+    let budget = crate::idempotency::RECORD_FIXED_BYTES + 4096;
+    let big = vec![b'x'; 80_000];
+    type Headers<'a> = &'a [(&'a str, &'a [u8])];
+    let cases: [(Headers<'_>, usize); 5] = [
+        (&[("location", &big)], 0),
+        (&[("location", &big[..4000])], 0),
+        (&[("location", &big[..4000])], 200),
+        (&[("etag", b"\"v1\"")], 4096),
+        (&[("etag", b"\"v1\"")], 4000),
+    ];
+    for (headers, body_len) in cases {
+        let outcome = captured(p.config(), headers, &big[..body_len], true);
+        let entry = match outcome {
+            Outcome::Response(stored) => {
+                assert!(stored.size() <= 4096);
+                Entry::Completed(stored)
+            }
+            Outcome::ResponseNotStored { status } => Entry::Unreplayable { status },
+            Outcome::NoResponse => panic!("the upstream answered"),
+        };
+        let record = IdempotencyRecord {
+            owner: 1,
+            fingerprint: [0; 32],
+            deadline: T0,
+            entry,
+        };
+        assert!(
+            encode(&record).len() <= budget,
+            "{} bytes for a {body_len}-byte body",
+            encode(&record).len()
+        );
+    }
+    assert!(matches!(
+        captured(p.config(), &[("etag", b"\"v1\"")], &big[..4000], true),
+        Outcome::Response(_)
+    ));
+    assert!(matches!(
+        captured(p.config(), &[("etag", b"\"v1\"")], &big[..4096], true),
+        Outcome::ResponseNotStored { .. }
+    ));
+}
+
+/// Issue 15, defect 2: a response that ends in trailers never completed its capture.
+#[test]
+fn a_response_ending_in_trailers_is_complete_and_grpc_is_never_stored() {
+    let (p, _) = policy("{}");
+    let config = p.config();
+    let mut capture = Capture::default();
+    capture.headers(config, Some(200), true, &[], false);
+    capture.body(config, b"data", false);
+    capture.trailers();
+    assert!(matches!(capture.outcome(), Outcome::Response(_)));
+
+    let mut grpc = Capture::default();
+    let content_type = vec![(
+        "content-type".to_owned(),
+        b"application/grpc+proto".to_vec(),
+    )];
+    grpc.headers(config, Some(200), true, &content_type, false);
+    grpc.body(config, b"\0\0\0\0\x02hi", false);
+    grpc.trailers();
+    assert_eq!(
+        grpc.outcome(),
+        Outcome::ResponseNotStored { status: 200 },
+        "its grpc-status lives in trailers, which a replay cannot send"
+    );
+
+    let mut cut = Capture::default();
+    cut.headers(config, Some(200), true, &[], false);
+    cut.body(config, b"half", false);
+    assert_eq!(cut.outcome(), Outcome::ResponseNotStored { status: 200 });
+}
+
+/// A local reply (another stage's refusal, a chained instance's 429) is not the upstream's
+/// answer: the request never executed, so the key is freed, never stored.
+#[test]
+fn a_local_reply_frees_the_key() {
+    let (p, _) = policy("{}");
+    assert_eq!(
+        captured(p.config(), &[], b"rate limited", false),
+        Outcome::NoResponse
+    );
 }

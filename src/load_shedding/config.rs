@@ -1,9 +1,9 @@
 //! The `load_shedding` section: pools (bulkheads) with caps, priority classes, adaptive limits.
 
-use crate::config::{ConfigError, Duration};
-use crate::matcher::{check_header_name, check_name, Match, RawMatch, RawScope, Scope};
+use crate::config::{check_header_name, check_name, ConfigError, Duration};
+use crate::matcher::{Match, RawMatch, RawScope, Scope};
+use crate::reply::{RawResponse, Response};
 use crate::request::Cidr;
-use crate::response::{RawResponse, Response};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -82,10 +82,19 @@ impl Class {
         }
     }
 
-    pub fn parse(text: &str) -> Option<Class> {
-        Class::ALL
-            .into_iter()
-            .find(|class| class.name().eq_ignore_ascii_case(text.trim()))
+    /// A class named in a header value; a value that is not a class name (or not text) is none.
+    pub fn parse(value: &[u8]) -> Option<Class> {
+        Class::ALL.into_iter().find(|class| {
+            class
+                .name()
+                .as_bytes()
+                .eq_ignore_ascii_case(value.trim_ascii())
+        })
+    }
+
+    /// Position in [`Class::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -114,8 +123,9 @@ pub struct LoadSheddingConfig {
     pub trusted_sources: Vec<Cidr>,
     pub class_rules: Vec<(Match, Class)>,
     pub default_class: Class,
-    /// Per class, in `Class::ALL` order: the share of the limit at which it starts being shed.
-    pub shed_at: [f64; 4],
+    /// Per class, in `Class::ALL` order: the share of the limit at which it starts being shed,
+    /// in millionths, so thresholds are computed exactly (`0.29` of 100 is 29, not 28).
+    pub shed_at: [u32; 4],
     pub response: Response,
     pub retry_after: std::time::Duration,
 }
@@ -178,19 +188,23 @@ impl LoadSheddingConfig {
         }
 
         let shed = raw.shed_at.unwrap_or_default();
-        let shed_at = [
+        let shares = [
             shed.critical.unwrap_or(1.0),
             shed.high.unwrap_or(0.9),
             shed.normal.unwrap_or(0.8),
             shed.low.unwrap_or(0.5),
         ];
-        for (class, share) in Class::ALL.iter().zip(shed_at) {
+        let mut shed_at = [0; 4];
+        for ((class, share), millionths) in Class::ALL.iter().zip(shares).zip(&mut shed_at) {
+            let field = format!("{at}.shed_at.{}", class.name());
             if !(0.01..=1.0).contains(&share) {
-                return Err(ConfigError::at(
-                    &format!("{at}.shed_at.{}", class.name()),
-                    "must be between 0.01 and 1",
-                ));
+                return Err(ConfigError::at(&field, "must be between 0.01 and 1"));
             }
+            let scaled = (share * 1e6).round();
+            if (scaled / 1e6 - share).abs() > 1e-12 {
+                return Err(ConfigError::at(&field, "may have at most 6 decimal places"));
+            }
+            *millionths = scaled as u32;
         }
         if shed_at.windows(2).any(|pair| pair[0] < pair[1]) {
             return Err(ConfigError::at(
@@ -225,26 +239,6 @@ impl LoadSheddingConfig {
             )?,
             retry_after,
         })
-    }
-
-    pub fn header_names(&self) -> impl Iterator<Item = &str> {
-        let scopes = self
-            .pools
-            .iter()
-            .filter_map(|p| p.scope.as_ref())
-            .flat_map(Scope::header_names);
-        let rules = self.class_rules.iter().flat_map(|(m, _)| m.header_names());
-        scopes.chain(rules).chain(self.priority_header.as_deref())
-    }
-
-    pub fn needs_cluster(&self) -> bool {
-        self.pools
-            .iter()
-            .any(|p| p.scope.as_ref().is_some_and(Scope::needs_cluster))
-    }
-
-    pub fn needs_peer(&self) -> bool {
-        self.priority_header.is_some()
     }
 }
 

@@ -12,4 +12,4 @@ mod shedder;
 
 pub use config::{Adaptive, Class, LoadSheddingConfig, PoolConfig, RawLoadShedding};
 pub use pool::{threshold, LimitChange, PoolState};
-pub use shedder::{Decision, LoadShedder, Released, Verdict};
+pub use shedder::{LoadShedding, Slots};

@@ -80,13 +80,13 @@ impl PoolConfig {
         state
     }
 
-    /// Admits a request whose class sheds at `shed_at` of the limit: the state to write, or
-    /// `None` when the request is shed.
+    /// Admits a request whose class sheds at `shed_at` millionths of the limit: the state to
+    /// write, or `None` when the request is shed.
     pub fn admit(
         &self,
         stored: Option<PoolState>,
         now: Instant,
-        shed_at: f64,
+        shed_at: u32,
     ) -> Option<PoolState> {
         let state = self.current(stored, now);
         let threshold = threshold(state.limit, shed_at);
@@ -96,16 +96,16 @@ impl PoolConfig {
         })
     }
 
-    /// Releases one request that took `latency`; adaptive pools also take it as a sample.
+    /// Releases one request; adaptive pools take its `latency`, if it is a sample.
     pub fn release(
         &self,
         stored: Option<PoolState>,
         now: Instant,
-        latency: std::time::Duration,
+        latency: Option<std::time::Duration>,
     ) -> (PoolState, Option<LimitChange>) {
         let mut state = self.current(stored, now);
         state.in_flight = state.in_flight.saturating_sub(1);
-        let Some(adaptive) = &self.adaptive else {
+        let (Some(adaptive), Some(latency)) = (&self.adaptive, latency) else {
             return (state, None);
         };
         state.period_latency_ns = state
@@ -117,10 +117,12 @@ impl PoolConfig {
     }
 }
 
-/// In-flight count at which a class with `shed_at` starts being shed; never below one, so
-/// every class can get through an idle pool.
-pub fn threshold(limit: u32, shed_at: f64) -> u32 {
-    ((f64::from(limit) * shed_at).floor() as u32).clamp(1, limit.max(1))
+/// In-flight count at which a class shedding at `shed_at` millionths of the limit starts
+/// being shed: `⌊limit × shed_at⌋`, computed exactly, and never below one, so every class can
+/// get through an idle pool.
+pub fn threshold(limit: u32, shed_at: u32) -> u32 {
+    let share = u64::from(limit) * u64::from(shed_at) / 1_000_000;
+    u32::try_from(share).unwrap_or(limit).clamp(1, limit.max(1))
 }
 
 /// Closes the sampling period if it has run its length, and moves the limit by the gradient

@@ -1,4 +1,6 @@
 use super::*;
+use crate::config::Duration;
+use crate::store::{FailureMode, DEFAULT_MAX_ATTEMPTS};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -166,41 +168,54 @@ fn durations_are_strings_with_units() {
     assert_eq!(parse(r#""-1s""#), None);
 }
 
-/// The host fetches only what these name: a policy missing here silently sees nothing.
+/// Issue 15: every numeric field either holds exactly as written or is refused, naming it.
 #[test]
-fn every_policy_declares_the_request_parts_it_reads() {
-    let config = Config::parse(
-        br#"{
-        "rate_limit": {"rules": [{"name": "r", "key": [{"header": "x-api-key"}, "client_address"], "capacity": 1, "refill": {"tokens": 1, "interval": "1s"}}]},
-        "circuit_breaker": {"breakers": [{"name": "b", "scope": {"match": {"host": "a.example", "headers": [{"name": "x-tenant", "present": true}]}}, "trip": {"consecutive_failures": 1}}]},
-        "load_shedding": {"pools": [{"name": "p", "scope": {"cluster": "c"}, "max_in_flight": 1}],
-                          "priority": {"header": "x-priority", "trusted_sources": ["10.0.0.0/8"],
-                                       "rules": [{"match": {"headers": [{"name": "x-batch", "present": true}]}, "class": "low"}]}}
-    }"#,
-    );
-    let Ok(config) = config else {
-        panic!("{config:?}")
+fn values_that_cannot_be_honoured_are_refused_with_the_field() {
+    let shedding = |shed_at: &str| {
+        format!(
+            r#"{{"load_shedding": {{"pools": [{{"name": "p", "max_in_flight": 10}}], "shed_at": {shed_at}}}}}"#
+        )
     };
     assert_eq!(
-        config.request_headers(),
-        [
-            ":authority",
-            "x-api-key",
-            "x-batch",
-            "x-priority",
-            "x-tenant"
-        ]
+        error_path(&shedding(r#"{"low": 0.1234567}"#)),
+        "load_shedding.shed_at.low"
     );
-    assert!(config.needs_peer() && config.needs_cluster());
-
-    let Ok(shedding_only) = Config::parse(
-        br#"{"load_shedding": {"pools": [{"name": "p", "scope": {"cluster": "c"}, "max_in_flight": 1}],
-             "priority": {"header": "x-priority", "trusted_sources": ["10.0.0.0/8"]}}}"#,
-    ) else {
-        panic!()
+    assert!(Config::parse(shedding(r#"{"low": 0.123456}"#).as_bytes()).is_ok());
+    assert_eq!(
+        error_path(&shedding(r#"{"low": 0.009}"#)),
+        "load_shedding.shed_at.low"
+    );
+    let idempotency = |field: &str| format!(r#"{{"idempotency": {{{field}}}}}"#);
+    assert_eq!(
+        error_path(&idempotency(r#""body_timeout": "0s""#)),
+        "idempotency.body_timeout"
+    );
+    assert_eq!(
+        error_path(&idempotency(r#""body_timeout": "6m""#)),
+        "idempotency.body_timeout"
+    );
+    assert!(Config::parse(idempotency(r#""body_timeout": "5m""#).as_bytes()).is_ok());
+    let rule = |refill: &str| {
+        format!(
+            r#"{{"rate_limit": {{"rules": [{{"name": "r", "capacity": 1000000000, "refill": {refill}}}]}}}}"#
+        )
     };
-    assert_eq!(shedding_only.request_headers(), ["x-priority"]);
-    assert!(shedding_only.needs_peer() && shedding_only.needs_cluster());
-    assert!(Config::parse(b"{}")
-        .is_ok_and(|c| !c.needs_peer() && !c.needs_cluster() && c.request_headers().is_empty()));
+    assert_eq!(
+        error_path(&rule(r#"{"tokens": 2000000, "interval": "1ms"}"#)),
+        "rate_limit.rules[0].refill",
+        "faster than a token per nanosecond"
+    );
+    assert!(Config::parse(rule(r#"{"tokens": 1000000, "interval": "1ms"}"#).as_bytes()).is_ok());
+    assert!(Config::parse(rule(r#"{"tokens": 1, "interval": "366days"}"#).as_bytes()).is_ok());
+    assert!(Config::parse(rule(r#"{"tokens": 700000000, "interval": "1s"}"#).as_bytes()).is_ok());
+    assert_eq!(
+        error_path(&rule(r#"{"tokens": 1, "interval": "367days"}"#)),
+        "rate_limit.rules[0].refill.interval"
+    );
+    assert_eq!(
+        error_path(
+            r#"{"rate_limit": {"rules": [{"name": "r", "match": {"path_prefix": "/a/../b/"}, "capacity": 1, "refill": {"tokens": 1, "interval": "1s"}}]}}"#
+        ),
+        "rate_limit.rules[0].match.path_prefix"
+    );
 }

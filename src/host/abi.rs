@@ -1,0 +1,314 @@
+//! The proxy-wasm hostcalls the filter makes, each returning the host's status.
+//!
+//! The SDK's own wrappers (proxy-wasm 0.2.5) panic on any status they do not expect, and its
+//! `String` getters unwrap UTF-8; a panic is a Wasm trap, which takes the worker's VM (and
+//! every later request on that worker) down. These never panic: header values and bodies are
+//! bytes, and every failure is a `Status` the caller decides about. The SDK still provides
+//! the entry points, context dispatch and memory allocation.
+
+use crate::clock::Instant;
+use crate::reply::Reply;
+use crate::telemetry::{Level, MetricKind};
+use std::ptr::{null, null_mut};
+use std::time::Duration;
+
+/// A proxy-wasm status other than `Ok`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status(pub u32);
+
+pub const NOT_FOUND: Status = Status(1);
+pub const CAS_MISMATCH: Status = Status(8);
+
+#[derive(Clone, Copy)]
+#[repr(u32)]
+pub enum Map {
+    RequestHeaders = 0,
+    ResponseHeaders = 2,
+}
+
+#[derive(Clone, Copy)]
+#[repr(u32)]
+pub enum Buffer {
+    RequestBody = 0,
+    ResponseBody = 1,
+    PluginConfiguration = 7,
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_add_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_code_details_data: *const u8,
+        status_code_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_define_metric(
+        metric_type: u32,
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+}
+
+fn check(status: u32) -> Result<(), Status> {
+    match status {
+        0 => Ok(()),
+        other => Err(Status(other)),
+    }
+}
+
+/// Takes ownership of bytes the host wrote into memory it allocated through the SDK's
+/// `proxy_on_memory_allocate` (a `Vec<u8>` of exactly `size`).
+///
+/// # Safety
+/// `data` must be null or such an allocation of `size` bytes, owned by no one else.
+unsafe fn take(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() {
+        Vec::new()
+    } else {
+        Vec::from_raw_parts(data, size, size)
+    }
+}
+
+pub fn log(level: Level, message: &str) {
+    let level = match level {
+        Level::Debug => 1,
+        Level::Info => 2,
+        Level::Warn => 3,
+        Level::Error => 4,
+    };
+    // Nothing to do if logging fails.
+    let _ = unsafe { proxy_log(level, message.as_ptr(), message.len()) };
+}
+
+/// Envoy's wall clock, shared by all workers; it may step backwards, which the core absorbs.
+pub fn now() -> Instant {
+    let mut nanos = 0;
+    let _ = unsafe { proxy_get_current_time_nanoseconds(&mut nanos) };
+    Instant::from_nanos(nanos)
+}
+
+pub fn set_tick_period(period: Duration) -> Result<(), Status> {
+    let millis = u32::try_from(period.as_millis()).unwrap_or(u32::MAX);
+    check(unsafe { proxy_set_tick_period_milliseconds(millis) })
+}
+
+/// Up to `max` bytes of a buffer, from its start.
+pub fn buffer(buffer: Buffer, max: usize) -> Result<Vec<u8>, Status> {
+    let (mut data, mut size) = (null_mut(), 0);
+    check(unsafe { proxy_get_buffer_bytes(buffer as u32, 0, max, &mut data, &mut size) })?;
+    Ok(unsafe { take(data, size) })
+}
+
+pub fn header(map: Map, name: &str) -> Result<Option<Vec<u8>>, Status> {
+    let (mut data, mut size) = (null_mut(), 0);
+    let status = unsafe {
+        proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size)
+    };
+    match check(status) {
+        Ok(()) => Ok(Some(unsafe { take(data, size) })),
+        Err(NOT_FOUND) => Ok(None),
+        Err(other) => Err(other),
+    }
+}
+
+/// Every header of a map; names are tokens (ASCII), values any bytes.
+pub fn headers(map: Map) -> Result<Vec<(String, Vec<u8>)>, Status> {
+    let (mut data, mut size) = (null_mut(), 0);
+    check(unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) })?;
+    let bytes = unsafe { take(data, size) };
+    Ok(parse_pairs(&bytes).unwrap_or_default())
+}
+
+/// The host's serialized map: a count, then a (name length, value length) pair per entry, then
+/// each name and value followed by a NUL. `None` if the bytes do not add up.
+fn parse_pairs(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
+    if bytes.is_empty() {
+        return Some(Vec::new());
+    }
+    let u32_at = |at: usize| -> Option<usize> {
+        let field = bytes.get(at..at.checked_add(4)?)?;
+        Some(u32::from_le_bytes(field.try_into().ok()?) as usize)
+    };
+    let count = u32_at(0)?;
+    let mut data = count.checked_mul(8)?.checked_add(4)?;
+    let mut pairs = Vec::with_capacity(count.min(bytes.len() / 8));
+    for i in 0..count {
+        let name_len = u32_at(4 + i * 8)?;
+        let value_len = u32_at(8 + i * 8)?;
+        let name = bytes.get(data..data.checked_add(name_len)?)?;
+        data = data.checked_add(name_len)?.checked_add(1)?;
+        let value = bytes.get(data..data.checked_add(value_len)?)?;
+        data = data.checked_add(value_len)?.checked_add(1)?;
+        pairs.push((String::from_utf8_lossy(name).into_owned(), value.to_vec()));
+    }
+    Some(pairs)
+}
+
+/// The host's serialized map, for headers we send.
+fn serialize_pairs(pairs: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+    for (name, value) in pairs {
+        bytes.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    }
+    for (name, value) in pairs {
+        bytes.extend_from_slice(name.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(value);
+        bytes.push(0);
+    }
+    bytes
+}
+
+pub fn add_header(map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
+    check(unsafe {
+        proxy_add_header_map_value(
+            map as u32,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    })
+}
+
+/// A stream or plugin attribute, e.g. `["source", "address"]`.
+pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
+    let serialized = path.join("\0");
+    let (mut data, mut size) = (null_mut(), 0);
+    let status =
+        unsafe { proxy_get_property(serialized.as_ptr(), serialized.len(), &mut data, &mut size) };
+    match check(status) {
+        Ok(()) => Ok(Some(unsafe { take(data, size) })),
+        Err(NOT_FOUND) => Ok(None),
+        Err(other) => Err(other),
+    }
+}
+
+/// An integer attribute (Envoy passes them as 8 little-endian bytes).
+pub fn int_property(path: &[&str]) -> Option<u64> {
+    let bytes = property(path).ok()??;
+    Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
+}
+
+/// A shared-data value and its version; `None` when the key is missing.
+pub fn get_shared_data(key: &str) -> Result<Option<(Vec<u8>, u32)>, Status> {
+    let (mut data, mut size, mut version) = (null_mut(), 0, 0);
+    let status = unsafe {
+        proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut version)
+    };
+    match check(status) {
+        Ok(()) => Ok(Some((unsafe { take(data, size) }, version))),
+        Err(NOT_FOUND) => Ok(None),
+        Err(other) => Err(other),
+    }
+}
+
+/// Writes a shared-data value; `cas` 0 writes unconditionally.
+pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
+    check(unsafe {
+        proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
+    })
+}
+
+pub fn send_local_response(reply: &Reply) -> Result<(), Status> {
+    let headers = serialize_pairs(&reply.headers);
+    check(unsafe {
+        proxy_send_local_response(
+            u32::from(reply.status),
+            reply.details.as_ptr(),
+            reply.details.len(),
+            if reply.body.is_empty() {
+                null()
+            } else {
+                reply.body.as_ptr()
+            },
+            reply.body.len(),
+            headers.as_ptr(),
+            headers.len(),
+            // No gRPC status of our own: Envoy derives one from the HTTP status for gRPC calls.
+            -1,
+        )
+    })
+}
+
+/// Makes a later hostcall act on stream `context_id` (from a timer, outside its callbacks).
+pub fn set_effective_context(context_id: u32) -> Result<(), Status> {
+    check(unsafe { proxy_set_effective_context(context_id) })
+}
+
+pub fn define_metric(kind: MetricKind, name: &str) -> Result<u32, Status> {
+    let kind = match kind {
+        MetricKind::Counter => 0,
+        MetricKind::Gauge => 1,
+    };
+    let mut id = 0;
+    check(unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) })?;
+    Ok(id)
+}
+
+pub fn increment_metric(id: u32, offset: i64) -> Result<(), Status> {
+    check(unsafe { proxy_increment_metric(id, offset) })
+}
+
+pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
+    check(unsafe { proxy_record_metric(id, value) })
+}

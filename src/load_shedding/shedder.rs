@@ -1,0 +1,250 @@
+//! Admission into the pools a request falls in, by its priority class, and release at the
+//! end of its stream.
+
+use super::config::{Class, LoadSheddingConfig, PoolConfig};
+use super::pool::PoolState;
+use crate::clock::retry_after_secs;
+use crate::matcher::Scope;
+use crate::policy::{Completion, Env, Needs, Policy};
+use crate::reply::Reply;
+use crate::request::RequestInfo;
+use crate::store::{self, Namespace, Store};
+use crate::telemetry::{Catalog, Level, MetricId};
+use std::time::Duration;
+
+pub struct LoadShedding {
+    config: LoadSheddingConfig,
+    /// Per pool, in configuration order.
+    metrics: Vec<PoolMetrics>,
+}
+
+struct PoolMetrics {
+    admitted: MetricId,
+    /// Per class, in `Class::ALL` order.
+    shed: [MetricId; 4],
+    in_flight: MetricId,
+    limit: MetricId,
+}
+
+/// The pools (by index) whose slots a request holds until its stream ends.
+pub type Slots = Vec<usize>;
+
+impl LoadShedding {
+    pub fn new(config: LoadSheddingConfig, catalog: &mut Catalog) -> Self {
+        let metrics = config
+            .pools
+            .iter()
+            .map(|pool| {
+                let name = |what: &str| format!("load_shedding.{}.{what}", pool.name);
+                PoolMetrics {
+                    admitted: catalog.counter(&name("admitted")),
+                    shed: Class::ALL
+                        .map(|class| catalog.counter(&name(&format!("shed.{}", class.name())))),
+                    in_flight: catalog.gauge(&name("in_flight")),
+                    limit: catalog.gauge(&name("limit")),
+                }
+            })
+            .collect();
+        Self { config, metrics }
+    }
+
+    pub fn config(&self) -> &LoadSheddingConfig {
+        &self.config
+    }
+
+    /// The request's class: the priority header if a trusted source sent it, else the first
+    /// matching rule, else the default. An untrusted, unknown or non-text header is ignored.
+    pub fn classify(&self, request: &RequestInfo) -> Class {
+        let trusted = request.peer.is_some_and(|peer| {
+            self.config
+                .trusted_sources
+                .iter()
+                .any(|cidr| cidr.contains(peer))
+        });
+        let from_header = self
+            .config
+            .priority_header
+            .as_deref()
+            .filter(|_| trusted)
+            .and_then(|name| request.header(name))
+            .and_then(Class::parse);
+        from_header
+            .or_else(|| {
+                self.config
+                    .class_rules
+                    .iter()
+                    .find(|(m, _)| m.matches(request))
+                    .map(|(_, class)| *class)
+            })
+            .unwrap_or(self.config.default_class)
+    }
+
+    /// Sets every pool's limit gauge from shared data, so a new VM shows the adaptive limit
+    /// where the other workers left it.
+    pub fn report_limits<S: Store>(&self, env: &mut Env<'_, S>) {
+        for (pool, metrics) in self.config.pools.iter().zip(&self.metrics) {
+            let key = pool_key(env.namespace(), pool);
+            let stored = store::read::<PoolState>(env.store, &key).ok().flatten();
+            let limit = pool.current(stored, env.now).limit;
+            env.telemetry.set(metrics.limit, u64::from(limit));
+        }
+    }
+
+    /// Gives back the slots of `held`; `latency` feeds adaptive pools. A release retries until
+    /// it lands: one that gave up would shrink the pool for good.
+    fn release_slots<S: Store>(
+        &self,
+        env: &mut Env<'_, S>,
+        held: &[usize],
+        latency: Option<Duration>,
+    ) {
+        let now = env.now;
+        for &index in held {
+            let (Some(pool), Some(metrics)) =
+                (self.config.pools.get(index), self.metrics.get(index))
+            else {
+                continue;
+            };
+            let released = store::settle::<PoolState, _>(
+                env.store,
+                env.namespace(),
+                &pool_key(env.namespace(), pool),
+                |state| {
+                    let (next, change) = pool.release(state, now, latency);
+                    (change, Some(next))
+                },
+            );
+            let change = match released {
+                Ok(updated) => {
+                    env.conflicts(updated.conflicts);
+                    updated.decision
+                }
+                Err(err) => {
+                    env.store_failed(&format!("load shedding pool {} release", pool.name), err);
+                    continue;
+                }
+            };
+            env.telemetry.move_gauge(metrics.in_flight, -1);
+            if let Some(change) = change.filter(|c| c.from != c.to) {
+                env.telemetry.set(metrics.limit, u64::from(change.to));
+                env.telemetry.log(
+                    Level::Debug,
+                    format!(
+                        "load shedding pool {}: limit {} -> {} (latency {} µs, minimum {} µs)",
+                        pool.name,
+                        change.from,
+                        change.to,
+                        change.sample_rtt_ns / 1_000,
+                        change.min_rtt_ns / 1_000
+                    ),
+                );
+            }
+        }
+    }
+}
+
+impl Policy for LoadShedding {
+    type Loan = Slots;
+
+    fn needs(&self) -> Needs {
+        let scopes = self
+            .config
+            .pools
+            .iter()
+            .filter_map(|p| p.scope.as_ref())
+            .flat_map(Scope::header_names);
+        let rules = self
+            .config
+            .class_rules
+            .iter()
+            .flat_map(|(m, _)| m.header_names());
+        Needs {
+            headers: scopes
+                .chain(rules)
+                .chain(self.config.priority_header.as_deref())
+                .map(str::to_owned)
+                .collect(),
+            peer: self.config.priority_header.is_some(),
+            cluster: self
+                .config
+                .pools
+                .iter()
+                .any(|p| p.scope.as_ref().is_some_and(Scope::needs_cluster)),
+        }
+    }
+
+    fn admit<S: Store>(&self, env: &mut Env<'_, S>, request: &RequestInfo) -> Result<Slots, Reply> {
+        let class = self.classify(request);
+        let shed_at = self.config.shed_at[class.index()];
+        let now = env.now;
+        let mut held = Vec::new();
+        for (index, (pool, metrics)) in self.config.pools.iter().zip(&self.metrics).enumerate() {
+            if pool
+                .scope
+                .as_ref()
+                .is_some_and(|scope| !scope.contains(request))
+            {
+                continue;
+            }
+            let admitted = store::update::<PoolState, _>(
+                env.store,
+                env.namespace(),
+                &pool_key(env.namespace(), pool),
+                env.settings().max_attempts,
+                |state| {
+                    let next = pool.admit(state, now, shed_at);
+                    (next.is_some(), next)
+                },
+            );
+            match admitted {
+                Ok(updated) if updated.decision => {
+                    env.conflicts(updated.conflicts);
+                    env.telemetry.increment(metrics.admitted);
+                    env.telemetry.move_gauge(metrics.in_flight, 1);
+                    held.push(index);
+                }
+                Ok(updated) => {
+                    env.conflicts(updated.conflicts);
+                    env.telemetry.increment(metrics.shed[class.index()]);
+                    self.release_slots(env, &held, None);
+                    let own = vec![
+                        (
+                            "retry-after".to_owned(),
+                            retry_after_secs(self.config.retry_after).to_string(),
+                        ),
+                        (
+                            "x-load-shed".to_owned(),
+                            format!("pool={}; class={}", pool.name, class.name()),
+                        ),
+                    ];
+                    return Err(Reply::configured(
+                        &self.config.response,
+                        own,
+                        "resilience_load_shed",
+                    ));
+                }
+                Err(err) => {
+                    let what = format!("load shedding pool {}", pool.name);
+                    if let Err(reply) = env.admission_failed("load shedding", &what, err) {
+                        self.release_slots(env, &held, None);
+                        return Err(reply);
+                    }
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    /// Only a request that measured the upstream (see [`Completion::latency_sample`]) says how
+    /// slow it is; every other one just gives its slots back.
+    fn release<S: Store>(&self, env: &mut Env<'_, S>, held: Slots, completion: &Completion) {
+        self.release_slots(env, &held, completion.latency_sample());
+    }
+}
+
+fn pool_key(namespace: &Namespace, pool: &PoolConfig) -> String {
+    namespace.key(&format!("ls/{}", pool.name))
+}
+
+#[cfg(test)]
+mod tests;

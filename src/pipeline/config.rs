@@ -1,0 +1,99 @@
+//! The filter's configuration document: one JSON object, parsed and validated once in
+//! `on_configure`, with a section per policy.
+//!
+//! Two stages, as in Kuadrant's wasm-shim: serde structs that refuse unknown fields, then
+//! validation, which checks ranges and builds the settings the data path uses. Both stages
+//! report a [`ConfigError`] naming the field path, which the host logs before refusing the
+//! filter. Every section is optional; an empty configuration runs no policy.
+
+use crate::circuit_breaker::{CircuitBreakerConfig, RawCircuitBreaker};
+use crate::config::ConfigError;
+use crate::idempotency::{IdempotencyConfig, RawIdempotency};
+use crate::load_shedding::{LoadSheddingConfig, RawLoadShedding};
+use crate::rate_limit::{RateLimitConfig, RawRateLimit};
+use crate::store::{RawSharedData, SharedDataSettings};
+use serde::Deserialize;
+
+/// The configuration as written, before validation.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub shared_data: RawSharedData,
+    pub rate_limit: Option<RawRateLimit>,
+    pub circuit_breaker: Option<RawCircuitBreaker>,
+    pub load_shedding: Option<RawLoadShedding>,
+    pub idempotency: Option<RawIdempotency>,
+}
+
+/// Validated settings, ready for the data path.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub shared_data: SharedDataSettings,
+    pub rate_limit: Option<RateLimitConfig>,
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
+    pub load_shedding: Option<LoadSheddingConfig>,
+    pub idempotency: Option<IdempotencyConfig>,
+}
+
+impl Config {
+    /// Parses and validates the bytes Envoy hands to `on_configure`. No bytes, or only
+    /// whitespace, is the empty configuration.
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let document = bytes.trim_ascii_start();
+        let raw = if document.is_empty() {
+            RawConfig::default()
+        } else if !document.starts_with(b"{") {
+            // serde would read a JSON array positionally into the struct's fields.
+            return Err(ConfigError::at(
+                ".",
+                "the configuration must be a JSON object",
+            ));
+        } else {
+            let mut deserializer = serde_json::Deserializer::from_slice(document);
+            let raw: RawConfig =
+                serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+                    // serde_path_to_error writes `?` where the document broke before any field.
+                    let path = match err.path().to_string() {
+                        unknown if unknown == "?" => ".".to_owned(),
+                        path => path,
+                    };
+                    ConfigError::at(&path, err.inner().to_string())
+                })?;
+            deserializer
+                .end()
+                .map_err(|err| ConfigError::at(".", err.to_string()))?;
+            raw
+        };
+        Config::validate(raw)
+    }
+
+    pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+        let RawConfig {
+            shared_data,
+            rate_limit,
+            circuit_breaker,
+            load_shedding,
+            idempotency,
+        } = raw;
+        Ok(Config {
+            shared_data: SharedDataSettings::validate(shared_data, "shared_data")?,
+            rate_limit: rate_limit
+                .map(|raw| RateLimitConfig::validate(raw, "rate_limit"))
+                .transpose()?,
+            circuit_breaker: circuit_breaker
+                .map(|raw| CircuitBreakerConfig::validate(raw, "circuit_breaker"))
+                .transpose()?,
+            load_shedding: load_shedding
+                .map(|raw| LoadSheddingConfig::validate(raw, "load_shedding"))
+                .transpose()?,
+            idempotency: idempotency
+                .map(|raw| IdempotencyConfig::validate(raw, "idempotency"))
+                .transpose()?,
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

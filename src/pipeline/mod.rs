@@ -1,0 +1,439 @@
+//! The pipeline: what one filter instance does with one stream, from its request headers to
+//! the moment Envoy logs it, with no proxy-wasm in sight.
+//!
+//! A [`Filter`] is one configured instance, shared read-only by every stream of a VM. An
+//! [`Exchange`] is one stream. The host gathers the request parts the filter [`Needs`], feeds
+//! each Envoy callback to the exchange, and does what the returned [`Step`] says; everything
+//! else — the policies' fixed order, what each stage lends and gets back, waiting for the body,
+//! capturing the response, what counts as an upstream outcome — happens here, and is tested
+//! natively with an in-memory store and a fake clock.
+//!
+//! Policies run in a fixed order: load shedding, rate limiting, idempotency (replays and
+//! conflicts are answered before any upstream capacity is spent), circuit breaking. A stage
+//! that refuses gives back at once what it took itself; what earlier stages lent the request
+//! is given back when the stream ends, in [`Exchange::finish`], which the host calls from
+//! `on_log` — once for every stream Envoy handles, however it ended.
+
+pub mod config;
+
+use crate::circuit_breaker::{CircuitBreaker, Permits};
+use crate::clock::Instant;
+use crate::hashing::{shared_seed, KeyHasher, Seed};
+use crate::idempotency::{Claim, Idempotency};
+use crate::load_shedding::{LoadShedding, Slots};
+use crate::policy::{Completion, Env, Instance, Needs, Policy};
+use crate::rate_limit::{RateLimit, ResponseHeaders};
+use crate::reply::Reply;
+use crate::request::RequestInfo;
+use crate::store::Store;
+use crate::telemetry::{Catalog, Level, Telemetry};
+use config::Config;
+use std::time::Duration;
+
+/// One configured filter instance.
+pub struct Filter {
+    pub instance: Instance,
+    catalog: Catalog,
+    needs: Needs,
+    load_shedding: Option<LoadShedding>,
+    rate_limit: Option<RateLimit>,
+    idempotency: Option<Idempotency>,
+    circuit_breaker: Option<CircuitBreaker>,
+}
+
+/// How often a VM whose filter waits for request bodies checks their deadlines.
+pub const TICK: Duration = Duration::from_millis(100);
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+impl Filter {
+    /// Builds instance `name` from its configuration. Keyed tables share one hashing seed per
+    /// instance: the first VM's `candidate` wins, every other VM reads it from `store`.
+    pub fn configure<S: Store>(
+        name: &str,
+        configuration: &[u8],
+        store: &S,
+        candidate: Seed,
+        now: Instant,
+        telemetry: &mut Telemetry,
+    ) -> Result<Filter, String> {
+        let config = Config::parse(configuration).map_err(|err| err.to_string())?;
+        let Config {
+            shared_data,
+            rate_limit,
+            circuit_breaker,
+            load_shedding,
+            idempotency,
+        } = config;
+        let mut catalog = Catalog::new(name);
+        let instance = Instance::new(name, shared_data, &mut catalog);
+        if let Err(err) = instance.namespace.prepare(store) {
+            // Not fatal: creation writes the witness itself when it finds it missing.
+            telemetry.log(Level::Warn, err.to_string());
+        }
+        // Only keyed tables need the shared seed; it exists exactly when one is configured.
+        let hasher = if rate_limit.is_some() || idempotency.is_some() {
+            let seed = shared_seed(
+                store,
+                &instance.namespace,
+                candidate,
+                shared_data.max_attempts,
+            )
+            .map_err(|err| format!("cannot share the key-hashing seed: {err}"))?;
+            Some(KeyHasher::new(seed))
+        } else {
+            None
+        };
+        let load_shedding = load_shedding.map(|c| LoadShedding::new(c, &mut catalog));
+        let rate_limit = rate_limit
+            .zip(hasher)
+            .map(|(c, hasher)| RateLimit::new(c, hasher, &mut catalog));
+        let idempotency = idempotency
+            .zip(hasher)
+            .map(|(c, hasher)| Idempotency::new(c, hasher, &mut catalog));
+        let circuit_breaker = circuit_breaker.map(|c| CircuitBreaker::new(c, &mut catalog));
+        let mut filter = Filter {
+            instance,
+            catalog,
+            needs: Needs::default(),
+            load_shedding,
+            rate_limit,
+            idempotency,
+            circuit_breaker,
+        };
+        filter.needs = filter.count_needs();
+        if let Some(policy) = &filter.load_shedding {
+            let mut env = Env {
+                store,
+                instance: &filter.instance,
+                now,
+                random: || 0,
+                telemetry,
+            };
+            policy.report_limits(&mut env);
+        }
+        Ok(filter)
+    }
+
+    /// Every request part any policy reads. Destructured, so that a new policy does not
+    /// compile until it is counted here.
+    fn count_needs(&self) -> Needs {
+        let Filter {
+            instance: _,
+            catalog: _,
+            needs: _,
+            load_shedding,
+            rate_limit,
+            idempotency,
+            circuit_breaker,
+        } = self;
+        let mut needs = Needs::default();
+        load_shedding.iter().for_each(|p| needs.merge(p.needs()));
+        rate_limit.iter().for_each(|p| needs.merge(p.needs()));
+        idempotency.iter().for_each(|p| needs.merge(p.needs()));
+        circuit_breaker.iter().for_each(|p| needs.merge(p.needs()));
+        needs.headers.sort();
+        needs
+    }
+
+    pub fn needs(&self) -> &Needs {
+        &self.needs
+    }
+
+    /// Every metric of the instance, for the host to define.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// How often the host should call [`Filter::tick`] and check body deadlines, if at all.
+    pub fn tick_period(&self) -> Option<Duration> {
+        self.idempotency.as_ref().map(|_| TICK)
+    }
+
+    /// Where a VM's sweep of expired idempotency records starts: somewhere random, so that
+    /// the VMs spread over the table.
+    pub fn sweeper(&self, random: u64) -> Sweeper {
+        let records = self.idempotency.as_ref().map_or(1, |p| p.config().records);
+        Sweeper {
+            cursor: (random % u64::from(records)) as u32,
+            next: Instant::default(),
+        }
+    }
+
+    /// Periodic work: once a second, frees a batch of expired idempotency records.
+    pub fn tick<S: Store>(&self, env: &mut Env<'_, S>, sweeper: &mut Sweeper) {
+        let Some(policy) = &self.idempotency else {
+            return;
+        };
+        if env.now < sweeper.next {
+            return;
+        }
+        sweeper.next = env.now.saturating_add(SWEEP_EVERY);
+        sweeper.cursor = policy.sweep_step(env, sweeper.cursor);
+    }
+}
+
+/// Where a VM's sweep goes on at its next tick.
+#[derive(Debug)]
+pub struct Sweeper {
+    cursor: u32,
+    next: Instant,
+}
+
+/// What the host does next with a stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Let the stream go on.
+    Continue,
+    /// Hold it (Envoy buffers the body meanwhile) until the exchange decides.
+    Pause,
+    /// Answer locally; the stream never reaches the upstream.
+    Reply(Reply),
+}
+
+/// The response as the host can show it, read only when the exchange asks.
+pub trait Response {
+    /// `:status`.
+    fn status(&self) -> Option<u16>;
+    /// Whether `response.code_details` is `via_upstream`.
+    fn via_upstream(&self) -> bool;
+    /// Every header, values as bytes.
+    fn headers(&self) -> Vec<(String, Vec<u8>)>;
+}
+
+#[derive(Debug, Default)]
+enum Stage {
+    #[default]
+    Admitting,
+    /// Held until the body is in, or until the deadline.
+    AwaitingBody { deadline: Instant },
+    /// Every stage let it through.
+    Forwarded,
+    /// Answered locally.
+    Answered,
+    /// Envoy logged the stream; nothing more happens to it.
+    Finished,
+}
+
+/// One stream, and everything it holds.
+#[derive(Debug, Default)]
+pub struct Exchange {
+    request: RequestInfo,
+    started: Instant,
+    stage: Stage,
+    slots: Option<Slots>,
+    response_headers: Option<ResponseHeaders>,
+    claim: Option<Option<Claim>>,
+    permits: Option<Permits>,
+}
+
+impl Exchange {
+    pub fn on_request_headers<S: Store>(
+        &mut self,
+        filter: &Filter,
+        env: &mut Env<'_, S>,
+        request: RequestInfo,
+        end_of_stream: bool,
+    ) -> Step {
+        env.telemetry.increment(filter.instance.requests);
+        self.request = request;
+        self.started = env.now;
+        if let Some(policy) = &filter.load_shedding {
+            match policy.admit(env, &self.request) {
+                Ok(slots) => self.slots = Some(slots),
+                Err(reply) => return self.answer(reply),
+            }
+        }
+        if let Some(policy) = &filter.rate_limit {
+            match policy.admit(env, &self.request) {
+                Ok(headers) => self.response_headers = Some(headers),
+                Err(reply) => return self.answer(reply),
+            }
+        }
+        match &filter.idempotency {
+            Some(policy) if !end_of_stream && policy.awaits_body(&self.request) => {
+                let deadline = env.now.saturating_add(policy.config().body_timeout);
+                self.stage = Stage::AwaitingBody { deadline };
+                Step::Pause
+            }
+            _ => self.admit_after_body(filter, env),
+        }
+    }
+
+    /// A chunk of the request body: `size` is all of it so far, which Envoy keeps buffered
+    /// while the exchange pauses. `read_body(n)` reads up to `n` bytes of it.
+    pub fn on_request_body<S: Store>(
+        &mut self,
+        filter: &Filter,
+        env: &mut Env<'_, S>,
+        size: usize,
+        end_of_stream: bool,
+        read_body: impl FnOnce(usize) -> Vec<u8>,
+    ) -> Step {
+        let (Stage::AwaitingBody { .. }, Some(policy)) = (&self.stage, &filter.idempotency) else {
+            return Step::Continue;
+        };
+        policy.saw_body();
+        if size > policy.config().max_body_bytes {
+            return self.body_too_large(filter, env);
+        }
+        if !end_of_stream {
+            return Step::Pause;
+        }
+        self.request.body = read_body(size);
+        self.admit_after_body(filter, env)
+    }
+
+    /// The request ended in trailers, so no body chunk said it was the last.
+    pub fn on_request_trailers<S: Store>(
+        &mut self,
+        filter: &Filter,
+        env: &mut Env<'_, S>,
+        read_body: impl FnOnce(usize) -> Vec<u8>,
+    ) -> Step {
+        let (Stage::AwaitingBody { .. }, Some(policy)) = (&self.stage, &filter.idempotency) else {
+            return Step::Continue;
+        };
+        let limit = policy.config().max_body_bytes;
+        let body = read_body(limit.saturating_add(1));
+        if body.len() > limit {
+            return self.body_too_large(filter, env);
+        }
+        self.request.body = body;
+        self.admit_after_body(filter, env)
+    }
+
+    /// When the body wait ends, if the exchange is waiting for one.
+    pub fn body_deadline(&self) -> Option<Instant> {
+        match self.stage {
+            Stage::AwaitingBody { deadline } => Some(deadline),
+            _ => None,
+        }
+    }
+
+    /// The answer for a request whose body did not arrive in time, once its deadline passed.
+    pub fn on_body_timeout<S: Store>(
+        &mut self,
+        filter: &Filter,
+        env: &mut Env<'_, S>,
+    ) -> Option<Reply> {
+        let deadline = self.body_deadline()?;
+        let policy = filter.idempotency.as_ref()?;
+        if env.now < deadline {
+            return None;
+        }
+        self.stage = Stage::Answered;
+        Some(policy.body_timed_out(env))
+    }
+
+    /// The headers to add to the response; a held claim starts capturing it.
+    pub fn on_response_headers(
+        &mut self,
+        filter: &Filter,
+        response: &impl Response,
+        end_of_stream: bool,
+    ) -> &[(String, String)] {
+        if let (Some(Some(claim)), Some(policy)) = (&mut self.claim, &filter.idempotency) {
+            claim.capture.headers(
+                policy.config(),
+                response.status(),
+                response.via_upstream(),
+                &response.headers(),
+                end_of_stream,
+            );
+        }
+        self.response_headers.as_deref().unwrap_or_default()
+    }
+
+    /// Whether the host should hand over response body chunks.
+    pub fn captures_response(&self) -> bool {
+        matches!(self.claim, Some(Some(_)))
+    }
+
+    pub fn on_response_body(&mut self, filter: &Filter, chunk: &[u8], end_of_stream: bool) {
+        if let (Some(Some(claim)), Some(policy)) = (&mut self.claim, &filter.idempotency) {
+            claim.capture.body(policy.config(), chunk, end_of_stream);
+        }
+    }
+
+    pub fn on_response_trailers(&mut self) {
+        if let Some(Some(claim)) = &mut self.claim {
+            claim.capture.trailers();
+        }
+    }
+
+    /// Whether the stream holds anything to give back, so the host reads how it ended.
+    pub fn holds_loans(&self) -> bool {
+        self.slots.is_some() || self.claim.is_some() || self.permits.is_some()
+    }
+
+    /// The stream ended: every loan goes back to its policy, latest first, with how it ended.
+    pub fn finish<S: Store>(
+        &mut self,
+        filter: &Filter,
+        env: &mut Env<'_, S>,
+        completion: impl FnOnce() -> Completion,
+    ) {
+        self.stage = Stage::Finished;
+        if !self.holds_loans() {
+            return;
+        }
+        let completion = Completion {
+            duration: env.now.saturating_since(self.started),
+            ..completion()
+        };
+        if let (Some(permits), Some(policy)) = (self.permits.take(), &filter.circuit_breaker) {
+            policy.release(env, permits, &completion);
+        }
+        if let (Some(claim), Some(policy)) = (self.claim.take(), &filter.idempotency) {
+            policy.release(env, claim, &completion);
+        }
+        if let (Some(headers), Some(policy)) = (self.response_headers.take(), &filter.rate_limit) {
+            policy.release(env, headers, &completion);
+        }
+        if let (Some(slots), Some(policy)) = (self.slots.take(), &filter.load_shedding) {
+            policy.release(env, slots, &completion);
+        }
+    }
+
+    /// Idempotency, then circuit breaking: the stages that see the body.
+    fn admit_after_body<S: Store>(&mut self, filter: &Filter, env: &mut Env<'_, S>) -> Step {
+        if let Some(policy) = &filter.idempotency {
+            match policy.admit(env, &self.request) {
+                Ok(claim) => self.claim = Some(claim),
+                Err(reply) => return self.answer(reply),
+            }
+        }
+        self.admit_breakers(filter, env)
+    }
+
+    fn admit_breakers<S: Store>(&mut self, filter: &Filter, env: &mut Env<'_, S>) -> Step {
+        if let Some(policy) = &filter.circuit_breaker {
+            match policy.admit(env, &self.request) {
+                Ok(permits) => self.permits = Some(permits),
+                Err(reply) => return self.answer(reply),
+            }
+        }
+        self.stage = Stage::Forwarded;
+        Step::Continue
+    }
+
+    /// A body over `max_body_bytes`: refused, or let through without idempotency.
+    fn body_too_large<S: Store>(&mut self, filter: &Filter, env: &mut Env<'_, S>) -> Step {
+        let refusal = filter
+            .idempotency
+            .as_ref()
+            .and_then(|policy| policy.body_too_large());
+        match refusal {
+            Some(problem) => self.answer(problem.reply()),
+            None => self.admit_breakers(filter, env),
+        }
+    }
+
+    fn answer(&mut self, reply: Reply) -> Step {
+        self.stage = Stage::Answered;
+        Step::Reply(reply)
+    }
+}
+
+#[cfg(test)]
+mod tests;

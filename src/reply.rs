@@ -1,0 +1,164 @@
+//! Every answer the filter gives in place of the upstream's, built in one place: refusals
+//! from a policy's configured response, RFC 9457 problems, stored replays, and the answer when
+//! shared data fails under `on_error: deny`.
+
+use crate::config::{check_header_name, ConfigError};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// A local reply: what the host sends with Envoy's `sendLocalReply`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    /// Lower-case names; values are bytes, since a replay returns what the upstream sent.
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+    /// Envoy's response code details (`%RESPONSE_CODE_DETAILS%` in access logs): which policy
+    /// answered. Never `via_upstream`, so chained instances tell these replies from the
+    /// upstream's.
+    pub details: &'static str,
+}
+
+/// Where a problem's `type` URI starts; each type is listed in the policy's README.
+pub const PROBLEM_TYPE_BASE: &str = "urn:envoy-resilience:";
+
+impl Reply {
+    /// A policy's configured refusal, with the policy's own headers first.
+    pub fn configured(
+        response: &Response,
+        own_headers: Vec<(String, String)>,
+        details: &'static str,
+    ) -> Reply {
+        let headers = own_headers
+            .into_iter()
+            .chain(response.headers.iter().cloned())
+            .map(|(name, value)| (name, value.into_bytes()))
+            .collect();
+        Reply {
+            status: response.status,
+            headers,
+            body: response.body.clone().into_bytes(),
+            details,
+        }
+    }
+
+    /// Shared data failed and `shared_data.on_error` is `deny`.
+    pub fn unavailable(policy: &str) -> Reply {
+        Reply {
+            status: 503,
+            headers: vec![("content-type".to_owned(), b"text/plain".to_vec())],
+            body: format!("{policy} state unavailable\n").into_bytes(),
+            details: "resilience_state_unavailable",
+        }
+    }
+
+    /// An RFC 9457 problem as `application/problem+json`; `kind` completes the type URI,
+    /// e.g. `idempotency:key-reused`.
+    pub fn problem(
+        status: u16,
+        kind: &str,
+        title: &str,
+        detail: &str,
+        retry_after_secs: Option<u64>,
+        details: &'static str,
+    ) -> Reply {
+        let mut headers = vec![(
+            "content-type".to_owned(),
+            b"application/problem+json".to_vec(),
+        )];
+        if let Some(seconds) = retry_after_secs {
+            headers.push(("retry-after".to_owned(), seconds.to_string().into_bytes()));
+        }
+        let body = serde_json::json!({
+            "type": format!("{PROBLEM_TYPE_BASE}{kind}"),
+            "title": title,
+            "status": status,
+            "detail": detail,
+        });
+        Reply {
+            status,
+            headers,
+            body: body.to_string().into_bytes(),
+            details,
+        }
+    }
+
+    /// A stored response, replayed as the upstream sent it, marked with `marker: true`.
+    pub fn replay(
+        status: u16,
+        mut headers: Vec<(String, Vec<u8>)>,
+        body: Vec<u8>,
+        marker: &str,
+    ) -> Reply {
+        headers.push((marker.to_owned(), b"true".to_vec()));
+        Reply {
+            status,
+            headers,
+            body,
+            details: "resilience_idempotency_replay",
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResponse {
+    pub status: Option<u16>,
+    pub body: Option<String>,
+    pub headers: Option<BTreeMap<String, String>>,
+}
+
+/// A policy's configurable refusal: status, body, extra headers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+    /// Lower-case names; `content-type: text/plain` unless configured otherwise.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Response {
+    /// Validates `raw`, found at `at`, filling in the policy's defaults.
+    pub fn compile(
+        raw: Option<RawResponse>,
+        at: &str,
+        status: u16,
+        body: &str,
+    ) -> Result<Response, ConfigError> {
+        let raw = raw.unwrap_or_default();
+        let status = raw.status.unwrap_or(status);
+        if !(400..=599).contains(&status) {
+            return Err(ConfigError::at(
+                &format!("{at}.status"),
+                "must be a 4xx or 5xx status",
+            ));
+        }
+        let mut headers = Vec::new();
+        for (name, value) in raw.headers.unwrap_or_default() {
+            let name_at = format!("{at}.headers.{name}");
+            let name = check_header_name(&name, &name_at)?;
+            if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                return Err(ConfigError::at(
+                    &name_at,
+                    "value must not contain CR, LF or NUL",
+                ));
+            }
+            headers.push((name, value));
+        }
+        if !headers.iter().any(|(name, _)| name == "content-type") {
+            headers.push(("content-type".to_owned(), "text/plain".to_owned()));
+        }
+        Ok(Response {
+            status,
+            body: raw.body.unwrap_or_else(|| body.to_owned()),
+            headers,
+        })
+    }
+}
