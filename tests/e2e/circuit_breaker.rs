@@ -281,3 +281,41 @@ async fn slow_calls_trip_the_slow_call_rate() {
     );
     assert!(envoy.log().contains("slow-call rate 2/4 calls reached 50%"));
 }
+
+/// Issue 15, defect 4: a chained instance shedding load answers 503 locally; those 503s pass
+/// back through the breaker's instance, and must not open it against a healthy upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_instances_refusals_do_not_open_the_breaker() {
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(500));
+    let shed = r#"{"load_shedding": {"pools": [{"name": "one", "max_in_flight": 1}], "shed_at": {"high": 1, "normal": 1}}}"#;
+    let envoy = envoy()
+        .filter("cb", &breaker(r#""scope": {"match": {}}, "trip": {"consecutive_failures": 3}, "open": {"duration": "30s"}"#))
+        .filter("ls", shed)
+        .start(&upstream)
+        .await;
+    let client = fresh_connections();
+    let burst: Vec<_> = (0..10).map(|_| client.get(envoy.url("/")).send()).collect();
+    let responses = join_all(burst).await;
+    let shed_count = responses
+        .iter()
+        .filter(|r| {
+            r.as_ref()
+                .is_ok_and(|r| r.status() == 503 && r.headers().contains_key("x-load-shed"))
+        })
+        .count();
+    assert_eq!(
+        shed_count, 9,
+        "one admitted, nine shed by the second instance"
+    );
+    upstream.set_delay(Duration::ZERO);
+    for _ in 0..5 {
+        let response = get(&client, &envoy.url("/")).await;
+        assert!(
+            from_upstream(&response) && response.status() == 200,
+            "the breaker stayed closed"
+        );
+    }
+    assert_eq!(stat(&envoy, "transitions_to_open").await, Some(0));
+    assert_eq!(transitions(&envoy, "closed", "open"), 0);
+}

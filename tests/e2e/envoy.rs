@@ -186,6 +186,8 @@ static_resources:
               routes:
               - match: {{prefix: "/dead/"}}
                 route: {{cluster: dead, timeout: 5s}}
+              - match: {{prefix: "/", headers: [{{name: x-upstream-protocol, string_match: {{exact: h2}}}}]}}
+                route: {{cluster: upstream_h2, timeout: 30s}}
               - match: {{prefix: "/"}}
                 {route}
           http_filters:{filters}
@@ -198,6 +200,20 @@ static_resources:
     connect_timeout: 1s
     load_assignment:
       cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream_port}}}}}
+  # The same upstream over HTTP/2, which carries trailers both ways.
+  - name: upstream_h2
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: upstream_h2
       endpoints:
       - lb_endpoints:
         - endpoint:

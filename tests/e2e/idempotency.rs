@@ -1,8 +1,10 @@
 //! Idempotency keys through real Envoy with several workers.
 
 use super::envoy::{envoy, Envoy};
-use super::upstream::{Upstream, DELAY_HEADER};
+use super::upstream::{Upstream, DELAY_HEADER, H2_ROUTE_HEADER, RESPOND_HEADER, TRAILER_HEADER};
+use super::wire::{http1, http2};
 use super::{fresh_connections, join_all};
+use bytes::Bytes;
 use reqwest::{Client, Response};
 use std::time::Duration;
 
@@ -316,4 +318,164 @@ async fn without_allow_on_headers_stop_iteration_requests_get_408_and_the_settin
         1,
         "the missing setting is named once"
     );
+}
+
+/// Issue 15, defect 2: a request that ends in trailers has no body chunk marked last; it is
+/// decided at its trailers, so its duplicate is a replay, not a second execution.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_request_ending_in_trailers_executes_once() {
+    let upstream = Upstream::start().await;
+    upstream.set_status(201);
+    let envoy = envoy().filter("idem", CONFIG).start(&upstream).await;
+    let send = |key: &'static str, body: &'static str| {
+        let port = envoy.port;
+        async move {
+            http2(
+                port,
+                "POST",
+                "/charges",
+                &[
+                    ("authorization", b"alice"),
+                    ("idempotency-key", key.as_bytes()),
+                ],
+                vec![(Duration::ZERO, Bytes::from(body))],
+                &[("x-checksum", "abc")],
+            )
+            .await
+        }
+    };
+    let first = send("t1", r#"{"amount": 1}"#).await;
+    assert_eq!(first.status, 201);
+    assert!(first.header("x-upstream-seq").is_some(), "executed");
+    let duplicate = send("t1", r#"{"amount": 1}"#).await;
+    assert_eq!(duplicate.status, 201);
+    assert_eq!(duplicate.header("idempotent-replayed"), Some(&b"true"[..]));
+    assert_eq!(duplicate.body, first.body, "byte for byte");
+    let changed = send("t1", r#"{"amount": 2}"#).await;
+    assert_eq!(changed.status, 422);
+    assert_eq!(upstream.count(), 1, "the upstream saw one request");
+    let received = upstream.received();
+    assert_eq!(received[0].body, r#"{"amount": 1}"#.as_bytes());
+}
+
+/// Issue 15, defect 2: a response that ends in trailers completes its capture and is replayed;
+/// a gRPC response, whose status lives in its trailers, is never replayed without them, and
+/// never executed twice either.
+#[tokio::test(flavor = "multi_thread")]
+async fn responses_ending_in_trailers_are_captured() {
+    let upstream = Upstream::start().await;
+    upstream.set_status(201);
+    let envoy = envoy().filter("idem", CONFIG).start(&upstream).await;
+    let post = |key: &'static str, grpc: bool| {
+        let mut request = fresh_connections()
+            .post(envoy.url("/charges"))
+            .header("authorization", "alice")
+            .header("idempotency-key", key)
+            .header(H2_ROUTE_HEADER, "h2")
+            .header(TRAILER_HEADER, "x-checksum: abc")
+            .body("{}");
+        if grpc {
+            request = request
+                .header(RESPOND_HEADER, "content-type: application/grpc")
+                .header(TRAILER_HEADER, "grpc-status: 0");
+        }
+        request.send()
+    };
+    let first = post("plain", false).await.unwrap();
+    assert_eq!(first.status(), 201);
+    let original = first.text().await.unwrap();
+    let replay = post("plain", false).await.unwrap();
+    assert_eq!(
+        header(&replay, "idempotent-replayed").as_deref(),
+        Some("true")
+    );
+    assert_eq!(replay.text().await.unwrap(), original);
+    assert_eq!(upstream.count(), 1);
+
+    assert_eq!(post("grpc", true).await.unwrap().status(), 201);
+    let again = post("grpc", true).await.unwrap();
+    assert_eq!(again.status(), 409);
+    assert_eq!(problem_type(again).await, "not-replayable");
+    assert_eq!(upstream.count(), 2, "each executed once");
+}
+
+/// Issue 15, defect 7: a duplicate whose body arrives 1.5 s after its headers is answered
+/// from the record; before, its headers were forwarded after a second, and the upstream saw a
+/// second request.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_body_is_waited_for_and_never_forwarded_undecided() {
+    let upstream = Upstream::start().await;
+    upstream.set_status(201);
+    let envoy = envoy()
+        .filter("idem", r#"{"idempotency": {"body_timeout": "3s"}}"#)
+        .start(&upstream)
+        .await;
+    let head = |key: &str| {
+        format!(
+            "POST /charges HTTP/1.1\r\nhost: example\r\nauthorization: alice\r\n\
+             idempotency-key: {key}\r\ncontent-length: 2"
+        )
+    };
+    let first = http1(envoy.port, &head("slow"), &[(Duration::ZERO, b"{}")]).await;
+    assert_eq!(first.status, 201);
+    let slow = http1(
+        envoy.port,
+        &head("slow"),
+        &[(Duration::from_millis(1_500), b"{}")],
+    )
+    .await;
+    assert_eq!(slow.status, 201);
+    assert_eq!(slow.header("idempotent-replayed"), Some(&b"true"[..]));
+    assert_eq!(slow.body, first.body);
+    assert_eq!(
+        upstream.count(),
+        1,
+        "the duplicate's headers never went upstream"
+    );
+
+    let started = std::time::Instant::now();
+    let stalled = http1(envoy.port, &head("stalled"), &[(Duration::ZERO, b"{")]).await;
+    assert_eq!(stalled.status, 408, "{}", stalled.text());
+    assert!(stalled.text().contains("idempotency:body-timeout"));
+    assert!(
+        (Duration::from_millis(2_900)..Duration::from_millis(4_500)).contains(&started.elapsed()),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(upstream.count(), 1, "nor did the stalled request's");
+    assert!(
+        !envoy.log().contains("allow_on_headers_stop_iteration"),
+        "bodies reach the filter: the log must not blame the setting"
+    );
+}
+
+/// A chained instance's refusal passes back through this one; it is not the upstream's
+/// response, so it is never stored and replayed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chained_instances_refusal_is_never_stored() {
+    let upstream = Upstream::start().await;
+    let limit = r#"{"rate_limit": {"rules": [{"name": "r", "match": {"headers": [{"name": "x-limited", "present": true}]},
+        "capacity": 1, "refill": {"tokens": 1, "interval": "1h"}}]}}"#;
+    let envoy = envoy()
+        .filter("idem", CONFIG)
+        .filter("rl", limit)
+        .start(&upstream)
+        .await;
+    let post = |key: &'static str, limited: bool| {
+        let mut request = fresh_connections()
+            .post(envoy.url("/charges"))
+            .header("authorization", "alice")
+            .header("idempotency-key", key)
+            .body("{}");
+        if limited {
+            request = request.header("x-limited", "1");
+        }
+        request.send()
+    };
+    assert_eq!(post("k1", true).await.unwrap().status(), 200);
+    assert_eq!(post("k2", true).await.unwrap().status(), 429);
+    let retry = post("k2", false).await.unwrap();
+    assert_eq!(retry.status(), 200, "executed, not a replayed 429");
+    assert!(header(&retry, "idempotent-replayed").is_none());
+    assert_eq!(upstream.count(), 2);
 }

@@ -8,11 +8,13 @@
 
 mod circuit_breaker;
 mod envoy;
+mod hostile;
 mod idempotency;
 mod load_shed;
 mod rate_limit;
 mod smoke;
 mod upstream;
+mod wire;
 
 /// HTTP/1.1 and HTTP/2 (cleartext, prior knowledge) clients, as real clients reach Envoy.
 pub fn clients() -> [(&'static str, reqwest::Client); 2] {

@@ -1,15 +1,22 @@
 //! A local upstream the test controls: it answers with a chosen status after a chosen delay,
 //! counts what it is asked, tracks how many requests it holds at once, and records each one.
+//! A request can also ask for response headers in any bytes and for trailers (which reach
+//! Envoy's client through the `upstream_h2` cluster, see [`H2_ROUTE_HEADER`]).
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{HeaderMap, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -19,6 +26,12 @@ pub const STATUS_HEADER: &str = "x-upstream-status";
 pub const DELAY_HEADER: &str = "x-upstream-delay-ms";
 /// Set on every response the upstream itself produced: the request's sequence number.
 pub const SEQUENCE_HEADER: &str = "x-upstream-seq";
+/// `name: value` with the value percent-encoded: a response header in any bytes. Repeatable.
+pub const RESPOND_HEADER: &str = "x-upstream-respond-header";
+/// `name: value`: end the response with this trailer. Repeatable.
+pub const TRAILER_HEADER: &str = "x-upstream-trailer";
+/// `h2`: Envoy routes the request to the upstream over HTTP/2, which carries trailers.
+pub const H2_ROUTE_HEADER: &str = "x-upstream-protocol";
 
 /// One request as the upstream received it.
 #[derive(Clone, Debug)]
@@ -131,7 +144,7 @@ impl Drop for Upstream {
     }
 }
 
-async fn respond(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(state: &State, request: Request<Incoming>) -> Response<Frames> {
     let sequence = state.count.fetch_add(1, Ordering::SeqCst) + 1;
     let in_flight = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     state.max_in_flight.fetch_max(in_flight, Ordering::SeqCst);
@@ -179,15 +192,99 @@ async fn respond(state: &State, request: Request<Incoming>) -> Response<Full<Byt
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    Response::builder()
+    let mut response = Response::builder()
         .status(status)
         .header(SEQUENCE_HEADER, sequence.to_string())
-        .header("content-type", "application/octet-stream")
-        .body(Full::new(Bytes::from(format!(
-            "upstream response {sequence}: {} bytes received\n",
-            body.len()
-        ))))
+        .header("content-type", "application/octet-stream");
+    let asked = |control: &str| {
+        parts
+            .headers
+            .get_all(control)
+            .iter()
+            .filter_map(|v| v.to_str().ok()?.split_once(": "))
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect::<Vec<_>>()
+    };
+    for (name, value) in asked(RESPOND_HEADER) {
+        let value = HeaderValue::from_bytes(&percent_decode(&value)).expect("header bytes");
+        if let Some(headers) = response.headers_mut() {
+            headers.insert(HeaderName::try_from(name).expect("header name"), value);
+        }
+    }
+    let mut trailers = HeaderMap::new();
+    for (name, value) in asked(TRAILER_HEADER) {
+        trailers.insert(
+            HeaderName::try_from(name).expect("trailer name"),
+            HeaderValue::try_from(value).expect("trailer value"),
+        );
+    }
+    let data = Bytes::from(format!(
+        "upstream response {sequence}: {} bytes received\n",
+        body.len()
+    ));
+    response
+        .body(Frames::new(data, trailers))
         .expect("upstream response")
+}
+
+fn percent_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// A response body of fixed frames: the data, then the trailers if there are any.
+pub struct Frames {
+    frames: VecDeque<Frame<Bytes>>,
+    exact: Option<u64>,
+}
+
+impl Frames {
+    fn new(data: Bytes, trailers: HeaderMap) -> Frames {
+        let exact = trailers.is_empty().then_some(data.len() as u64);
+        let mut frames = VecDeque::from([Frame::data(data)]);
+        if !trailers.is_empty() {
+            frames.push_back(Frame::trailers(trailers));
+        }
+        Frames { frames, exact }
+    }
+}
+
+impl hyper::body::Body for Frames {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.frames.pop_front().map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.exact
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
 }
 
 struct InFlight<'a>(&'a AtomicU64);
