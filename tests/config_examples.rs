@@ -113,6 +113,22 @@ fn shipped_envoy_configurations_hold_valid_filter_configurations() {
     assert!(checked > 0, "no filter configuration found in envoy/");
 }
 
+/// Defence in depth: a VM that ever traps is reloaded, not left failing every request on its
+/// worker (`FAIL_CLOSED`) or running without its policies (`FAIL_OPEN`).
+#[test]
+fn shipped_envoy_configurations_reload_a_failed_vm() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy");
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let filters = text.matches("envoy.filters.http.wasm").count();
+        let reloading = text
+            .lines()
+            .filter(|l| l.trim() == "failure_policy: FAIL_RELOAD")
+            .count();
+        assert_eq!(reloading, filters, "{}", entry.path().display());
+    }
+}
+
 /// The JSON after each `value: |` line of a StringValue configuration, up to the end of
 /// its indented block.
 fn embedded_configurations(yaml: &str) -> Vec<String> {
