@@ -220,9 +220,10 @@ pub struct Exchange {
     request: RequestInfo,
     started: Instant,
     stage: Stage,
+    /// What the stages lent the request; `None` where there is nothing to give back.
     slots: Option<Slots>,
     response_headers: Option<ResponseHeaders>,
-    claim: Option<Option<Claim>>,
+    claim: Option<Claim>,
     permits: Option<Permits>,
 }
 
@@ -239,7 +240,7 @@ impl Exchange {
         self.started = env.now;
         if let Some(policy) = &filter.load_shedding {
             match policy.admit(env, &self.request) {
-                Ok(slots) => self.slots = Some(slots),
+                Ok(slots) => self.slots = Some(slots).filter(|s| !s.is_empty()),
                 Err(reply) => return self.answer(reply),
             }
         }
@@ -332,7 +333,7 @@ impl Exchange {
         response: &impl Response,
         end_of_stream: bool,
     ) -> &[(String, String)] {
-        if let (Some(Some(claim)), Some(policy)) = (&mut self.claim, &filter.idempotency) {
+        if let (Some(claim), Some(policy)) = (&mut self.claim, &filter.idempotency) {
             claim.capture.headers(
                 policy.config(),
                 response.status(),
@@ -346,17 +347,17 @@ impl Exchange {
 
     /// Whether the host should hand over response body chunks.
     pub fn captures_response(&self) -> bool {
-        matches!(self.claim, Some(Some(_)))
+        self.claim.is_some()
     }
 
     pub fn on_response_body(&mut self, filter: &Filter, chunk: &[u8], end_of_stream: bool) {
-        if let (Some(Some(claim)), Some(policy)) = (&mut self.claim, &filter.idempotency) {
+        if let (Some(claim), Some(policy)) = (&mut self.claim, &filter.idempotency) {
             claim.capture.body(policy.config(), chunk, end_of_stream);
         }
     }
 
     pub fn on_response_trailers(&mut self) {
-        if let Some(Some(claim)) = &mut self.claim {
+        if let Some(claim) = &mut self.claim {
             claim.capture.trailers();
         }
     }
@@ -385,7 +386,7 @@ impl Exchange {
             policy.release(env, permits, &completion);
         }
         if let (Some(claim), Some(policy)) = (self.claim.take(), &filter.idempotency) {
-            policy.release(env, claim, &completion);
+            policy.release(env, Some(claim), &completion);
         }
         if let (Some(headers), Some(policy)) = (self.response_headers.take(), &filter.rate_limit) {
             policy.release(env, headers, &completion);
@@ -399,7 +400,7 @@ impl Exchange {
     fn admit_after_body<S: Store>(&mut self, filter: &Filter, env: &mut Env<'_, S>) -> Step {
         if let Some(policy) = &filter.idempotency {
             match policy.admit(env, &self.request) {
-                Ok(claim) => self.claim = Some(claim),
+                Ok(claim) => self.claim = claim,
                 Err(reply) => return self.answer(reply),
             }
         }
@@ -409,7 +410,7 @@ impl Exchange {
     fn admit_breakers<S: Store>(&mut self, filter: &Filter, env: &mut Env<'_, S>) -> Step {
         if let Some(policy) = &filter.circuit_breaker {
             match policy.admit(env, &self.request) {
-                Ok(permits) => self.permits = Some(permits),
+                Ok(permits) => self.permits = Some(permits).filter(|p| !p.is_empty()),
                 Err(reply) => return self.answer(reply),
             }
         }

@@ -736,3 +736,59 @@ fn a_restarted_vm_reports_the_adaptive_limit_where_the_others_left_it() {
         Some(&17)
     );
 }
+
+/// Within one stage: a breaker that refuses gives back the probe slot an earlier breaker of
+/// the same request took, at once.
+#[test]
+fn a_breaker_refusal_gives_back_an_earlier_breakers_probe_slot() {
+    let proxy = Proxy::new(
+        r#"{"circuit_breaker": {"breakers": [
+            {"name": "a", "scope": {"match": {}}, "trip": {"consecutive_failures": 1},
+             "open": {"duration": "1s"}, "half_open": {"max_probes": 1}},
+            {"name": "b", "scope": {"match": {"path_prefix": "/b/"}}, "trip": {"consecutive_failures": 1},
+             "open": {"duration": "60s"}}]}}"#,
+    );
+    use crate::circuit_breaker::Phase;
+    assert_eq!(status(&proxy.call(post("/b/x", &[]), b"", 500)), 200);
+    assert_eq!(
+        (proxy.breaker_phase("a"), proxy.breaker_phase("b")),
+        (Some(Phase::Open), Some(Phase::Open))
+    );
+    proxy.advance(1_000);
+    let refused = proxy.call(post("/b/y", &[]), b"", 200);
+    assert_eq!(
+        refused.map_err(|r| r.header("x-circuit-breaker").map(<[u8]>::to_vec)),
+        Err(Some(b"b".to_vec()))
+    );
+    assert_eq!(
+        proxy.breaker_phase("a"),
+        Some(Phase::HalfOpen),
+        "a took its one probe slot..."
+    );
+    assert_eq!(
+        status(&proxy.call(post("/a", &[]), b"", 200)),
+        200,
+        "...and b's refusal gave it back, so the next probe passes"
+    );
+    assert_eq!(proxy.breaker_phase("a"), Some(Phase::Closed));
+}
+
+/// Rate-limit tokens are spent, not lent: a request the breaker refuses still counted.
+#[test]
+fn a_breaker_refusal_leaves_the_rate_limit_token_spent() {
+    let proxy = Proxy::new(&config(&[
+        r#""rate_limit": {"rules": [{"name": "r", "capacity": 2, "refill": {"tokens": 1, "interval": "1h"}}]}"#,
+        BREAKER,
+    ]));
+    assert_eq!(status(&proxy.call(post("/", &[]), b"", 500)), 200);
+    assert_eq!(
+        status(&proxy.call(post("/", &[]), b"", 200)),
+        503,
+        "the breaker is open"
+    );
+    assert_eq!(
+        status(&proxy.call(post("/", &[]), b"", 200)),
+        429,
+        "both tokens were spent"
+    );
+}
