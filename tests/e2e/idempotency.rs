@@ -479,3 +479,44 @@ async fn a_chained_instances_refusal_is_never_stored() {
     assert!(header(&retry, "idempotent-replayed").is_none());
     assert_eq!(upstream.count(), 2);
 }
+
+/// Found in review: 320 requests whose bodies stalled on one worker fell due in the same
+/// tick, and sending all their 408s at once overflowed the VM's stack (every later request on
+/// the worker got 503). They are now answered a few dozen per tick.
+#[tokio::test(flavor = "multi_thread")]
+async fn hundreds_of_stalled_bodies_each_get_408_and_the_worker_stays_up() {
+    const STALLED: usize = 400;
+    let upstream = Upstream::start().await;
+    let envoy = envoy()
+        .filter(
+            "idem",
+            r#"{"idempotency": {"body_timeout": "1s", "identity": ["client_address"]}}"#,
+        )
+        .concurrency(1)
+        .start(&upstream)
+        .await;
+    let started = std::time::Instant::now();
+    let stalled: Vec<_> = (0..STALLED)
+        .map(|i| {
+            let port = envoy.port;
+            async move {
+                let head = format!(
+                    "POST /charges HTTP/1.1\r\nhost: example\r\nidempotency-key: k{i}\r\ncontent-length: 2"
+                );
+                http1(port, &head, &[(Duration::ZERO, b"{")]).await.status
+            }
+        })
+        .collect();
+    let statuses = join_all(stalled).await;
+    assert!(statuses.iter().all(|&s| s == 408), "{statuses:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    let after = post(&envoy, Some("after"), "{}", "alice").await;
+    assert_eq!(after.status(), 200, "the worker still serves");
+    assert_eq!(counter(&envoy, "body_timeouts").await, Some(STALLED as u64));
+    assert!(!envoy.log().contains("Uncaught"), "{}", envoy.log());
+    assert_eq!(upstream.count(), 1);
+}
