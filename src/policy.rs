@@ -164,10 +164,21 @@ impl Completion {
         self.flags & DOWNSTREAM_GONE_FLAGS != 0
     }
 
-    /// The request's duration, if it measures the upstream: it reached the upstream (which
-    /// answered, or failed after it had the request) and the client waited for the end.
+    /// The request reached the upstream: it answered, or failed after it had the request.
+    fn reached_upstream(&self) -> bool {
+        self.via_upstream || self.flags & REACHED_UPSTREAM_FLAGS != 0
+    }
+
+    /// Whether the upstream may have the request: it reached it, or the client left before any
+    /// response, when the request may have been on its way. Only a response that is not the
+    /// upstream's, or a failure to reach it, says it never got there.
+    pub fn may_have_reached_upstream(&self) -> bool {
+        self.reached_upstream() || (self.status.is_none() && self.downstream_gone())
+    }
+
+    /// The request's duration, if it measures the upstream: it reached the upstream and the
+    /// client waited for the end.
     pub fn latency_sample(&self) -> Option<Duration> {
-        let reached = self.via_upstream || self.flags & REACHED_UPSTREAM_FLAGS != 0;
-        (reached && !self.downstream_gone()).then_some(self.duration)
+        (self.reached_upstream() && !self.downstream_gone()).then_some(self.duration)
     }
 }

@@ -4,6 +4,7 @@
 use super::config::IdempotencyConfig;
 use super::policy::Outcome;
 use super::record::{StoredResponse, HEADER_FRAMING_BYTES, MAX_STORED_HEADERS};
+use crate::policy::Completion;
 
 #[derive(Debug, Default)]
 pub struct Capture {
@@ -69,9 +70,10 @@ impl Capture {
     }
 
     /// How the claimed request ended, for the record.
-    pub fn outcome(self) -> Outcome {
+    pub fn outcome(self, completion: &Completion) -> Outcome {
         match self.status.filter(|_| self.from_upstream) {
-            None => Outcome::NoResponse,
+            None if completion.may_have_reached_upstream() => Outcome::Unanswered,
+            None => Outcome::NotSent,
             Some(status) if self.unstorable || !self.complete => {
                 Outcome::ResponseNotStored { status }
             }

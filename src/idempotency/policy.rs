@@ -35,6 +35,7 @@ struct Metrics {
     released: MetricId,
     evictions: MetricId,
     body_timeouts: MetricId,
+    unanswered: MetricId,
 }
 
 /// What an admitted request holds: its claim on the key, and its response so far.
@@ -90,10 +91,16 @@ pub enum Decision {
 pub enum Outcome {
     /// The upstream answered and the whole response was captured.
     Response(StoredResponse),
-    /// The upstream answered, but the response was too large or ended early.
+    /// The upstream answered, but the response was too large, ended early, or cannot be
+    /// replayed: the request was executed, and is never executed again.
     ResponseNotStored { status: u16 },
-    /// No response: the client went away, the upstream reset, or a later policy refused.
-    NoResponse,
+    /// The upstream may have the request but never answered it (a timeout, a reset, a client
+    /// that left while it was in flight): it may be executing still, so the claim stays until
+    /// its lease runs out.
+    Unanswered,
+    /// The request never reached the upstream (a later stage or another filter answered, or
+    /// the connection to the upstream failed): the key is free for a retry at once.
+    NotSent,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -101,6 +108,8 @@ pub enum Finished {
     Stored,
     /// The key is free again, so a retry can proceed.
     Released,
+    /// The claim stays until its lease runs out: duplicates get 409 meanwhile.
+    Kept,
     /// The claim's lease ran out and someone else holds the key now: nothing was written.
     Superseded,
 }
@@ -157,6 +166,7 @@ impl Idempotency {
             released: counter("released"),
             evictions: counter("evictions"),
             body_timeouts: counter("body_timeouts"),
+            unanswered: counter("unanswered"),
         };
         Self {
             config,
@@ -385,7 +395,8 @@ impl Idempotency {
                     .config
                     .keep_for(*status)
                     .map(|ttl| (ttl, Entry::Unreplayable { status: *status })),
-                Outcome::NoResponse => None,
+                Outcome::Unanswered => return (Finished::Kept, None),
+                Outcome::NotSent => None,
             };
             match kept {
                 Some((ttl, entry)) => {
@@ -572,15 +583,22 @@ impl Policy for Idempotency {
         }
     }
 
-    /// Stores what the upstream answered, or frees the key when it never answered (the client
-    /// left, the upstream failed before its response, a later stage refused the request).
-    fn release<S: Store>(&self, env: &mut Env<'_, S>, claim: Option<Claim>, _: &Completion) {
+    /// Stores what the upstream answered; frees the key when the request never reached the
+    /// upstream; keeps it claimed, until its lease runs out, when the upstream may have the
+    /// request and never answered.
+    fn release<S: Store>(
+        &self,
+        env: &mut Env<'_, S>,
+        claim: Option<Claim>,
+        completion: &Completion,
+    ) {
         let Some(claim) = claim else {
             return;
         };
-        let outcome = claim.capture.outcome();
+        let outcome = claim.capture.outcome(completion);
         match self.finish(env.store, env.namespace(), claim.id, outcome, env.now) {
             Ok(Finished::Released) => env.telemetry.increment(self.metrics.released),
+            Ok(Finished::Kept) => env.telemetry.increment(self.metrics.unanswered),
             Ok(Finished::Stored) => {}
             Ok(Finished::Superseded) => env.telemetry.log(
                 Level::Info,

@@ -346,14 +346,15 @@ fn a_load_shedding_refusal_comes_first_and_takes_nothing_else() {
     assert_eq!(proxy.in_flight("all"), 0);
 }
 
-/// A request every stage admitted, then abandoned by its client: everything comes back, and
-/// nothing counts as an upstream outcome.
+/// A request every stage admitted, then abandoned by its client while upstream: its slot and
+/// probe permit come back, nothing counts as an upstream outcome, and its idempotency claim
+/// stays until the lease runs out, since the upstream may still be executing it.
 #[test]
-fn an_abort_gives_everything_back() {
+fn an_abort_gives_everything_back_but_the_claim_on_a_request_the_upstream_may_have() {
     let proxy = Proxy::new(&config(&[
         POOL,
         r#""rate_limit": {"rules": [{"name": "r", "capacity": 5, "refill": {"tokens": 1, "interval": "1h"}}]}"#,
-        IDEMPOTENCY,
+        r#""idempotency": {"required": true, "lease": "30s"}"#,
         BREAKER,
     ]));
     let mut exchange = Exchange::default();
@@ -367,11 +368,37 @@ fn an_abort_gives_everything_back() {
     };
     proxy.finish(&mut exchange, abandoned);
     assert_eq!(proxy.in_flight("all"), 0);
-    assert_eq!(proxy.metric("idempotency.released"), 1);
+    assert_eq!(proxy.metric("idempotency.unanswered"), 1);
     assert_ne!(
         proxy.breaker_phase("b"),
         Some(crate::circuit_breaker::Phase::Open)
     );
+    assert_eq!(
+        status(&proxy.call(keyed("k"), b"{}", 201)),
+        409,
+        "still in flight"
+    );
+    proxy.advance(30_000);
+    assert_eq!(
+        status(&proxy.call(keyed("k"), b"{}", 201)),
+        200,
+        "the lease ran out"
+    );
+}
+
+/// A request that never reached the upstream (the connection failed) frees its key at once.
+#[test]
+fn a_claim_on_a_request_that_never_reached_the_upstream_is_freed() {
+    let proxy = Proxy::new(&config(&[IDEMPOTENCY]));
+    let mut exchange = Exchange::default();
+    assert_eq!(proxy.send(&mut exchange, keyed("k"), b"{}"), Step::Continue);
+    exchange.on_response_headers(&proxy.filter, &Local(503), true);
+    let connect_failure = Completion {
+        flags: 0x20,
+        ..local(503)
+    };
+    proxy.finish(&mut exchange, connect_failure);
+    assert_eq!(proxy.metric("idempotency.released"), 1);
     assert_eq!(
         status(&proxy.call(keyed("k"), b"{}", 201)),
         200,

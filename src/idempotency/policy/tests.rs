@@ -1,6 +1,7 @@
 use super::*;
 use crate::hashing::Seed;
 use crate::pipeline::config::Config;
+use crate::policy::Completion;
 use crate::store::MemoryStore;
 use crate::testing::{at, config, T0};
 #[cfg(target_arch = "wasm32")]
@@ -190,10 +191,7 @@ fn a_request_without_a_response_frees_its_key() {
     let b = Bench::new("{}");
     let k = b.pending(&post(Some("k"), "a"));
     assert_eq!(b.decide(k, b"", 1, T0), Decision::Claimed);
-    assert_eq!(
-        b.finish(k, 1, Outcome::NoResponse, at(5)),
-        Finished::Released
-    );
+    assert_eq!(b.finish(k, 1, Outcome::NotSent, at(5)), Finished::Released);
     assert_eq!(b.decide(k, b"", 2, at(6)), Decision::Claimed);
 }
 
@@ -450,7 +448,11 @@ fn captured(
         .collect();
     capture.headers(config, Some(201), from_upstream, &headers, false);
     capture.body(config, body, true);
-    capture.outcome()
+    let local = Completion {
+        status: Some(201),
+        ..Completion::default()
+    };
+    capture.outcome(&local)
 }
 
 /// Issue 15, defect 8: a stored header was cut at 65,535 bytes, which could split a UTF-8
@@ -536,7 +538,7 @@ fn a_record_never_takes_more_than_its_allowance() {
                 Entry::Completed(stored)
             }
             Outcome::ResponseNotStored { status } => Entry::Unreplayable { status },
-            Outcome::NoResponse => panic!("the upstream answered"),
+            Outcome::Unanswered | Outcome::NotSent => panic!("the upstream answered"),
         };
         let record = IdempotencyRecord {
             owner: 1,
@@ -569,7 +571,7 @@ fn a_response_ending_in_trailers_is_complete_and_grpc_is_never_stored() {
     capture.headers(config, Some(200), true, &[], false);
     capture.body(config, b"data", false);
     capture.trailers();
-    assert!(matches!(capture.outcome(), Outcome::Response(_)));
+    assert!(matches!(capture.outcome(&answered()), Outcome::Response(_)));
 
     let mut grpc = Capture::default();
     let content_type = vec![(
@@ -580,7 +582,7 @@ fn a_response_ending_in_trailers_is_complete_and_grpc_is_never_stored() {
     grpc.body(config, b"\0\0\0\0\x02hi", false);
     grpc.trailers();
     assert_eq!(
-        grpc.outcome(),
+        grpc.outcome(&answered()),
         Outcome::ResponseNotStored { status: 200 },
         "its grpc-status lives in trailers, which a replay cannot send"
     );
@@ -588,7 +590,18 @@ fn a_response_ending_in_trailers_is_complete_and_grpc_is_never_stored() {
     let mut cut = Capture::default();
     cut.headers(config, Some(200), true, &[], false);
     cut.body(config, b"half", false);
-    assert_eq!(cut.outcome(), Outcome::ResponseNotStored { status: 200 });
+    assert_eq!(
+        cut.outcome(&answered()),
+        Outcome::ResponseNotStored { status: 200 }
+    );
+}
+
+fn answered() -> Completion {
+    Completion {
+        status: Some(200),
+        via_upstream: true,
+        ..Completion::default()
+    }
 }
 
 /// A local reply (another stage's refusal, a chained instance's 429) is not the upstream's
@@ -598,6 +611,65 @@ fn a_local_reply_frees_the_key() {
     let (p, _) = policy("{}");
     assert_eq!(
         captured(p.config(), &[], b"rate limited", false),
-        Outcome::NoResponse
+        Outcome::NotSent
+    );
+}
+
+/// Found in review: a client that timed out (or a route timeout) released the claim, and its
+/// retry executed while the first request was still running upstream. A request that may
+/// have reached the upstream keeps its claim until the lease runs out.
+#[test]
+fn a_request_the_upstream_may_have_keeps_its_claim_until_the_lease() {
+    let outcome = |completion: Completion| Capture::default().outcome(&completion);
+    let gone = Completion {
+        flags: 0x4000,
+        ..Completion::default()
+    };
+    let route_timeout = Completion {
+        status: Some(504),
+        flags: 0x4,
+        ..Completion::default()
+    };
+    let upstream_reset = Completion {
+        status: Some(503),
+        flags: 0x10,
+        ..Completion::default()
+    };
+    for completion in [gone, route_timeout, upstream_reset] {
+        assert_eq!(outcome(completion), Outcome::Unanswered, "{completion:?}");
+    }
+    let connect_failure = Completion {
+        status: Some(503),
+        flags: 0x20,
+        ..Completion::default()
+    };
+    let local = Completion {
+        status: Some(429),
+        ..Completion::default()
+    };
+    let local_then_gone = Completion {
+        status: Some(429),
+        flags: 0x4000,
+        ..Completion::default()
+    };
+    for completion in [connect_failure, local, local_then_gone] {
+        assert_eq!(outcome(completion), Outcome::NotSent, "{completion:?}");
+    }
+
+    let b = Bench::new(r#"{"lease": "2s"}"#);
+    let k = b.pending(&post(Some("k"), "a"));
+    assert_eq!(b.decide(k, b"", 1, T0), Decision::Claimed);
+    assert_eq!(b.finish(k, 1, Outcome::Unanswered, at(500)), Finished::Kept);
+    assert_eq!(
+        b.decide(k, b"", 2, at(600)),
+        Decision::InFlight {
+            retry_after_secs: 2
+        },
+        "a retry must not run while the first may still be executing"
+    );
+    assert_eq!(
+        b.decide(k, b"", 3, at(2_000)),
+        Decision::Claimed,
+        "after the lease"
     );
 }
