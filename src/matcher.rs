@@ -160,16 +160,22 @@ impl Match {
             PathMatch::Exact(exact) => request.path == *exact,
         };
         let host_ok = self.host.as_ref().is_none_or(|host| {
-            request.header(":authority").is_some_and(|authority| {
-                authority_host(authority).eq_ignore_ascii_case(host.as_bytes())
-            })
+            request
+                .values(":authority")
+                .next()
+                .is_some_and(|authority| {
+                    authority_host(authority).eq_ignore_ascii_case(host.as_bytes())
+                })
         });
         host_ok
             && path_ok
             && (self.methods.is_empty() || self.methods.contains(&request.method))
             && self.headers.iter().all(|h| match &h.rule {
-                HeaderRule::Present(present) => request.header(&h.name).is_some() == *present,
-                HeaderRule::Exact(value) => request.header(&h.name) == Some(value.as_slice()),
+                HeaderRule::Present(present) => {
+                    request.values(&h.name).next().is_some() == *present
+                }
+                // Any line: a second line cannot step a request around a rule.
+                HeaderRule::Exact(value) => request.values(&h.name).any(|v| v == value.as_slice()),
             })
     }
 
@@ -183,18 +189,20 @@ impl Match {
     }
 }
 
-/// `host[:port]` or `[v6]:port` without the port.
+/// `host[:port]` or `[v6]:port` without the port (empty included) and without the trailing
+/// dot of a fully qualified name: `example.com.:80` is `example.com`, as DNS and most
+/// servers read it.
 fn authority_host(authority: &[u8]) -> &[u8] {
-    match authority.iter().rposition(|&b| b == b':') {
+    let host = match authority.iter().rposition(|&b| b == b':') {
         Some(colon)
-            if colon + 1 < authority.len()
-                && authority[colon + 1..].iter().all(u8::is_ascii_digit)
+            if authority[colon + 1..].iter().all(u8::is_ascii_digit)
                 && !authority[..colon].ends_with(b":") =>
         {
             &authority[..colon]
         }
         _ => authority,
-    }
+    };
+    host.strip_suffix(b".").unwrap_or(host)
 }
 
 /// A configured path must be written as requests are compared: normalized.
@@ -276,6 +284,17 @@ mod tests {
         )));
         assert!(m.matches(&request("GET", "/", &[(":authority", "Api.Example.Com")])));
         assert!(!m.matches(&request("GET", "/", &[(":authority", "www.example.com")])));
+        for spelling in [
+            "api.example.com.",
+            "api.example.com:",
+            "api.example.com.:80",
+        ] {
+            assert!(
+                m.matches(&request("GET", "/", &[(":authority", spelling)])),
+                "{spelling}"
+            );
+        }
+        assert!(!m.matches(&request("GET", "/", &[(":authority", "api.example.com..")])));
         assert!(!m.matches(&request("GET", "/", &[])));
         assert_eq!(m.header_names().collect::<Vec<_>>(), [":authority"]);
         assert!(compile(r#"{"host": "a.com:80"}"#).is_err());
@@ -363,5 +382,15 @@ mod tests {
         };
         request.headers = vec![(":authority".to_owned(), b"api.example.com\xe9".to_vec())];
         assert!(!host.matches(&request));
+    }
+
+    /// A second line cannot step a request around a rule: any line may match.
+    #[test]
+    fn any_line_of_a_repeated_header_matches() {
+        let Ok(m) = compile(r#"{"headers": [{"name": "x-tier", "exact": "free"}]}"#) else {
+            panic!()
+        };
+        let twice = request("GET", "/", &[("x-tier", "paid"), ("x-tier", "free")]);
+        assert!(m.matches(&twice));
     }
 }

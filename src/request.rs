@@ -15,7 +15,8 @@ pub struct RequestInfo {
     pub path: String,
     /// `:path` exactly as received, query included: what an idempotency fingerprint covers.
     pub path_and_query: Vec<u8>,
-    /// Lower-case names, as Envoy delivers them (`:authority` among them when a match needs it).
+    /// Lower-case names, as Envoy delivers them (`:authority` among them when a match needs it);
+    /// a header sent on several lines has an entry per line, in order.
     pub headers: Vec<(String, Vec<u8>)>,
     /// The upstream cluster the route selected, when a policy is scoped by cluster.
     pub cluster: Option<String>,
@@ -25,22 +26,73 @@ pub struct RequestInfo {
     pub body: Vec<u8>,
 }
 
+/// A header as a policy sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field<'a> {
+    Missing,
+    One(&'a [u8]),
+    /// Sent on several lines. Servers disagree on which line counts (the first, the last, all
+    /// joined), so a value that keys or proves something is ambiguous.
+    Repeated,
+}
+
 impl RequestInfo {
     /// A request from the raw `:method` and `:path`, normalizing the path once for all rules.
+    /// Methods are case-sensitive, but upstreams that take `post` for `POST` exist: rules see
+    /// the method upper-cased, so `post` cannot step around a rule written for `POST`.
     pub fn new(method: &[u8], path: &[u8]) -> RequestInfo {
         RequestInfo {
-            method: String::from_utf8_lossy(method).into_owned(),
+            method: String::from_utf8_lossy(method).to_ascii_uppercase(),
             path: normalize_path(path),
             path_and_query: path.to_vec(),
             ..RequestInfo::default()
         }
     }
 
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
+    /// A request from Envoy's request header map: `:method`, `:path`, and every line of the
+    /// headers in `names`.
+    pub fn from_header_map(map: Vec<(String, Vec<u8>)>, names: &[String]) -> RequestInfo {
+        let pseudo = |name: &str| {
+            map.iter()
+                .find(|(n, _)| n == name)
+                .map_or(&[][..], |(_, v)| v.as_slice())
+        };
+        let mut request = RequestInfo::new(pseudo(":method"), pseudo(":path"));
+        request.headers = map
+            .into_iter()
+            .filter(|(name, _)| names.contains(name))
+            .collect();
+        request
+    }
+
+    /// Every line of a header, in order.
+    pub fn values<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
         self.headers
             .iter()
-            .find(|(n, _)| n == name)
+            .filter(move |(n, _)| n == name)
             .map(|(_, v)| v.as_slice())
+    }
+
+    pub fn field(&self, name: &str) -> Field<'_> {
+        let mut values = self.values(name);
+        match (values.next(), values.next()) {
+            (None, _) => Field::Missing,
+            (Some(value), None) => Field::One(value),
+            (Some(_), Some(_)) => Field::Repeated,
+        }
+    }
+
+    /// A header's lines joined with `, `, as HTTP combines a list (RFC 9110 §5.3).
+    pub fn joined(&self, name: &str) -> Option<Vec<u8>> {
+        let mut joined: Option<Vec<u8>> = None;
+        for value in self.values(name) {
+            let bytes = joined.get_or_insert_with(Vec::new);
+            if !bytes.is_empty() {
+                bytes.extend_from_slice(b", ");
+            }
+            bytes.extend_from_slice(value);
+        }
+        joined
     }
 
     /// The client's address, for an Envoy whose connection manager has `use_remote_address:
@@ -57,7 +109,7 @@ impl RequestInfo {
         if trusted_hops == 0 {
             return self.peer;
         }
-        let Some(forwarded) = self.header("x-forwarded-for") else {
+        let Some(forwarded) = self.joined("x-forwarded-for") else {
             return self.peer;
         };
         let entries: Vec<&[u8]> = forwarded.split(|&b| b == b',').collect();
@@ -82,12 +134,17 @@ impl KeyBuilder {
         match value {
             // Request parts are far below 4 GiB: a header that long never reaches a filter.
             Some(value) => {
-                let len = u32::try_from(value.len()).unwrap_or(u32::MAX - 1);
+                let len = u32::try_from(value.len()).unwrap_or(u32::MAX - 2);
                 self.0.extend_from_slice(&len.to_le_bytes());
                 self.0.extend_from_slice(value);
             }
             None => self.0.extend_from_slice(&u32::MAX.to_le_bytes()),
         }
+    }
+
+    /// A part the request sent on several lines: its own marker, shared by all such requests.
+    pub fn repeated(&mut self) {
+        self.0.extend_from_slice(&(u32::MAX - 1).to_le_bytes());
     }
 
     pub fn finish(self) -> Vec<u8> {
@@ -346,6 +403,44 @@ mod tests {
             Some(ip("10.9.9.9")),
             "too few entries: not through the proxies"
         );
+    }
+
+    #[test]
+    fn forwarded_lines_are_one_list() {
+        let mut request = forwarded(b"6.6.6.6");
+        request.headers.push((
+            "x-forwarded-for".to_owned(),
+            b"203.0.113.7, 10.0.0.1".to_vec(),
+        ));
+        assert_eq!(request.client_address(1), Some(ip("203.0.113.7")));
+        assert_eq!(request.client_address(2), Some(ip("6.6.6.6")));
+    }
+
+    /// Found in review: only a header's first line was read, so `x-api-key: rotate` then
+    /// `x-api-key: alice` was keyed on `rotate` while the upstream may take `alice`.
+    #[test]
+    fn a_header_on_several_lines_is_repeated_not_its_first_line() {
+        let map = vec![
+            (":method".to_owned(), b"post".to_vec()),
+            (":path".to_owned(), b"//a/../b?q".to_vec()),
+            ("x-api-key".to_owned(), b"rotate".to_vec()),
+            ("x-other".to_owned(), b"unread".to_vec()),
+            ("x-api-key".to_owned(), b"alice".to_vec()),
+            ("x-tier".to_owned(), b"free".to_vec()),
+        ];
+        let names = ["x-api-key".to_owned(), "x-tier".to_owned()];
+        let request = RequestInfo::from_header_map(map, &names);
+        assert_eq!(request.method, "POST");
+        assert_eq!(request.path, "/b");
+        assert_eq!(request.path_and_query, b"//a/../b?q");
+        assert_eq!(request.field("x-api-key"), Field::Repeated);
+        assert_eq!(request.field("x-tier"), Field::One(b"free"));
+        assert_eq!(request.field("x-other"), Field::Missing, "not asked for");
+        assert_eq!(
+            request.joined("x-api-key").as_deref(),
+            Some(&b"rotate, alice"[..])
+        );
+        assert_eq!(request.values("x-api-key").count(), 2);
     }
 
     #[test]

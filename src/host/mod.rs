@@ -78,19 +78,12 @@ impl Configured {
         self.metrics.get(index as usize).copied().flatten()
     }
 
-    /// The request parts the filter needs, as bytes.
+    /// The request parts the filter needs, as bytes: one read of the header map, so that a
+    /// header sent on several lines is seen whole.
     fn request_info(&self) -> RequestInfo {
         let needs = self.filter.needs();
-        let header = |name: &str| abi::header(Map::RequestHeaders, name).ok().flatten();
-        let mut request = RequestInfo::new(
-            &header(":method").unwrap_or_default(),
-            &header(":path").unwrap_or_default(),
-        );
-        request.headers = needs
-            .headers
-            .iter()
-            .filter_map(|name| Some((name.clone(), header(name)?)))
-            .collect();
+        let map = abi::headers(Map::RequestHeaders).unwrap_or_default();
+        let mut request = RequestInfo::from_header_map(map, &needs.headers);
         request.peer = needs
             .peer
             .then(|| abi::property(&["source", "address"]).ok().flatten())

@@ -89,6 +89,8 @@ pub const MAX_STORAGE_BYTES: u64 = 1 << 30;
 /// ([`super::record::RECORD_FIXED_BYTES`]), its shared-data key, and Envoy's own bookkeeping
 /// for one entry.
 pub const RECORD_OVERHEAD_BYTES: u64 = 4096;
+/// How often each VM checks body deadlines, and so the shortest `body_timeout` it can keep.
+pub const BODY_TIMER: std::time::Duration = std::time::Duration::from_millis(100);
 pub const MAX_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl IdempotencyConfig {
@@ -153,7 +155,7 @@ impl IdempotencyConfig {
         let body_timeout = check_duration(
             raw.body_timeout
                 .map_or(std::time::Duration::from_secs(10), |d| d.0),
-            std::time::Duration::from_millis(1),
+            BODY_TIMER,
             MAX_BODY_TIMEOUT,
             &format!("{at}.body_timeout"),
         )?;

@@ -12,7 +12,7 @@ mod policy;
 mod record;
 
 pub use capture::Capture;
-pub use config::{IdempotencyConfig, IdentityPart, Overflow, RawIdempotency};
+pub use config::{IdempotencyConfig, IdentityPart, Overflow, RawIdempotency, BODY_TIMER};
 pub use key::{parse_key, KeyError};
 pub use policy::{
     Begin, Claim, ClaimId, Decision, Finished, Idempotency, Outcome, Pending, Problem,

@@ -9,7 +9,7 @@ use crate::clock::{retry_after_secs, Instant};
 use crate::hashing::KeyHasher;
 use crate::policy::{Completion, Env, Needs, Policy};
 use crate::reply::Reply;
-use crate::request::{KeyBuilder, RequestInfo};
+use crate::request::{Field, KeyBuilder, RequestInfo};
 use crate::store::{self, Namespace, SharedDataSettings, Store, StoreError};
 use crate::telemetry::{Catalog, Level, MetricId};
 use sha2::{Digest, Sha256};
@@ -82,8 +82,8 @@ pub enum Decision {
     Mismatch,
     /// Executed, but its response could not be stored.
     Unreplayable { status: u16 },
-    /// Another key holds the slot and is still live.
-    Full,
+    /// Another key holds the slot and is still live, until `retry_after_secs` from now.
+    Full { retry_after_secs: u64 },
 }
 
 /// How the claimed request ended.
@@ -188,40 +188,42 @@ impl Idempotency {
             return Ok(None);
         }
         let header = &self.config.header;
-        let Some(value) = request.header(header) else {
-            return if self.config.required {
-                Err(Problem::new(
+        let invalid = |why: &str| {
+            Problem::new(
+                400,
+                "key-invalid",
+                "Invalid idempotency key",
+                format!("The `{header}` header {why}."),
+            )
+        };
+        let value = match request.field(header) {
+            Field::One(value) => value,
+            // Two keys for one request: no answer could be right for both.
+            Field::Repeated => return Err(invalid("was sent more than once")),
+            Field::Missing if self.config.required => {
+                return Err(Problem::new(
                     400,
                     "key-missing",
                     "Idempotency key required",
                     format!("Send a unique `{header}` header with this {} request, and the same one when you retry it.", request.method),
                 ))
-            } else {
-                Ok(None)
-            };
+            }
+            Field::Missing => return Ok(None),
         };
         parse_key(value, self.config.max_key_length)
             .map(Some)
-            .map_err(|err| {
-                let why = match err {
-                    KeyError::Empty => "is empty".to_owned(),
-                    KeyError::TooLong => {
-                        format!("is longer than {} characters", self.config.max_key_length)
-                    }
-                    KeyError::BadCharacter => {
-                        "may only hold letters, digits and - _ . : ~ + / =".to_owned()
-                    }
-                    KeyError::Malformed => {
-                        "must be a token or a quoted string without escapes or parameters"
-                            .to_owned()
-                    }
-                };
-                Problem::new(
-                    400,
-                    "key-invalid",
-                    "Invalid idempotency key",
-                    format!("The `{header}` header {why}."),
-                )
+            .map_err(|err| match err {
+                KeyError::Empty => invalid("is empty"),
+                KeyError::TooLong => invalid(&format!(
+                    "is longer than {} characters",
+                    self.config.max_key_length
+                )),
+                KeyError::BadCharacter => {
+                    invalid("may only hold letters, digits and - _ . : ~ + / =")
+                }
+                KeyError::Malformed => {
+                    invalid("must be a token or a quoted string without escapes or parameters")
+                }
             })
     }
 
@@ -240,13 +242,17 @@ impl Idempotency {
         // Identity headers are hashed as the bytes they are, text or not.
         let mut scoped = KeyBuilder::default();
         for part in &self.config.identity {
-            let address;
+            let (address, joined);
             let value = match part {
                 IdentityPart::ClientAddress => {
                     address = request.peer.map(|ip| ip.to_string());
                     address.as_deref().map(str::as_bytes)
                 }
-                IdentityPart::Header(name) => request.header(name),
+                // Every line of an identity header, as one list: a client is its whole value.
+                IdentityPart::Header(name) => {
+                    joined = request.joined(name);
+                    joined.as_deref()
+                }
             };
             scoped.part(value);
         }
@@ -302,11 +308,11 @@ impl Idempotency {
                 409,
                 "not-replayable",
                 "Request already executed",
-                format!("The request with this `{header}` was executed and answered {status}, but its response was too large to store. It will not be executed again."),
+                format!("The request with this `{header}` was executed and answered {status}, but its response could not be stored (too large, cut short, or not replayable). It will not be executed again."),
             ),
-            Decision::Full if self.config.when_full == Overflow::Pass => return None,
-            Decision::Full => Problem {
-                retry_after_secs: Some(retry_after_secs(self.config.lease)),
+            Decision::Full { .. } if self.config.when_full == Overflow::Pass => return None,
+            Decision::Full { retry_after_secs } => Problem {
+                retry_after_secs: Some(*retry_after_secs),
                 ..Problem::new(503, "store-full", "Idempotency store full", "The idempotency store has no room for this key right now. Retry later.".to_owned())
             },
         })
@@ -346,20 +352,23 @@ impl Idempotency {
                     };
                     return ((Decision::Claimed, evicted), Some(claimed));
                 }
+                let live_for = retry_after_secs(record.deadline.saturating_since(now));
                 let decision = if record.owner != pending.owner {
-                    Decision::Full
+                    Decision::Full {
+                        retry_after_secs: live_for,
+                    }
                 } else if record.fingerprint != fingerprint {
                     Decision::Mismatch
                 } else {
                     match record.entry {
                         Entry::InFlight { .. } => Decision::InFlight {
-                            retry_after_secs: retry_after_secs(
-                                record.deadline.saturating_since(now),
-                            ),
+                            retry_after_secs: live_for,
                         },
                         Entry::Completed(response) => Decision::Replay(response),
                         Entry::Unreplayable { status } => Decision::Unreplayable { status },
-                        Entry::Free => Decision::Full,
+                        Entry::Free => Decision::Full {
+                            retry_after_secs: live_for,
+                        },
                     }
                 };
                 ((decision, false), None)
@@ -502,7 +511,7 @@ impl Idempotency {
             Decision::Replay(_) => self.metrics.replays,
             Decision::InFlight { .. } | Decision::Unreplayable { .. } => self.metrics.conflicts,
             Decision::Mismatch => self.metrics.mismatches,
-            Decision::Full => self.metrics.full,
+            Decision::Full { .. } => self.metrics.full,
         };
         env.telemetry.increment(metric);
     }

@@ -7,7 +7,7 @@ use crate::clock::retry_after_secs;
 use crate::matcher::Scope;
 use crate::policy::{Completion, Env, Needs, Policy};
 use crate::reply::Reply;
-use crate::request::RequestInfo;
+use crate::request::{Field, RequestInfo};
 use crate::store::{self, Namespace, Store};
 use crate::telemetry::{Catalog, Level, MetricId};
 use std::time::Duration;
@@ -66,8 +66,11 @@ impl LoadShedding {
             .priority_header
             .as_deref()
             .filter(|_| trusted)
-            .and_then(|name| request.header(name))
-            .and_then(Class::parse);
+            .and_then(|name| match request.field(name) {
+                Field::One(value) => Class::parse(value),
+                // Which line would count? Neither: an ambiguous class is no class.
+                Field::Missing | Field::Repeated => None,
+            });
         from_header
             .or_else(|| {
                 self.config

@@ -187,9 +187,11 @@ fn values_that_cannot_be_honoured_are_refused_with_the_field() {
     );
     let idempotency = |field: &str| format!(r#"{{"idempotency": {{{field}}}}}"#);
     assert_eq!(
-        error_path(&idempotency(r#""body_timeout": "0s""#)),
-        "idempotency.body_timeout"
+        error_path(&idempotency(r#""body_timeout": "99ms""#)),
+        "idempotency.body_timeout",
+        "finer than the timer that keeps it"
     );
+    assert!(Config::parse(idempotency(r#""body_timeout": "100ms""#).as_bytes()).is_ok());
     assert_eq!(
         error_path(&idempotency(r#""body_timeout": "6m""#)),
         "idempotency.body_timeout"

@@ -42,7 +42,7 @@ pub struct Filter {
 }
 
 /// How often a VM whose filter waits for request bodies checks their deadlines.
-pub const TICK: Duration = Duration::from_millis(100);
+pub const TICK: Duration = crate::idempotency::BODY_TIMER;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl Filter {

@@ -7,7 +7,7 @@ use crate::clock::{ceil_secs, retry_after_secs};
 use crate::hashing::KeyHasher;
 use crate::policy::{Completion, Env, Needs, Policy};
 use crate::reply::Reply;
-use crate::request::{KeyBuilder, RequestInfo};
+use crate::request::{Field, KeyBuilder, RequestInfo};
 use crate::store::{self, Store};
 use crate::telemetry::{Catalog, Level, MetricId};
 
@@ -30,6 +30,7 @@ pub type ResponseHeaders = Vec<(String, String)>;
 /// A token taken that must be given back if a later rule refuses the request.
 struct Taken<'a> {
     rule: &'a Rule,
+    allowed: MetricId,
     slot_key: String,
     holder: u64,
 }
@@ -78,6 +79,10 @@ impl RateLimit {
     }
 
     /// The rule's bucket key for this request. `None`: the rule does not apply.
+    ///
+    /// A key header sent on several lines is ambiguous (which line would the upstream take?):
+    /// every such request shares one bucket of the rule, whatever `on_missing_key` says, so
+    /// rotating a first line buys no fresh bucket.
     fn key(&self, rule: &Rule, request: &RequestInfo) -> Option<Vec<u8>> {
         let mut key = KeyBuilder::default();
         for part in &rule.key {
@@ -91,7 +96,14 @@ impl RateLimit {
                 }
                 KeyPart::Method => Some(request.method.as_bytes()),
                 KeyPart::Path => Some(request.path.as_bytes()),
-                KeyPart::Header(name) => request.header(name),
+                KeyPart::Header(name) => match request.field(name) {
+                    Field::One(value) => Some(value),
+                    Field::Missing => None,
+                    Field::Repeated => {
+                        key.repeated();
+                        continue;
+                    }
+                },
             };
             if value.is_none() && rule.on_missing_key == MissingKey::Skip {
                 return None;
@@ -187,7 +199,6 @@ impl Policy for RateLimit {
                 ceil_secs(check.full_in)
             );
             if check.admitted {
-                env.telemetry.increment(metrics.allowed);
                 if tightest
                     .as_ref()
                     .is_none_or(|(remaining, _)| check.remaining < *remaining)
@@ -196,6 +207,7 @@ impl Policy for RateLimit {
                 }
                 taken.push(Taken {
                     rule,
+                    allowed: metrics.allowed,
                     slot_key,
                     holder,
                 });
@@ -225,6 +237,10 @@ impl Policy for RateLimit {
                     "resilience_rate_limited",
                 ));
             }
+        }
+        // Counted once the request passed every rule: a token refunded was not an admission.
+        for t in &taken {
+            env.telemetry.increment(t.allowed);
         }
         Ok(match (tightest, self.config.headers_on_allowed) {
             (Some((_, state)), true) => {

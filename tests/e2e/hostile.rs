@@ -312,3 +312,48 @@ async fn other_spellings_of_a_path_meet_the_rule_written_for_it() {
     );
     assert_no_trap(&envoy);
 }
+
+/// Found in review: only a header's first line was read. A rate-limit key sent on two lines is
+/// ambiguous (which would the upstream take?): all such requests share one bucket, so rotating
+/// the first line buys nothing; an idempotency key sent twice is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_header_sent_on_two_lines_buys_no_fresh_bucket_and_no_second_key() {
+    let upstream = Upstream::start().await;
+    let config = r#"{"rate_limit": {"rules": [{"name": "k", "key": [{"header": "x-api-key"}],
+        "capacity": 1, "refill": {"tokens": 1, "interval": "1h"}}]}, "idempotency": {}}"#;
+    let envoy = envoy().filter("rl", config).start(&upstream).await;
+    for (protocol, client) in clients() {
+        let mut statuses = Vec::new();
+        for i in 0..3 {
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.append(
+                "x-api-key",
+                HeaderValue::from_str(&format!("rotate{i}-{protocol}")).unwrap(),
+            );
+            headers.append("x-api-key", HeaderValue::from_static("alice"));
+            let response = client
+                .get(envoy.url("/"))
+                .headers(headers)
+                .send()
+                .await
+                .unwrap();
+            statuses.push(response.status().as_u16());
+        }
+        let first_try = if protocol == "HTTP/1.1" { 200 } else { 429 };
+        assert_eq!(statuses, [first_try, 429, 429], "{protocol}");
+        let mut keys = reqwest::header::HeaderMap::new();
+        keys.append("idempotency-key", HeaderValue::from_static("a"));
+        keys.append("idempotency-key", HeaderValue::from_static("b"));
+        let twice = client
+            .post(envoy.url("/charges"))
+            .header("x-api-key", format!("bob-{protocol}"))
+            .headers(keys)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(twice.status(), 400, "{protocol}");
+    }
+    assert_eq!(upstream.count(), 1);
+    assert_no_trap(&envoy);
+}

@@ -244,10 +244,17 @@ fn a_live_record_of_another_key_makes_the_table_full() {
     let first = b.pending(&post(Some("first"), "a"));
     let second = b.pending(&post(Some("second"), "a"));
     assert_eq!(b.decide(first, b"", 1, T0), Decision::Claimed);
-    assert_eq!(b.decide(second, b"", 2, at(1)), Decision::Full);
+    let full = b.decide(second, b"", 2, at(1));
+    assert_eq!(
+        full,
+        Decision::Full {
+            retry_after_secs: 30
+        },
+        "the claim in the way holds for its lease"
+    );
     assert_eq!(
         b.policy
-            .problem(&Decision::Full)
+            .problem(&full)
             .map(|p| (p.status, p.retry_after_secs)),
         Some((503, Some(30)))
     );
@@ -256,12 +263,19 @@ fn a_live_record_of_another_key_makes_the_table_full() {
         Finished::Stored
     );
     assert_eq!(
-        b.decide(second, b"", 3, at(86_400_002)),
+        b.decide(second, b"", 3, at(2)),
+        Decision::Full {
+            retry_after_secs: 86_400
+        },
+        "found in review: Retry-After said 30 s while the record in the way lives a day"
+    );
+    assert_eq!(
+        b.decide(second, b"", 4, at(86_400_002)),
         Decision::Claimed,
         "the first expired after a day"
     );
     let (passing, _) = policy(r#"{"records": 1, "when_full": "pass"}"#);
-    assert_eq!(passing.problem(&Decision::Full), None);
+    assert_eq!(passing.problem(&full), None);
 }
 
 #[test]
@@ -671,5 +685,25 @@ fn a_request_the_upstream_may_have_keeps_its_claim_until_the_lease() {
         b.decide(k, b"", 3, at(2_000)),
         Decision::Claimed,
         "after the lease"
+    );
+}
+
+#[test]
+fn a_key_sent_twice_is_invalid() {
+    let (p, _) = policy("{}");
+    let mut twice = post(Some("a"), "alice");
+    twice
+        .headers
+        .push(("idempotency-key".to_owned(), b"b".to_vec()));
+    match p.begin(&twice) {
+        Begin::Refuse(problem) => {
+            assert_eq!((problem.status, problem.kind), (400, "key-invalid"));
+            assert!(problem.detail.contains("more than once"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        !p.awaits_body(&twice),
+        "answered at once, without waiting for the body"
     );
 }

@@ -119,6 +119,11 @@ fn a_request_refused_by_one_rule_takes_nothing_from_the_others() {
     assert_eq!(bench.admitted(&narrow, 10), 1, "narrow admits one");
     // The nine refusals took and gave back a "wide" token each: four are left, not zero.
     assert_eq!(bench.admitted(&request(&[]), 10), 4);
+    assert_eq!(
+        bench.metric("rate_limit.wide.allowed"),
+        5,
+        "refunded tokens are not admissions"
+    );
 }
 
 #[test]
@@ -332,4 +337,31 @@ fn eight_workers_admit_exactly_the_capacity() {
         assert!(worker.join().is_ok());
     }
     assert_eq!(admitted.load(Ordering::SeqCst), 100, "of 1600 requests");
+}
+
+/// Found in review: `x-api-key: rotate` then `x-api-key: alice` was keyed on the first line,
+/// so rotating it bought a fresh bucket while the upstream may take the last. Every request
+/// with a repeated key header shares one bucket of the rule.
+#[test]
+fn a_key_header_on_several_lines_shares_one_bucket() {
+    let bench = bench(
+        r#"{"rules": [{"name": "k", "key": [{"header": "x-api-key"}], "capacity": 2, "refill": {"tokens": 1, "interval": "1h"}}]}"#,
+    );
+    let rotated = |i: usize| {
+        let mut request = request(&[]);
+        request.headers = vec![
+            ("x-api-key".to_owned(), format!("rotate{i}").into_bytes()),
+            ("x-api-key".to_owned(), b"alice".to_vec()),
+        ];
+        request
+    };
+    let admitted = (0..10)
+        .filter(|&i| bench.decide(&rotated(i), NOW).is_ok())
+        .count();
+    assert_eq!(admitted, 2);
+    assert_eq!(
+        bench.admitted(&request(&[("x-api-key", "alice")]), 3),
+        2,
+        "alice's own bucket"
+    );
 }
