@@ -31,9 +31,11 @@ pub trait Policy {
     fn release<S: Store>(&self, env: &mut Env<'_, S>, loan: Self::Loan, completion: &Completion);
 }
 
-/// Request parts beyond the method and path.
+/// The request parts admission reads.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Needs {
+    /// Anything at all (the method and path at least): false only for a filter with no policy.
+    pub request: bool,
     /// Lower-case header names, each once.
     pub headers: Vec<String>,
     /// The downstream peer address (`source.address`).
@@ -49,6 +51,7 @@ impl Needs {
                 self.headers.push(name);
             }
         }
+        self.request |= other.request;
         self.peer |= other.peer;
         self.cluster |= other.cluster;
     }

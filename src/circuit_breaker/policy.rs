@@ -110,6 +110,7 @@ impl Policy for CircuitBreaker {
 
     fn needs(&self) -> Needs {
         Needs {
+            request: true,
             headers: self
                 .config
                 .breakers

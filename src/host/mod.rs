@@ -82,6 +82,9 @@ impl Configured {
     /// header sent on several lines is seen whole.
     fn request_info(&self) -> RequestInfo {
         let needs = self.filter.needs();
+        if !needs.request {
+            return RequestInfo::default();
+        }
         let map = abi::headers(Map::RequestHeaders).unwrap_or_default();
         let mut request = RequestInfo::from_header_map(map, &needs.headers);
         request.peer = needs
@@ -385,6 +388,10 @@ impl HttpContext for Stream {
         else {
             return;
         };
+        if !exchange.holds_loans() {
+            exchange.end();
+            return;
+        }
         configured.run(|filter, env| {
             exchange.finish(filter, env, || Completion {
                 status: abi::int_property(&["response", "code"])

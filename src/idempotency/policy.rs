@@ -527,6 +527,7 @@ impl Policy for Idempotency {
             IdentityPart::ClientAddress => None,
         });
         Needs {
+            request: true,
             headers: identity
                 .chain(self.config.matcher.header_names())
                 .chain(std::iter::once(self.config.header.as_str()))

@@ -162,6 +162,7 @@ impl Policy for LoadShedding {
             .iter()
             .flat_map(|(m, _)| m.header_names());
         Needs {
+            request: true,
             headers: scopes
                 .chain(rules)
                 .chain(self.config.priority_header.as_deref())

@@ -367,6 +367,11 @@ impl Exchange {
         self.slots.is_some() || self.claim.is_some() || self.permits.is_some()
     }
 
+    /// The stream ended holding nothing: nothing to give back, nothing to read.
+    pub fn end(&mut self) {
+        self.stage = Stage::Finished;
+    }
+
     /// The stream ended: every loan goes back to its policy, latest first, with how it ended.
     pub fn finish<S: Store>(
         &mut self,
@@ -374,7 +379,7 @@ impl Exchange {
         env: &mut Env<'_, S>,
         completion: impl FnOnce() -> Completion,
     ) {
-        self.stage = Stage::Finished;
+        self.end();
         if !self.holds_loans() {
             return;
         }

@@ -680,7 +680,7 @@ fn every_policy_declares_the_request_parts_it_reads() {
             "x-tenant"
         ]
     );
-    assert!(needs.peer && needs.cluster);
+    assert!(needs.request && needs.peer && needs.cluster);
     let shedding = Proxy::new(
         r#"{"load_shedding": {"pools": [{"name": "p", "scope": {"cluster": "c"}, "max_in_flight": 1}]}}"#,
     );

@@ -131,6 +131,7 @@ impl Policy for RateLimit {
             .flat_map(|rule| rule.matcher.header_names());
         let forwarded = (self.config.trusted_hops > 0).then_some("x-forwarded-for");
         Needs {
+            request: true,
             headers: keyed
                 .chain(matched)
                 .chain(forwarded)
