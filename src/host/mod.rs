@@ -9,7 +9,7 @@ mod abi;
 mod shared_data;
 
 use crate::hashing::Seed;
-use crate::pipeline::{Exchange, Filter, Response, Step, Sweeper};
+use crate::pipeline::{Exchange, Filter, ResponseView, Step, Sweeper};
 use crate::policy::{Completion, Env};
 use crate::reply::Reply;
 use crate::request::{parse_peer, RequestInfo};
@@ -298,9 +298,9 @@ impl Stream {
 }
 
 /// The response, read from Envoy only when the exchange asks.
-struct HostResponse;
+struct EnvoyResponse;
 
-impl Response for HostResponse {
+impl ResponseView for EnvoyResponse {
     fn status(&self) -> Option<u16> {
         let status = abi::header(Map::ResponseHeaders, ":status").ok()??;
         std::str::from_utf8(&status).ok()?.parse().ok()
@@ -356,7 +356,7 @@ impl HttpContext for Stream {
             return Action::Continue;
         };
         for (name, value) in
-            exchange.on_response_headers(&configured.filter, &HostResponse, end_of_stream)
+            exchange.on_response_headers(&configured.filter, &EnvoyResponse, end_of_stream)
         {
             let _ = abi::add_header(Map::ResponseHeaders, name, value.as_bytes());
         }

@@ -191,7 +191,7 @@ pub enum Step {
 }
 
 /// The response as the host can show it, read only when the exchange asks.
-pub trait Response {
+pub trait ResponseView {
     /// `:status`.
     fn status(&self) -> Option<u16>;
     /// Whether `response.code_details` is `via_upstream`.
@@ -330,7 +330,7 @@ impl Exchange {
     pub fn on_response_headers(
         &mut self,
         filter: &Filter,
-        response: &impl Response,
+        response: &impl ResponseView,
         end_of_stream: bool,
     ) -> &[(String, String)] {
         if let (Some(claim), Some(policy)) = (&mut self.claim, &filter.idempotency) {

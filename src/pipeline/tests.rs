@@ -170,7 +170,7 @@ impl Upstream {
     }
 }
 
-impl Response for Upstream {
+impl ResponseView for Upstream {
     fn status(&self) -> Option<u16> {
         Some(self.status)
     }
@@ -185,7 +185,7 @@ impl Response for Upstream {
 /// A local reply passing back through the filter (this one's, or another filter's).
 struct Local(u16);
 
-impl Response for Local {
+impl ResponseView for Local {
     fn status(&self) -> Option<u16> {
         Some(self.0)
     }
