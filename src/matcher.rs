@@ -3,8 +3,8 @@
 //! Paths are compared after [`normalize_path`], so a rule written for `/reports/` also covers
 //! `//reports/`, `/%72eports/` and `/x/../reports/`. Header values are compared as bytes.
 
-use crate::config::{check_header_name, check_methods, ConfigError};
-use crate::request::{normalize_path, RequestInfo};
+use crate::config::{check_methods, check_request_header_name, ConfigError};
+use crate::request::{normalize_path, percent_decode, RequestInfo};
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
@@ -123,7 +123,7 @@ impl Match {
         let mut headers = Vec::new();
         for (i, header) in raw.headers.unwrap_or_default().into_iter().enumerate() {
             let at = format!("{path}.headers[{i}]");
-            let name = check_header_name(&header.name, &format!("{at}.name"))?;
+            let name = check_request_header_name(&header.name, &format!("{at}.name"))?;
             let rule = match (header.exact, header.present) {
                 (Some(exact), None) => HeaderRule::Exact(exact.into_bytes()),
                 (None, Some(present)) => HeaderRule::Present(present),
@@ -189,20 +189,32 @@ impl Match {
     }
 }
 
-/// `host[:port]` or `[v6]:port` without the port (empty included) and without the trailing
-/// dot of a fully qualified name: `example.com.:80` is `example.com`, as DNS and most
-/// servers read it.
-fn authority_host(authority: &[u8]) -> &[u8] {
-    let host = match authority.iter().rposition(|&b| b == b':') {
-        Some(colon)
-            if authority[colon + 1..].iter().all(u8::is_ascii_digit)
-                && !authority[..colon].ends_with(b":") =>
-        {
-            &authority[..colon]
-        }
-        _ => authority,
+/// The host an authority names, read as leniently as any server might: userinfo dropped,
+/// `%XX` escapes decoded, the port dropped (everything from the host's first `:`, so `:80:80`
+/// and `:` too), and trailing dots dropped (`example.com.` is a fully qualified
+/// `example.com`). Lenient reading only ever makes a host rule cover more spellings.
+fn authority_host(authority: &[u8]) -> Vec<u8> {
+    let authority = match authority.iter().rposition(|&b| b == b'@') {
+        Some(at) => &authority[at + 1..],
+        None => authority,
     };
-    host.strip_suffix(b".").unwrap_or(host)
+    let decoded = percent_decode(authority);
+    let end = if decoded.starts_with(b"[") {
+        decoded
+            .iter()
+            .position(|&b| b == b']')
+            .map_or(decoded.len(), |i| i + 1)
+    } else {
+        decoded
+            .iter()
+            .position(|&b| b == b':')
+            .unwrap_or(decoded.len())
+    };
+    let mut host = decoded[..end].to_vec();
+    while host.last() == Some(&b'.') {
+        host.pop();
+    }
+    host
 }
 
 /// A configured path must be written as requests are compared: normalized.
@@ -284,17 +296,37 @@ mod tests {
         )));
         assert!(m.matches(&request("GET", "/", &[(":authority", "Api.Example.Com")])));
         assert!(!m.matches(&request("GET", "/", &[(":authority", "www.example.com")])));
+        // Found in review: spellings Envoy forwards unchanged and lenient servers read as the
+        // same host.
         for spelling in [
             "api.example.com.",
+            "api.example.com..",
             "api.example.com:",
             "api.example.com.:80",
+            "api.example.com:80:80",
+            "api.example.com::80",
+            "api.example.com:+80",
+            "user@api.example.com:80",
+            "user:pw@api.example.com",
+            "api%2eexample.com",
+            "API%2Eexample.com",
+            "api.example.com%2e",
         ] {
             assert!(
                 m.matches(&request("GET", "/", &[(":authority", spelling)])),
                 "{spelling}"
             );
         }
-        assert!(!m.matches(&request("GET", "/", &[(":authority", "api.example.com..")])));
+        for other in [
+            "api.example.com.evil",
+            "api.example.com@evil.com",
+            "evil.com",
+        ] {
+            assert!(
+                !m.matches(&request("GET", "/", &[(":authority", other)])),
+                "{other}"
+            );
+        }
         assert!(!m.matches(&request("GET", "/", &[])));
         assert_eq!(m.header_names().collect::<Vec<_>>(), [":authority"]);
         assert!(compile(r#"{"host": "a.com:80"}"#).is_err());

@@ -141,6 +141,9 @@ pub struct Completion {
     /// `response.code_details` is `via_upstream`: the response is the upstream's. A local reply
     /// (this filter's, another instance's, any other filter's) has other details.
     pub via_upstream: bool,
+    /// The router picked an upstream host for the request (`upstream.address` is set). A
+    /// request answered before the router (by another filter, for want of a route) has none.
+    pub upstream_host: bool,
     /// From the request's headers to the end of the stream.
     pub duration: Duration,
 }
@@ -151,9 +154,13 @@ pub struct Completion {
 /// (UPE).
 pub const UPSTREAM_FAILURE_FLAGS: u64 =
     0x2 | 0x4 | 0x10 | 0x20 | 0x40 | 0x80 | 0x8000 | 0x8_0000 | 0x80_0000;
-/// The upstream failures that happened after the request reached it: UT, UR, UC, URX, UMSDR,
-/// UPE. Connect failures, no healthy host and overflow never reached it.
-const REACHED_UPSTREAM_FLAGS: u64 = 0x4 | 0x10 | 0x40 | 0x8000 | 0x8_0000 | 0x80_0000;
+/// The upstream failures that happened after the request reached it: UT, UR, UC, UMSDR, UPE.
+/// Connect failures, no healthy host and overflow never reached it; retries exhausted (URX)
+/// comes with the last attempt's own flag.
+const REACHED_UPSTREAM_FLAGS: u64 = 0x4 | 0x10 | 0x40 | 0x8_0000 | 0x80_0000;
+/// Envoy never had a connection to send the request on: connect failure (UF), no healthy
+/// upstream (UH), overflow (UO), DNS resolution failure (DF).
+const NEVER_CONNECTED_FLAGS: u64 = 0x20 | 0x2 | 0x80 | 0x400_0000;
 /// The client went away first: downstream connection termination (DC), downstream remote reset
 /// (DR, an HTTP/2 stream reset).
 pub const DOWNSTREAM_GONE_FLAGS: u64 = 0x4000 | 0x1000_0000;
@@ -172,11 +179,13 @@ impl Completion {
         self.via_upstream || self.flags & REACHED_UPSTREAM_FLAGS != 0
     }
 
-    /// Whether the upstream may have the request: it reached it, or the client left before any
-    /// response, when the request may have been on its way. Only a response that is not the
-    /// upstream's, or a failure to reach it, says it never got there.
+    /// Whether the upstream may have the request. Only two endings say it never did: the
+    /// router never picked a host (the request was answered before it), or Envoy never got a
+    /// connection to send it on. Every other ending without the upstream's answer (a client
+    /// that left, any local timeout: route, idle, max duration; a reset; an overload) may
+    /// have left it executing.
     pub fn may_have_reached_upstream(&self) -> bool {
-        self.reached_upstream() || (self.status.is_none() && self.downstream_gone())
+        self.reached_upstream() || (self.upstream_host && self.flags & NEVER_CONNECTED_FLAGS == 0)
     }
 
     /// The request's duration, if it measures the upstream: it reached the upstream and the

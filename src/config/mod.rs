@@ -123,3 +123,22 @@ pub fn check_header_name(name: &str, at: &str) -> Result<String, ConfigError> {
         Err(ConfigError::at(at, "must be an HTTP header name"))
     }
 }
+
+/// A request header a policy reads: a valid name that Envoy passes to filters. Envoy keeps the
+/// host in `:authority` and strips hop-by-hop headers, so a rule on one of these would never
+/// see it, and silently never apply.
+pub fn check_request_header_name(name: &str, at: &str) -> Result<String, ConfigError> {
+    let name = check_header_name(name, at)?;
+    match name.as_str() {
+        "host" => Err(ConfigError::at(
+            at,
+            "Envoy passes the host as `:authority`: match it with `match.host`",
+        )),
+        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade"
+        | "te" => Err(ConfigError::at(
+            at,
+            format!("Envoy does not pass the hop-by-hop header `{name}` to filters"),
+        )),
+        _ => Ok(name),
+    }
+}

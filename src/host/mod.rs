@@ -399,6 +399,8 @@ impl HttpContext for Stream {
                     .filter(|&code| code > 0),
                 flags: abi::int_property(&["response", "flags"]).unwrap_or(0),
                 via_upstream: via_upstream(),
+                upstream_host: abi::property(&["upstream", "address"])
+                    .is_ok_and(|address| address.is_some_and(|a| !a.is_empty())),
                 ..Completion::default()
             })
         });

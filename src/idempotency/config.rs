@@ -1,6 +1,9 @@
 //! The `idempotency` section.
 
-use crate::config::{check_duration, check_header_name, check_methods, ConfigError, Duration};
+use crate::config::{
+    check_duration, check_header_name, check_methods, check_request_header_name, ConfigError,
+    Duration,
+};
 use crate::matcher::{Match, RawMatch};
 use serde::Deserialize;
 
@@ -101,7 +104,7 @@ impl IdempotencyConfig {
                 .unwrap_or_else(|| vec!["POST".into(), "PATCH".into()]),
             &format!("{at}.methods"),
         )?;
-        let header = check_header_name(
+        let header = check_request_header_name(
             raw.header.as_deref().unwrap_or("idempotency-key"),
             &format!("{at}.header"),
         )?;
@@ -128,7 +131,7 @@ impl IdempotencyConfig {
         for (i, part) in raw_identity.into_iter().enumerate() {
             identity.push(match part {
                 RawIdentityPart::ClientAddress => IdentityPart::ClientAddress,
-                RawIdentityPart::Header(name) => IdentityPart::Header(check_header_name(
+                RawIdentityPart::Header(name) => IdentityPart::Header(check_request_header_name(
                     &name,
                     &format!("{at}.identity[{i}].header"),
                 )?),

@@ -1,6 +1,6 @@
 //! The `load_shedding` section: pools (bulkheads) with caps, priority classes, adaptive limits.
 
-use crate::config::{check_header_name, check_name, ConfigError, Duration};
+use crate::config::{check_name, check_request_header_name, ConfigError, Duration};
 use crate::matcher::{Match, RawMatch, RawScope, Scope};
 use crate::reply::{RawResponse, Response};
 use crate::request::Cidr;
@@ -156,7 +156,7 @@ impl LoadSheddingConfig {
         let priority = raw.priority.unwrap_or_default();
         let priority_header = priority
             .header
-            .map(|name| check_header_name(&name, &format!("{at}.priority.header")))
+            .map(|name| check_request_header_name(&name, &format!("{at}.priority.header")))
             .transpose()?;
         let mut trusted_sources = Vec::new();
         for (i, source) in priority

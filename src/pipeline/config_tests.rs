@@ -221,3 +221,26 @@ fn values_that_cannot_be_honoured_are_refused_with_the_field() {
         "rate_limit.rules[0].match.path_prefix"
     );
 }
+
+/// Found in review: a rule on `host` or `connection` was accepted and never applied: Envoy
+/// keeps the host in `:authority` and strips hop-by-hop headers before filters.
+#[test]
+fn request_headers_envoy_never_passes_are_refused() {
+    assert_eq!(
+        error_path(
+            r#"{"rate_limit": {"rules": [{"name": "r", "key": [{"header": "Host"}], "capacity": 1, "refill": {"tokens": 1, "interval": "1s"}}]}}"#
+        ),
+        "rate_limit.rules[0].key[0].header"
+    );
+    assert_eq!(
+        error_path(
+            r#"{"load_shedding": {"pools": [{"name": "p", "max_in_flight": 1, "scope": {"match": {"headers": [{"name": "connection", "present": true}]}}}]}}"#
+        ),
+        "load_shedding.pools[0].scope.match.headers[0].name"
+    );
+    assert_eq!(
+        error_path(r#"{"idempotency": {"identity": [{"header": "transfer-encoding"}]}}"#),
+        "idempotency.identity[0].header"
+    );
+    assert!(Config::parse(br#"{"idempotency": {"stored_headers": ["location"]}}"#).is_ok());
+}

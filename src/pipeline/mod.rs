@@ -274,6 +274,9 @@ impl Exchange {
             return Step::Continue;
         };
         policy.saw_body();
+        if let Some(reply) = self.on_body_timeout(filter, env) {
+            return Step::Reply(reply);
+        }
         if size > policy.config().max_body_bytes {
             return self.body_too_large(filter, env);
         }
@@ -294,6 +297,9 @@ impl Exchange {
         let (Stage::AwaitingBody { .. }, Some(policy)) = (&self.stage, &filter.idempotency) else {
             return Step::Continue;
         };
+        if let Some(reply) = self.on_body_timeout(filter, env) {
+            return Step::Reply(reply);
+        }
         let limit = policy.config().max_body_bytes;
         let body = read_body(limit.saturating_add(1));
         if body.len() > limit {
@@ -311,7 +317,8 @@ impl Exchange {
         }
     }
 
-    /// The answer for a request whose body did not arrive in time, once its deadline passed.
+    /// The answer for a request whose body did not arrive in time, once its deadline passed:
+    /// from the host's timer, or when the rest of the body arrives too late.
     pub fn on_body_timeout<S: Store>(
         &mut self,
         filter: &Filter,

@@ -201,6 +201,7 @@ fn answered(status: u16) -> Completion {
     Completion {
         status: Some(status),
         via_upstream: true,
+        upstream_host: true,
         ..Completion::default()
     }
 }
@@ -364,6 +365,7 @@ fn an_abort_gives_everything_back_but_the_claim_on_a_request_the_upstream_may_ha
     let abandoned = Completion {
         status: None,
         flags: 0x4000,
+        upstream_host: true,
         ..Completion::default()
     };
     proxy.finish(&mut exchange, abandoned);
@@ -395,6 +397,7 @@ fn a_claim_on_a_request_that_never_reached_the_upstream_is_freed() {
     exchange.on_response_headers(&proxy.filter, &Local(503), true);
     let connect_failure = Completion {
         flags: 0x20,
+        upstream_host: true,
         ..local(503)
     };
     proxy.finish(&mut exchange, connect_failure);

@@ -2,7 +2,7 @@
 
 use super::bucket::Bucket;
 use crate::clock::ceil_secs;
-use crate::config::{check_header_name, check_name, ConfigError, Duration};
+use crate::config::{check_name, check_request_header_name, ConfigError, Duration};
 use crate::matcher::{Match, RawMatch};
 use crate::reply::{RawResponse, Response};
 use serde::Deserialize;
@@ -147,9 +147,10 @@ impl Rule {
                 RawKeyPart::ClientAddress => KeyPart::ClientAddress,
                 RawKeyPart::Method => KeyPart::Method,
                 RawKeyPart::Path => KeyPart::Path,
-                RawKeyPart::Header(name) => {
-                    KeyPart::Header(check_header_name(&name, &format!("{at}.key[{i}].header"))?)
-                }
+                RawKeyPart::Header(name) => KeyPart::Header(check_request_header_name(
+                    &name,
+                    &format!("{at}.key[{i}].header"),
+                )?),
             });
         }
         if !(1..=1_000_000_000).contains(&raw.capacity) {

@@ -186,6 +186,9 @@ static_resources:
               routes:
               - match: {{prefix: "/dead/"}}
                 route: {{cluster: dead, timeout: 5s}}
+              # Envoy answers 504 (flag SI) when the upstream is silent for 500 ms.
+              - match: {{prefix: "/idle/"}}
+                route: {{cluster: upstream, timeout: 30s, idle_timeout: 0.5s}}
               - match: {{prefix: "/", headers: [{{name: x-upstream-protocol, string_match: {{exact: h2}}}}]}}
                 route: {{cluster: upstream_h2, timeout: 30s}}
               - match: {{prefix: "/"}}

@@ -228,6 +228,33 @@ async fn a_client_abort_keeps_the_key_until_its_lease() {
     assert_eq!(upstream.count(), 2);
 }
 
+/// Found in review: a local timeout that carries no "reached the upstream" flag (a stream idle
+/// timeout, a max stream duration) freed the key while the upstream was still executing, and
+/// the duplicate ran alongside. The router had picked a host: the key stays claimed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_idle_timeout_keeps_the_key_while_the_upstream_runs() {
+    let upstream = Upstream::start().await;
+    let envoy = envoy()
+        .filter("idem", r#"{"idempotency": {"lease": "5s"}}"#)
+        .start(&upstream)
+        .await;
+    let post = || {
+        fresh_connections()
+            .post(envoy.url("/idle/charges"))
+            .header("authorization", "alice")
+            .header("idempotency-key", "k")
+            .header(DELAY_HEADER, "1500")
+            .body("a")
+            .send()
+    };
+    assert_eq!(post().await.unwrap().status(), 504, "Envoy's idle timeout");
+    let duplicate = post().await.unwrap();
+    assert_eq!(duplicate.status(), 409);
+    assert_eq!(problem_type(duplicate).await, "in-flight");
+    assert_eq!(upstream.count(), 1);
+    assert_eq!(counter(&envoy, "unanswered").await, Some(1));
+}
+
 /// A request that never reached the upstream frees its key at once: a retry proceeds.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connect_failure_frees_the_key_at_once() {

@@ -357,6 +357,7 @@ fn completions_are_classified_by_flags_then_status() {
         status,
         flags,
         via_upstream: flags == 0,
+        upstream_host: true,
         duration: Duration::from_millis(ms),
     };
     assert_eq!(b.classify(&done(Some(200), 0, 10)), OK);
@@ -414,6 +415,7 @@ fn local_replies_say_nothing_about_the_upstream() {
         status: Some(status),
         flags: 0,
         via_upstream: false,
+        upstream_host: false,
         duration: Duration::from_millis(1),
     };
     for status in [503, 429, 500, 401, 200] {

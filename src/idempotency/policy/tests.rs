@@ -635,39 +635,54 @@ fn a_local_reply_frees_the_key() {
 #[test]
 fn a_request_the_upstream_may_have_keeps_its_claim_until_the_lease() {
     let outcome = |completion: Completion| Capture::default().outcome(&completion);
-    let gone = Completion {
-        flags: 0x4000,
+    let routed = |status: Option<u16>, flags: u64| Completion {
+        status,
+        flags,
+        upstream_host: true,
         ..Completion::default()
     };
-    let route_timeout = Completion {
-        status: Some(504),
-        flags: 0x4,
-        ..Completion::default()
-    };
-    let upstream_reset = Completion {
-        status: Some(503),
-        flags: 0x10,
-        ..Completion::default()
-    };
-    for completion in [gone, route_timeout, upstream_reset] {
-        assert_eq!(outcome(completion), Outcome::Unanswered, "{completion:?}");
+    let may_have_it = [
+        ("the client left", routed(None, 0x4000)),
+        ("an HTTP/2 reset by the client", routed(None, 0x1000_0000)),
+        ("a route timeout", routed(Some(504), 0x4)),
+        ("an upstream reset", routed(Some(503), 0x10)),
+        ("a stream idle timeout", routed(Some(504), 0x1_0000)),
+        (
+            "a max stream duration, no flag at all",
+            routed(Some(504), 0),
+        ),
+        (
+            "retries exhausted after a timeout",
+            routed(Some(504), 0x8000 | 0x4 | 0x20),
+        ),
+    ];
+    for (ending, completion) in may_have_it {
+        assert_eq!(outcome(completion), Outcome::Unanswered, "{ending}");
     }
-    let connect_failure = Completion {
-        status: Some(503),
-        flags: 0x20,
-        ..Completion::default()
-    };
-    let local = Completion {
-        status: Some(429),
-        ..Completion::default()
-    };
-    let local_then_gone = Completion {
-        status: Some(429),
-        flags: 0x4000,
-        ..Completion::default()
-    };
-    for completion in [connect_failure, local, local_then_gone] {
-        assert_eq!(outcome(completion), Outcome::NotSent, "{completion:?}");
+    let never_sent = [
+        ("a connect failure", routed(Some(503), 0x20)),
+        (
+            "connect failures, retried",
+            routed(Some(503), 0x8000 | 0x20),
+        ),
+        ("no healthy upstream", routed(Some(503), 0x2)),
+        (
+            "a later filter's reply",
+            Completion {
+                status: Some(429),
+                ..Completion::default()
+            },
+        ),
+        (
+            "a client that left before the router",
+            Completion {
+                flags: 0x4000,
+                ..Completion::default()
+            },
+        ),
+    ];
+    for (ending, completion) in never_sent {
+        assert_eq!(outcome(completion), Outcome::NotSent, "{ending}");
     }
 
     let b = Bench::new(r#"{"lease": "2s"}"#);

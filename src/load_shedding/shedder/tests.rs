@@ -349,6 +349,7 @@ fn local_replies_and_abandoned_requests_are_not_latency_samples() {
             via_upstream: true,
             flags: 0x4000,
             duration: slow,
+            upstream_host: true,
         },
         Completion {
             status: Some(503),
