@@ -1,6 +1,7 @@
 //! The `load_shedding` section: pools (bulkheads) with caps, priority classes, adaptive limits.
 
-use crate::config::{check_name, check_request_header_name, ConfigError, Duration};
+use crate::clock::nanos_saturating;
+use crate::config::{check_duration, check_name, check_request_header_name, ConfigError, Duration};
 use crate::matcher::{Match, RawMatch, RawScope, Scope};
 use crate::reply::{RawResponse, Response};
 use crate::request::Cidr;
@@ -14,6 +15,7 @@ pub struct RawLoadShedding {
     pub shed_at: Option<RawShedAt>,
     pub response: Option<RawResponse>,
     pub retry_after: Option<Duration>,
+    pub slot_lease: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +115,8 @@ pub struct PoolConfig {
     /// The cap; for an adaptive pool, the ceiling and the starting limit.
     pub max_in_flight: u32,
     pub adaptive: Option<Adaptive>,
+    /// A third of `slot_lease`: slots are counted by epochs of this length.
+    pub epoch_ns: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -131,6 +135,7 @@ pub struct LoadSheddingConfig {
 }
 
 pub const MAX_POOLS: usize = 64;
+const DEFAULT_SLOT_LEASE: std::time::Duration = std::time::Duration::from_secs(300);
 const MAX_IN_FLIGHT: u32 = 1_000_000;
 
 impl LoadSheddingConfig {
@@ -141,9 +146,17 @@ impl LoadSheddingConfig {
                 format!("must hold 1 to {MAX_POOLS} pools"),
             ));
         }
+        let slot_lease = check_duration(
+            raw.slot_lease.map_or(DEFAULT_SLOT_LEASE, |d| d.0),
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(86_400),
+            &format!("{at}.slot_lease"),
+        )?;
+        // Whole nanoseconds: the lease is at least what was written, at most a third longer.
+        let epoch_ns = nanos_saturating(slot_lease).div_ceil(super::pool::EPOCHS as u64 - 1);
         let mut pools: Vec<PoolConfig> = Vec::new();
         for (i, pool) in raw.pools.into_iter().enumerate() {
-            let pool = PoolConfig::validate(pool, &format!("{at}.pools[{i}]"))?;
+            let pool = PoolConfig::validate(pool, epoch_ns, &format!("{at}.pools[{i}]"))?;
             if pools.iter().any(|p| p.name == pool.name) {
                 return Err(ConfigError::at(
                     &format!("{at}.pools[{i}].name"),
@@ -243,7 +256,7 @@ impl LoadSheddingConfig {
 }
 
 impl PoolConfig {
-    fn validate(raw: RawPool, at: &str) -> Result<PoolConfig, ConfigError> {
+    fn validate(raw: RawPool, epoch_ns: u64, at: &str) -> Result<PoolConfig, ConfigError> {
         check_name(&raw.name, &format!("{at}.name"))?;
         let scope = raw
             .scope
@@ -307,6 +320,7 @@ impl PoolConfig {
             scope,
             max_in_flight: raw.max_in_flight,
             adaptive,
+            epoch_ns,
         })
     }
 }

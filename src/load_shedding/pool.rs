@@ -1,14 +1,30 @@
 //! A pool's shared state: requests in flight, the current limit and the adaptive
 //! controller's latency samples, all in one record so that admitting is one
 //! compare-and-swap and releasing (with the request's latency) is another.
+//!
+//! A slot is counted in the epoch it was admitted in, and an epoch's slots expire with it:
+//! a slot whose release never comes (its worker's VM failed, and a reloaded VM knows nothing
+//! of it) stops counting after `slot_lease`, so a pool never shrinks for good.
 
 use super::config::{Adaptive, PoolConfig};
 use crate::clock::{nanos_saturating, Instant};
 use crate::store::{DecodeError, Reader, Record};
 
+/// Epochs a slot can be counted in: admitted during one, it expires when the fourth after it
+/// begins, so it lives between `slot_lease` (three epochs) and 4/3 of it.
+pub const EPOCHS: usize = 4;
+
+/// The slots admitted during one epoch (`now / epoch length`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Epoch {
+    pub number: u64,
+    pub slots: u32,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolState {
-    pub in_flight: u32,
+    /// Slots in flight, by epoch of admission; entry `number % EPOCHS` holds epoch `number`.
+    pub epochs: [Epoch; EPOCHS],
     /// The limit now in force; the configured cap when the pool is not adaptive.
     pub limit: u32,
     /// Adaptive only: the current sampling period's start, latency sum and count.
@@ -21,13 +37,24 @@ pub struct PoolState {
     pub min_window_start: Instant,
 }
 
+impl PoolState {
+    /// Requests in flight (every slot that has not expired, once [`PoolConfig::current`] ran).
+    pub fn in_flight(&self) -> u32 {
+        self.epochs
+            .iter()
+            .fold(0u32, |sum, epoch| sum.saturating_add(epoch.slots))
+    }
+}
+
 impl Record for PoolState {
-    const FORMAT: u8 = 0x31;
+    const FORMAT: u8 = 0x32;
 
     fn encode_fields(&self, out: &mut Vec<u8>) {
-        for n in [self.in_flight, self.limit] {
-            out.extend_from_slice(&n.to_le_bytes());
+        for epoch in &self.epochs {
+            out.extend_from_slice(&epoch.number.to_le_bytes());
+            out.extend_from_slice(&epoch.slots.to_le_bytes());
         }
+        out.extend_from_slice(&self.limit.to_le_bytes());
         out.extend_from_slice(&self.period_start.as_nanos().to_le_bytes());
         out.extend_from_slice(&self.period_latency_ns.to_le_bytes());
         out.extend_from_slice(&self.period_samples.to_le_bytes());
@@ -41,8 +68,15 @@ impl Record for PoolState {
     }
 
     fn decode_fields(fields: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let mut epochs = [Epoch::default(); EPOCHS];
+        for epoch in &mut epochs {
+            *epoch = Epoch {
+                number: fields.u64()?,
+                slots: fields.u32()?,
+            };
+        }
         Ok(PoolState {
-            in_flight: fields.u32()?,
+            epochs,
             limit: fields.u32()?,
             period_start: Instant::from_nanos(fields.u64()?),
             period_latency_ns: fields.u64()?,
@@ -63,9 +97,37 @@ pub struct LimitChange {
     pub min_rtt_ns: u64,
 }
 
+/// The pool after an admission attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Admission {
+    /// The state to write; `None` when the request is shed and nothing expired.
+    pub next: Option<PoolState>,
+    /// The epoch the admitted slot is counted in; `None` when the request is shed.
+    pub epoch: Option<u64>,
+    /// Slots that expired unreleased.
+    pub expired: u32,
+}
+
+/// The pool after a release.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Release {
+    pub next: PoolState,
+    /// The slot was still counted (it had not expired) and is now free.
+    pub released: bool,
+    /// Slots that expired unreleased.
+    pub expired: u32,
+    pub change: Option<LimitChange>,
+}
+
 impl PoolConfig {
-    /// The state to start from: stored, or empty with the configured cap.
-    pub fn current(&self, stored: Option<PoolState>, now: Instant) -> PoolState {
+    /// The epoch `now` falls in.
+    pub fn epoch(&self, now: Instant) -> u64 {
+        now.as_nanos() / self.epoch_ns
+    }
+
+    /// The state to start from (stored, or empty with the configured cap) with its expired
+    /// slots dropped, and how many those were.
+    pub fn current(&self, stored: Option<PoolState>, now: Instant) -> (PoolState, u32) {
         let mut state = stored.unwrap_or(PoolState {
             limit: self.max_in_flight,
             period_start: now,
@@ -77,43 +139,75 @@ impl PoolConfig {
             None => self.max_in_flight,
             Some(a) => state.limit.clamp(a.min_limit, self.max_in_flight),
         };
-        state
+        let oldest_live = self.epoch(now).saturating_sub(EPOCHS as u64 - 1);
+        let mut expired = 0u32;
+        for epoch in &mut state.epochs {
+            // An epoch ahead of now (the clock stepped back) stays: counting longer is stricter.
+            if epoch.number < oldest_live {
+                expired = expired.saturating_add(epoch.slots);
+                *epoch = Epoch::default();
+            }
+        }
+        (state, expired)
     }
 
-    /// Admits a request whose class sheds at `shed_at` millionths of the limit: the state to
-    /// write, or `None` when the request is shed.
-    pub fn admit(
-        &self,
-        stored: Option<PoolState>,
-        now: Instant,
-        shed_at: u32,
-    ) -> Option<PoolState> {
-        let state = self.current(stored, now);
-        let threshold = threshold(state.limit, shed_at);
-        (state.in_flight < threshold).then_some(PoolState {
-            in_flight: state.in_flight + 1,
-            ..state
-        })
+    /// Admits a request whose class sheds at `shed_at` millionths of the limit.
+    pub fn admit(&self, stored: Option<PoolState>, now: Instant, shed_at: u32) -> Admission {
+        let (mut state, expired) = self.current(stored, now);
+        if state.in_flight() >= threshold(state.limit, shed_at) {
+            return Admission {
+                next: (expired > 0).then_some(state),
+                epoch: None,
+                expired,
+            };
+        }
+        let now_epoch = self.epoch(now);
+        let entry = &mut state.epochs[(now_epoch % EPOCHS as u64) as usize];
+        // The entry is free or holds this epoch; only a clock that stepped back leaves a later
+        // epoch there, and the slot then joins it (and lives longer, never shorter).
+        if entry.slots == 0 {
+            entry.number = now_epoch;
+        }
+        entry.slots = entry.slots.saturating_add(1);
+        let epoch = entry.number;
+        Admission {
+            next: Some(state),
+            epoch: Some(epoch),
+            expired,
+        }
     }
 
-    /// Releases one request; adaptive pools take its `latency`, if it is a sample.
+    /// Releases a slot counted in `epoch`; adaptive pools take its `latency`, if it is a
+    /// sample. A slot that already expired is not released twice.
     pub fn release(
         &self,
         stored: Option<PoolState>,
         now: Instant,
+        epoch: u64,
         latency: Option<std::time::Duration>,
-    ) -> (PoolState, Option<LimitChange>) {
-        let mut state = self.current(stored, now);
-        state.in_flight = state.in_flight.saturating_sub(1);
-        let (Some(adaptive), Some(latency)) = (&self.adaptive, latency) else {
-            return (state, None);
+    ) -> Release {
+        let (mut state, expired) = self.current(stored, now);
+        let entry = &mut state.epochs[(epoch % EPOCHS as u64) as usize];
+        let released = entry.number == epoch && entry.slots > 0;
+        if released {
+            entry.slots -= 1;
+        }
+        let change = match (&self.adaptive, latency) {
+            (Some(adaptive), Some(latency)) => {
+                state.period_latency_ns = state
+                    .period_latency_ns
+                    .saturating_add(nanos_saturating(latency));
+                state.period_samples = state.period_samples.saturating_add(1);
+                adapt(adaptive, self.max_in_flight, &mut state, now)
+            }
+            _ => None,
         };
-        state.period_latency_ns = state
-            .period_latency_ns
-            .saturating_add(nanos_saturating(latency));
-        state.period_samples = state.period_samples.saturating_add(1);
-        let change = adapt(adaptive, self.max_in_flight, &mut state, now);
-        (state, change)
+        Release {
+            next: state,
+            released,
+            expired,
+            change,
+        }
     }
 }
 

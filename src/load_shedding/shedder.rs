@@ -20,14 +20,17 @@ pub struct LoadShedding {
 
 struct PoolMetrics {
     admitted: MetricId,
+    /// Slots that expired unreleased: their stream's VM failed, or they outlived the lease.
+    expired: MetricId,
     /// Per class, in `Class::ALL` order.
     shed: [MetricId; 4],
     in_flight: MetricId,
     limit: MetricId,
 }
 
-/// The pools (by index) whose slots a request holds until its stream ends.
-pub type Slots = Vec<usize>;
+/// The slots a request holds until its stream ends: each pool's index, and the epoch its slot
+/// is counted in.
+pub type Slots = Vec<(usize, u64)>;
 
 impl LoadShedding {
     pub fn new(config: LoadSheddingConfig, catalog: &mut Catalog) -> Self {
@@ -38,6 +41,7 @@ impl LoadShedding {
                 let name = |what: &str| format!("load_shedding.{}.{what}", pool.name);
                 PoolMetrics {
                     admitted: catalog.counter(&name("admitted")),
+                    expired: catalog.counter(&name("expired")),
                     shed: Class::ALL
                         .map(|class| catalog.counter(&name(&format!("shed.{}", class.name())))),
                     in_flight: catalog.gauge(&name("in_flight")),
@@ -88,21 +92,21 @@ impl LoadShedding {
         for (pool, metrics) in self.config.pools.iter().zip(&self.metrics) {
             let key = pool_key(env.namespace(), pool);
             let stored = store::read::<PoolState>(env.store, &key).ok().flatten();
-            let limit = pool.current(stored, env.now).limit;
-            env.telemetry.set(metrics.limit, u64::from(limit));
+            let (state, _) = pool.current(stored, env.now);
+            env.telemetry.set(metrics.limit, u64::from(state.limit));
         }
     }
 
     /// Gives back the slots of `held`; `latency` feeds adaptive pools. A release retries until
-    /// it lands: one that gave up would shrink the pool for good.
+    /// it lands: one that gave up would hold its slot until the lease ran out.
     fn release_slots<S: Store>(
         &self,
         env: &mut Env<'_, S>,
-        held: &[usize],
+        held: &[(usize, u64)],
         latency: Option<Duration>,
     ) {
         let now = env.now;
-        for &index in held {
+        for &(index, epoch) in held {
             let (Some(pool), Some(metrics)) =
                 (self.config.pools.get(index), self.metrics.get(index))
             else {
@@ -113,11 +117,11 @@ impl LoadShedding {
                 env.namespace(),
                 &pool_key(env.namespace(), pool),
                 |state| {
-                    let (next, change) = pool.release(state, now, latency);
-                    (change, Some(next))
+                    let release = pool.release(state, now, epoch, latency);
+                    (release, Some(release.next))
                 },
             );
-            let change = match released {
+            let release = match released {
                 Ok(updated) => {
                     env.conflicts(updated.conflicts);
                     updated.decision
@@ -127,8 +131,11 @@ impl LoadShedding {
                     continue;
                 }
             };
-            env.telemetry.move_gauge(metrics.in_flight, -1);
-            if let Some(change) = change.filter(|c| c.from != c.to) {
+            if release.released {
+                env.telemetry.move_gauge(metrics.in_flight, -1);
+            }
+            self.expired(env, index, release.expired);
+            if let Some(change) = release.change.filter(|c| c.from != c.to) {
                 env.telemetry.set(metrics.limit, u64::from(change.to));
                 env.telemetry.log(
                     Level::Debug,
@@ -142,6 +149,15 @@ impl LoadShedding {
                     ),
                 );
             }
+        }
+    }
+
+    /// Slots that expired unreleased (their VM failed): they leave the in-flight gauge too.
+    fn expired<S: Store>(&self, env: &mut Env<'_, S>, pool: usize, expired: u32) {
+        if let (Some(metrics), true) = (self.metrics.get(pool), expired > 0) {
+            env.telemetry
+                .move_gauge(metrics.in_flight, -i64::from(expired));
+            env.telemetry.add(metrics.expired, u64::from(expired));
         }
     }
 }
@@ -196,19 +212,22 @@ impl Policy for LoadShedding {
                 &pool_key(env.namespace(), pool),
                 env.settings().max_attempts,
                 |state| {
-                    let next = pool.admit(state, now, shed_at);
-                    (next.is_some(), next)
+                    let admission = pool.admit(state, now, shed_at);
+                    (admission, admission.next)
                 },
             );
+            let admitted = admitted.map(|updated| {
+                env.conflicts(updated.conflicts);
+                self.expired(env, index, updated.decision.expired);
+                updated.decision.epoch
+            });
             match admitted {
-                Ok(updated) if updated.decision => {
-                    env.conflicts(updated.conflicts);
+                Ok(Some(epoch)) => {
                     env.telemetry.increment(metrics.admitted);
                     env.telemetry.move_gauge(metrics.in_flight, 1);
-                    held.push(index);
+                    held.push((index, epoch));
                 }
-                Ok(updated) => {
-                    env.conflicts(updated.conflicts);
+                Ok(None) => {
                     env.telemetry.increment(metrics.shed[class.index()]);
                     self.release_slots(env, &held, None);
                     let own = vec![

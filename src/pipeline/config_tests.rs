@@ -185,6 +185,14 @@ fn values_that_cannot_be_honoured_are_refused_with_the_field() {
         error_path(&shedding(r#"{"low": 0.009}"#)),
         "load_shedding.shed_at.low"
     );
+    let lease = |lease: &str| {
+        format!(
+            r#"{{"load_shedding": {{"pools": [{{"name": "p", "max_in_flight": 10}}], "slot_lease": "{lease}"}}}}"#
+        )
+    };
+    assert_eq!(error_path(&lease("999ms")), "load_shedding.slot_lease");
+    assert_eq!(error_path(&lease("25h")), "load_shedding.slot_lease");
+    assert!(Config::parse(lease("24h").as_bytes()).is_ok());
     let idempotency = |field: &str| format!(r#"{{"idempotency": {{{field}}}}}"#);
     assert_eq!(
         error_path(&idempotency(r#""body_timeout": "99ms""#)),

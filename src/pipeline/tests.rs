@@ -141,7 +141,7 @@ impl Proxy {
         )
         .ok()
         .flatten()
-        .map_or(0, |s| s.in_flight)
+        .map_or(0, |s| s.in_flight())
     }
 
     fn breaker_phase(&self, name: &str) -> Option<crate::circuit_breaker::Phase> {

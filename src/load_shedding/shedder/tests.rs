@@ -49,7 +49,7 @@ impl Bench<LoadShedding> {
         crate::store::read::<PoolState>(&self.store, &format!("resilience/t/ls/{pool}"))
             .ok()
             .flatten()
-            .map_or(0, |s| s.in_flight)
+            .map_or(0, |s| s.in_flight())
     }
 
     fn limit(&self, pool: &str) -> u32 {
@@ -81,6 +81,7 @@ fn a_pool_admits_up_to_its_cap_and_a_release_makes_room() {
         r#"{"pools": [{"name": "all", "max_in_flight": 3}], "shed_at": {"high": 1, "normal": 1}}"#,
     );
     let results: Vec<Result<Slots, Reply>> = (0..5).map(|_| b.admit(&plain(), T0)).collect();
+    let epoch = T0.as_nanos() / 100_000_000_000;
     assert_eq!(
         results.iter().map(Result::is_ok).collect::<Vec<_>>(),
         [true, true, true, false, false]
@@ -95,7 +96,7 @@ fn a_pool_admits_up_to_its_cap_and_a_release_makes_room() {
     assert_eq!(b.in_flight("all"), 3);
     assert_eq!(b.metric("load_shedding.all.in_flight"), 3);
     assert_eq!(b.metric("load_shedding.all.shed.normal"), 2);
-    b.release(vec![0], T0, None);
+    b.release(vec![(0, epoch)], T0, None);
     assert_eq!(b.in_flight("all"), 2);
     assert_eq!(b.metric("load_shedding.all.in_flight"), 2);
     assert!(b.admitted(&plain(), T0));
@@ -241,7 +242,8 @@ fn a_request_shed_by_its_second_pool_gives_the_first_back_at_once() {
             "shed_at": {"high": 1, "normal": 1}}"#,
     );
     let a = request("/a/x", &[], "192.0.2.1");
-    assert_eq!(b.admit(&a, T0), Ok(vec![0, 1]));
+    let epoch = T0.as_nanos() / 100_000_000_000;
+    assert_eq!(b.admit(&a, T0), Ok(vec![(0, epoch), (1, epoch)]));
     assert!(b.admit(&a, T0).is_err());
     assert_eq!((b.in_flight("global"), b.in_flight("a")), (1, 1));
     assert_eq!(b.metric("load_shedding.global.in_flight"), 1);
@@ -436,7 +438,7 @@ fn eight_workers_at_default_settings_release_every_slot() {
         "most admissions won their compare-and-swap: {admitted}"
     );
     let state = crate::store::read::<PoolState>(&*store, "resilience/t/ls/all");
-    assert_eq!(state.map(|s| s.map(|s| s.in_flight)), Ok(Some(0)));
+    assert_eq!(state.map(|s| s.map(|s| s.in_flight())), Ok(Some(0)));
 }
 
 /// Eight threads as eight workers: a cap of 50 admits exactly 50 at once, and after every
@@ -474,5 +476,72 @@ fn eight_workers_share_one_cap_exactly_and_release_everything() {
     let (store, admitted, _) = &*shared;
     assert_eq!(admitted.load(Ordering::SeqCst), 50, "of 160 at once");
     let state = crate::store::read::<PoolState>(store, "resilience/t/ls/all").unwrap();
-    assert_eq!(state.map(|s| s.in_flight), Some(0));
+    assert_eq!(state.map(|s| s.in_flight()), Some(0));
+}
+
+/// Found in review: a VM that trapped never released its slots, and after a reload the pool
+/// stayed short of them for good. A slot now expires with its lease.
+#[test]
+fn a_slot_never_released_expires_with_its_lease() {
+    let b = bench(
+        r#"{"pools": [{"name": "all", "max_in_flight": 1}], "shed_at": {"high": 1, "normal": 1}, "slot_lease": "3s"}"#,
+    );
+    let leaked = b.held(&plain(), at(0));
+    assert_eq!(
+        leaked.len(),
+        1,
+        "admitted, and its VM will never release it"
+    );
+    assert!(!b.admitted(&plain(), at(2_999)));
+    assert!(
+        !b.admitted(&plain(), at(3_999)),
+        "counted for up to 4/3 of the lease"
+    );
+    let next = b.held(&plain(), at(4_000));
+    assert_eq!(next.len(), 1, "expired: the pool has its slot back");
+    assert_eq!(b.metric("load_shedding.all.expired"), 1);
+    assert_eq!(
+        b.metric("load_shedding.all.in_flight"),
+        1,
+        "the gauge lost the leaked slot"
+    );
+    b.release(leaked, at(4_100), None);
+    assert_eq!(
+        b.in_flight("all"),
+        1,
+        "a late release of an expired slot frees nothing twice"
+    );
+    assert_eq!(b.metric("load_shedding.all.in_flight"), 1);
+    b.release(next, at(4_200), None);
+    assert_eq!(b.in_flight("all"), 0);
+    assert_eq!(b.metric("load_shedding.all.in_flight"), 0);
+}
+
+#[test]
+fn a_slot_lives_at_least_its_lease_whenever_it_was_admitted() {
+    let b = bench(
+        r#"{"pools": [{"name": "all", "max_in_flight": 1}], "shed_at": {"high": 1, "normal": 1}, "slot_lease": "3s"}"#,
+    );
+    // Admitted at the very end of an epoch: three whole epochs follow.
+    assert_eq!(b.held(&plain(), at(999)).len(), 1);
+    assert!(
+        !b.admitted(&plain(), at(3_999)),
+        "3 s after admission, still counted"
+    );
+    assert!(b.admitted(&plain(), at(4_000)));
+}
+
+#[test]
+fn a_clock_stepping_back_keeps_slots_counted() {
+    let b = bench(
+        r#"{"pools": [{"name": "all", "max_in_flight": 1}], "shed_at": {"high": 1, "normal": 1}, "slot_lease": "3s"}"#,
+    );
+    let held = b.held(&plain(), at(60_000));
+    assert!(
+        !b.admitted(&plain(), at(0)),
+        "an hour back, the slot is still in flight"
+    );
+    b.release(held, at(0), None);
+    assert_eq!(b.in_flight("all"), 0);
+    assert!(b.admitted(&plain(), at(0)));
 }
