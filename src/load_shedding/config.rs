@@ -226,17 +226,13 @@ impl LoadSheddingConfig {
             ));
         }
 
-        let retry_after = raw
-            .retry_after
-            .map_or(std::time::Duration::from_secs(1), |d| d.0);
-        if retry_after < std::time::Duration::from_secs(1)
-            || retry_after > std::time::Duration::from_secs(3600)
-        {
-            return Err(ConfigError::at(
-                &format!("{at}.retry_after"),
-                "must be between 1s and 1h",
-            ));
-        }
+        let retry_after = check_duration(
+            raw.retry_after
+                .map_or(std::time::Duration::from_secs(1), |d| d.0),
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(3600),
+            &format!("{at}.retry_after"),
+        )?;
         Ok(LoadSheddingConfig {
             pools,
             priority_header,
@@ -278,17 +274,13 @@ impl PoolConfig {
                         "must be between 1 and max_in_flight",
                     ));
                 }
-                let sample_interval = a
-                    .sample_interval
-                    .map_or(std::time::Duration::from_secs(1), |d| d.0);
-                if sample_interval < std::time::Duration::from_millis(10)
-                    || sample_interval > std::time::Duration::from_secs(60)
-                {
-                    return Err(ConfigError::at(
-                        &format!("{at}.adaptive.sample_interval"),
-                        "must be between 10ms and 60s",
-                    ));
-                }
+                let sample_interval = check_duration(
+                    a.sample_interval
+                        .map_or(std::time::Duration::from_secs(1), |d| d.0),
+                    std::time::Duration::from_millis(10),
+                    std::time::Duration::from_secs(60),
+                    &format!("{at}.adaptive.sample_interval"),
+                )?;
                 let min_rtt_window = a
                     .min_rtt_window
                     .map_or(std::time::Duration::from_secs(30), |d| d.0);
