@@ -163,14 +163,12 @@ pub fn normalize_path(raw: &[u8]) -> String {
         .iter()
         .position(|&b| b == b'?' || b == b'#')
         .unwrap_or(raw.len());
+    let raw = &raw[..end];
     let mut decoded = String::with_capacity(end + 1);
     let mut i = 0;
-    while let Some(&byte) = raw[..end].get(i) {
+    while let Some(&byte) = raw.get(i) {
+        let escaped = escape_at(raw, i);
         i += 1;
-        let escaped = (byte == b'%')
-            .then(|| raw[..end].get(i..i + 2))
-            .flatten()
-            .and_then(|hex| Some((hex_value(hex[0])? << 4) | hex_value(hex[1])?));
         match escaped {
             Some(b) if b.is_ascii_alphanumeric() || b"-._~/\\".contains(&b) => {
                 decoded.push(if b == b'\\' { '/' } else { char::from(b) });
@@ -211,8 +209,13 @@ pub fn normalize_path(raw: &[u8]) -> String {
     path
 }
 
-fn hex_value(digit: u8) -> Option<u8> {
-    char::from(digit).to_digit(16).map(|d| d as u8)
+/// The byte a `%XX` escape starting at `at` encodes, if one starts there.
+fn escape_at(bytes: &[u8], at: usize) -> Option<u8> {
+    let hex_value = |digit: u8| char::from(digit).to_digit(16).map(|d| d as u8);
+    match bytes.get(at..at.checked_add(3)?)? {
+        [b'%', high, low] => Some((hex_value(*high)? << 4) | hex_value(*low)?),
+        _ => None,
+    }
 }
 
 /// Every `%XX` escape decoded; a `%` that starts no escape stays.
@@ -220,11 +223,7 @@ pub fn percent_decode(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while let Some(&byte) = bytes.get(i) {
-        let escaped = (byte == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| Some((hex_value(hex[0])? << 4) | hex_value(hex[1])?));
-        match escaped {
+        match escape_at(bytes, i) {
             Some(decoded) => {
                 out.push(decoded);
                 i += 3;

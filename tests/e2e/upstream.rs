@@ -4,6 +4,7 @@
 //! Envoy's client through the `upstream_h2` cluster, see [`H2_ROUTE_HEADER`]).
 
 use bytes::Bytes;
+use envoy_resilience::request::percent_decode;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{HeaderName, HeaderValue};
@@ -206,7 +207,8 @@ async fn respond(state: &State, request: Request<Incoming>) -> Response<Frames> 
             .collect::<Vec<_>>()
     };
     for (name, value) in asked(RESPOND_HEADER) {
-        let value = HeaderValue::from_bytes(&percent_decode(&value)).expect("header bytes");
+        let value =
+            HeaderValue::from_bytes(&percent_decode(value.as_bytes())).expect("header bytes");
         if let Some(headers) = response.headers_mut() {
             headers.insert(HeaderName::try_from(name).expect("header name"), value);
         }
@@ -225,28 +227,6 @@ async fn respond(state: &State, request: Request<Incoming>) -> Response<Frames> 
     response
         .body(Frames::new(data, trailers))
         .expect("upstream response")
-}
-
-fn percent_decode(text: &str) -> Vec<u8> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 /// A response body of fixed frames: the data, then the trailers if there are any.

@@ -479,13 +479,13 @@ fn eight_workers_share_one_cap_exactly_and_release_everything() {
     assert_eq!(state.map(|s| s.in_flight()), Some(0));
 }
 
+const ONE_SLOT_LEASED_3S: &str = r#"{"pools": [{"name": "all", "max_in_flight": 1}], "shed_at": {"high": 1, "normal": 1}, "slot_lease": "3s"}"#;
+
 /// Found in review: a VM that trapped never released its slots, and after a reload the pool
 /// stayed short of them for good. A slot now expires with its lease.
 #[test]
 fn a_slot_never_released_expires_with_its_lease() {
-    let b = bench(
-        r#"{"pools": [{"name": "all", "max_in_flight": 1}], "shed_at": {"high": 1, "normal": 1}, "slot_lease": "3s"}"#,
-    );
+    let b = bench(ONE_SLOT_LEASED_3S);
     let leaked = b.held(&plain(), at(0));
     assert_eq!(
         leaked.len(),
@@ -519,9 +519,7 @@ fn a_slot_never_released_expires_with_its_lease() {
 
 #[test]
 fn a_slot_lives_at_least_its_lease_whenever_it_was_admitted() {
-    let b = bench(
-        r#"{"pools": [{"name": "all", "max_in_flight": 1}], "shed_at": {"high": 1, "normal": 1}, "slot_lease": "3s"}"#,
-    );
+    let b = bench(ONE_SLOT_LEASED_3S);
     // Admitted at the very end of an epoch: three whole epochs follow.
     assert_eq!(b.held(&plain(), at(999)).len(), 1);
     assert!(
@@ -533,13 +531,11 @@ fn a_slot_lives_at_least_its_lease_whenever_it_was_admitted() {
 
 #[test]
 fn a_clock_stepping_back_keeps_slots_counted() {
-    let b = bench(
-        r#"{"pools": [{"name": "all", "max_in_flight": 1}], "shed_at": {"high": 1, "normal": 1}, "slot_lease": "3s"}"#,
-    );
+    let b = bench(ONE_SLOT_LEASED_3S);
     let held = b.held(&plain(), at(60_000));
     assert!(
         !b.admitted(&plain(), at(0)),
-        "an hour back, the slot is still in flight"
+        "a minute back, the slot is still in flight"
     );
     b.release(held, at(0), None);
     assert_eq!(b.in_flight("all"), 0);
