@@ -2,7 +2,9 @@
 
 use crate::{command, run};
 use serde_json::Value;
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The demo of docker-compose.yaml under a project name of its own, with both published
@@ -25,6 +27,23 @@ pub struct Seen {
     /// Seconds since the epoch.
     pub start: f64,
     pub duration: Duration,
+}
+
+/// Debian's docker-compose (Compose v1), or `docker compose` (v2) where only that answers.
+fn compose(args: &[&str]) -> Command {
+    static V1: OnceLock<bool> = OnceLock::new();
+    let v1 = *V1.get_or_init(|| {
+        command("docker-compose", &["version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if v1 {
+        command("docker-compose", args)
+    } else {
+        let mut command = command("docker", &["compose"]);
+        command.args(args);
+        command
+    }
 }
 
 impl Demo {
@@ -53,7 +72,7 @@ impl Demo {
 
     /// Runs docker-compose on this project, with both ports left to Docker.
     fn compose(&self, args: &[&str]) -> String {
-        run(command("docker-compose", &["-p", &self.project])
+        run(compose(&["-p", &self.project])
             .args(args)
             .env("DEMO_PORT", "")
             .env("ADMIN_PORT", ""))
@@ -130,6 +149,6 @@ impl Demo {
 
 impl Drop for Demo {
     fn drop(&mut self) {
-        let _ = command("docker-compose", &["-p", &self.project, "down", "-t", "1"]).output();
+        let _ = compose(&["-p", &self.project, "down", "-t", "1"]).output();
     }
 }
