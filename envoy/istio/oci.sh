@@ -38,4 +38,5 @@ read -r manifest_digest manifest_size < <(printf '%s' \
 printf '{"imageLayoutVersion":"1.0.0"}' >"$out/artifact/oci-layout"
 printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"%s","size":%s,"annotations":{"org.opencontainers.image.ref.name":"%s"}}]}' \
   "$manifest_digest" "$manifest_size" "$version" >"$out/artifact/index.json"
-echo "oci artifact $manifest_digest (the digest a WasmPlugin's sha256 names), .wasm $wasm_digest"
+# A WasmPlugin's sha256 pins an oci:// image by its manifest digest, as bare hex.
+echo "oci artifact: WasmPlugin sha256 ${manifest_digest#sha256:} (the manifest's digest; the .wasm's is ${wasm_digest#sha256:})"

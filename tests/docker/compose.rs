@@ -1,6 +1,6 @@
 //! One compose project of docker-compose.yaml, up for one test and down when dropped.
 
-use crate::{command, run};
+use crate::{command, fresh_connections, run};
 use serde_json::Value;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -82,7 +82,7 @@ impl Demo {
         let deadline = Instant::now() + Duration::from_secs(60);
         let url = format!("{}/ready", self.admin);
         loop {
-            if let Ok(response) = reqwest::get(&url).await {
+            if let Ok(response) = fresh_connections().get(&url).send().await {
                 if response.status() == 200 {
                     return;
                 }
@@ -97,10 +97,22 @@ impl Demo {
         }
     }
 
-    /// Every request the upstream has served, in the order it logged them.
-    pub async fn upstream_saw(&self) -> Vec<Seen> {
+    /// Every request the upstream has served, in the order it logged them, once it has
+    /// logged at least `expected` and then nothing more for a while: a test asserts the
+    /// exact count, and one too many must show.
+    pub async fn upstream_saw(&self, expected: usize) -> Vec<Seen> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = self.upstream_log();
+        while seen.len() < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            seen = self.upstream_log();
+        }
         // The upstream flushes its log every 100 ms (--file-flush-interval-msec).
         tokio::time::sleep(Duration::from_millis(300)).await;
+        self.upstream_log()
+    }
+
+    fn upstream_log(&self) -> Vec<Seen> {
         let logs = self.compose(&["logs", "--no-color", "upstream"]);
         logs.lines()
             .filter_map(|line| line.split_once("| {").map(|(_, json)| format!("{{{json}")))
@@ -129,7 +141,7 @@ impl Demo {
     /// Every stat whose name contains `filter`.
     pub async fn stats(&self, filter: &str) -> Vec<(String, u64)> {
         let url = format!("{}/stats?filter={filter}", self.admin);
-        let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+        let text = get(&url).await;
         text.lines()
             .filter_map(|line| line.split_once(": "))
             .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
@@ -139,12 +151,17 @@ impl Demo {
     /// Envoy's `--concurrency`, as its admin reports it.
     pub async fn workers(&self) -> u64 {
         let url = format!("{}/server_info", self.admin);
-        let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+        let text = get(&url).await;
         let info: Value = serde_json::from_str(&text).unwrap();
         info["command_line_options"]["concurrency"]
             .as_u64()
             .unwrap()
     }
+}
+
+async fn get(url: &str) -> String {
+    let response = fresh_connections().get(url).send().await.unwrap();
+    response.text().await.unwrap()
 }
 
 impl Drop for Demo {

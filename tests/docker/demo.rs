@@ -38,11 +38,9 @@ async fn the_rate_limit_is_exact_across_four_workers() {
             .collect();
         responses.extend(join_all(requests).await);
     }
-    let elapsed = started.elapsed();
-    assert!(
-        elapsed < Duration::from_millis(1900),
-        "40 requests took {elapsed:?}; the 2 s refill would add a token"
-    );
+    // Exactly 5 when the burst takes under 2 s, as it does in about 0.2 s; a machine slow
+    // enough to take longer earns one refilled token per whole 2 s, and no more.
+    let refills = (started.elapsed().as_secs() / 2) as usize;
     for refused in responses.iter().filter(|r| r.status() == 429) {
         let retry_after: u64 = refused.headers()["retry-after"]
             .to_str()
@@ -53,20 +51,24 @@ async fn the_rate_limit_is_exact_across_four_workers() {
     }
     let statuses = statuses(&responses);
     let shed = count(&statuses, 503);
-    assert_eq!(count(&statuses, 200), 5, "{statuses:?}");
-    assert_eq!(count(&statuses, 429), 35 - shed, "{statuses:?}");
+    let allowed = count(&statuses, 200);
+    assert!(
+        (5..=5 + refills).contains(&allowed),
+        "{allowed} allowed with {refills} refills: {statuses:?}"
+    );
+    assert_eq!(count(&statuses, 429), 40 - allowed - shed, "{statuses:?}");
     assert_eq!(
         demo.stat("wasmcustom.resilience.demo.load_shedding.demo.shed.normal")
             .await,
         shed as u64
     );
 
-    let seen: Vec<Seen> = demo.upstream_saw().await;
+    let seen: Vec<Seen> = demo.upstream_saw(allowed).await;
     let limited = seen
         .iter()
         .filter(|s| s.path.starts_with("/limited/"))
         .count();
-    assert_eq!(limited, 5, "the upstream saw {seen:#?}");
+    assert_eq!(limited, allowed, "the upstream saw {seen:#?}");
 
     let workers_used = demo
         .stats("downstream_cx_total")
@@ -74,19 +76,21 @@ async fn the_rate_limit_is_exact_across_four_workers() {
         .iter()
         .filter(|(name, connections)| name.contains(".worker_") && *connections > 0)
         .count();
+    // The kernel spreads new connections over the 4 workers' sockets by a hash of their
+    // addresses: 40 of them missing two workers has odds of about 1 in 10^11.
     assert!(
-        workers_used >= 2,
-        "the 40 connections all landed on one worker"
+        workers_used >= 3,
+        "the 40 connections landed on {workers_used} workers"
     );
     assert_eq!(
         demo.stat("wasmcustom.resilience.demo.rate_limit.per-client.allowed")
             .await,
-        5
+        allowed as u64
     );
     assert_eq!(
         demo.stat("wasmcustom.resilience.demo.rate_limit.per-client.limited")
             .await,
-        35 - shed as u64
+        (40 - allowed - shed) as u64
     );
 }
 
@@ -123,7 +127,7 @@ async fn the_breaker_opens_on_failures_and_closes_after_a_probe() {
             .unwrap();
         assert!((1..=10).contains(&retry_after), "retry-after {retry_after}");
     }
-    let seen = demo.upstream_saw().await;
+    let seen = demo.upstream_saw(3).await;
     assert_eq!(seen.len(), 3, "while open, the upstream saw {seen:#?}");
     assert!(seen.iter().all(|s| s.status == 503));
     assert_eq!(
@@ -153,7 +157,7 @@ async fn the_breaker_opens_on_failures_and_closes_after_a_probe() {
     for _ in 0..5 {
         assert_eq!(get(false).await.status(), 200);
     }
-    let seen = demo.upstream_saw().await;
+    let seen = demo.upstream_saw(3 + 1 + 5).await;
     assert_eq!(seen.len(), 3 + 1 + 5, "the upstream saw {seen:#?}");
     assert_eq!(
         demo.stat(&format!("{breaker}.transitions_to_open")).await,
@@ -204,7 +208,7 @@ async fn a_duplicate_post_is_replayed_and_the_upstream_sees_it_once() {
         assert_eq!(replay.headers()["idempotent-replayed"], "true");
     }
 
-    let seen = demo.upstream_saw().await;
+    let seen = demo.upstream_saw(1).await;
     assert_eq!(seen.len(), 1, "the upstream saw {seen:#?}");
     assert_eq!(seen[0].method, "POST");
     assert_eq!(seen[0].path, "/orders");
@@ -242,8 +246,18 @@ async fn the_pool_sheds_normal_requests_first_under_a_slow_upstream() {
     };
 
     let normal = tokio::spawn(join_all((0..6).map(|_| slow(None)).collect()));
-    // The three sheds come back at once; the critical one goes while the others still run.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The critical one goes once three are in flight and three shed, while those still run.
+    let pool = "wasmcustom.resilience.demo.load_shedding.demo";
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while demo.stat(&format!("{pool}.in_flight")).await < 3
+        || demo.stat(&format!("{pool}.shed.normal")).await < 3
+    {
+        assert!(
+            Instant::now() < deadline,
+            "6 requests did not fill the pool"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (critical, critical_took, _) = slow(Some("critical")).await;
     let normal = normal.await.unwrap();
 
@@ -263,7 +277,7 @@ async fn the_pool_sheds_normal_requests_first_under_a_slow_upstream() {
     assert_eq!(critical, 200);
     assert!(critical_took >= Duration::from_millis(1900));
 
-    let seen = demo.upstream_saw().await;
+    let seen = demo.upstream_saw(4).await;
     assert_eq!(seen.len(), 4, "the upstream saw {seen:#?}");
     // All four overlapped: the pool let 4 run at once, never more.
     let last_start = seen.iter().map(|s| s.start).fold(f64::MIN, f64::max);
@@ -272,7 +286,6 @@ async fn the_pool_sheds_normal_requests_first_under_a_slow_upstream() {
         .map(|s| s.start + s.duration.as_secs_f64())
         .fold(f64::MAX, f64::min);
     assert!(last_start < first_end, "the upstream saw {seen:#?}");
-    let pool = "wasmcustom.resilience.demo.load_shedding.demo";
     assert_eq!(demo.stat(&format!("{pool}.shed.normal")).await, 3);
     assert_eq!(demo.stat(&format!("{pool}.in_flight")).await, 0);
 }
