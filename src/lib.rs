@@ -17,6 +17,7 @@
 pub mod circuit_breaker;
 pub mod clock;
 pub mod config;
+pub mod etcd;
 pub mod hashing;
 pub mod idempotency;
 pub mod load_shedding;

@@ -19,11 +19,14 @@ pub struct Status(pub u32);
 pub const NOT_FOUND: Status = Status(1);
 pub const CAS_MISMATCH: Status = Status(8);
 
+/// A header map, by the ABI's number for it.
 #[derive(Clone, Copy)]
 #[repr(u32)]
 pub enum Map {
-    RequestHeaders = 0,
-    ResponseHeaders = 2,
+    Request = 0,
+    Response = 2,
+    /// The answer to a call the filter dispatched.
+    CallResponse = 6,
 }
 
 #[derive(Clone, Copy)]
@@ -31,6 +34,7 @@ pub enum Map {
 pub enum Buffer {
     RequestBody = 0,
     ResponseBody = 1,
+    HttpCallResponseBody = 4,
     PluginConfiguration = 7,
 }
 
@@ -96,6 +100,7 @@ extern "C" {
         grpc_status: i32,
     ) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_define_metric(
         metric_type: u32,
         name_data: *const u8,
@@ -291,6 +296,11 @@ pub fn send_local_response(reply: &Reply) -> Result<(), Status> {
 }
 
 /// Makes a later hostcall act on stream `context_id` (from a timer, outside its callbacks).
+/// Lets a request the filter paused go on (`proxy_continue_stream` of the request stream).
+pub fn continue_request() -> Result<(), Status> {
+    check(unsafe { proxy_continue_stream(0) })
+}
+
 pub fn set_effective_context(context_id: u32) -> Result<(), Status> {
     check(unsafe { proxy_set_effective_context(context_id) })
 }

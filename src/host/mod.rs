@@ -9,6 +9,7 @@ mod abi;
 mod shared_data;
 
 use crate::hashing::Seed;
+use crate::idempotency::{FleetWrite, StoreCall};
 use crate::pipeline::{Exchange, Filter, ResponseView, Step, Sweeper};
 use crate::policy::{Completion, Env};
 use crate::reply::Reply;
@@ -19,6 +20,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use shared_data::SharedData;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 
 proxy_wasm::main! {{
@@ -85,7 +87,7 @@ impl Configured {
         if !needs.request {
             return RequestInfo::default();
         }
-        let map = abi::headers(Map::RequestHeaders).unwrap_or_default();
+        let map = abi::headers(Map::Request).unwrap_or_default();
         let mut request = RequestInfo::from_header_map(map, &needs.headers);
         request.peer = needs
             .peer
@@ -126,14 +128,99 @@ type Waiting = Rc<RefCell<Vec<(u32, Weak<RefCell<Exchange>>)>>>;
 /// still answer 320 stalled requests a second per worker.
 const REPLIES_PER_TICK: usize = 32;
 
+/// Fleet writes of finished streams, waiting for the root context to send them.
+type Writes = Rc<RefCell<Vec<FleetWrite>>>;
+
 #[derive(Default)]
 struct Root {
     configured: Option<Rc<Configured>>,
     sweeper: Option<Sweeper>,
     waiting: Waiting,
+    writes: Writes,
+    /// Fleet writes sent and not yet answered, by call token.
+    sent: HashMap<u32, FleetWrite>,
+}
+
+/// Sends a call to the fleet store from the context whose callback is running; its answer
+/// comes back to that context's `on_http_call_response`. (The SDK's wrapper is used because
+/// only it registers the token for that dispatch; it panics only on statuses Envoy's
+/// `proxy_http_call` never returns: Envoy answers Ok, BadArgument or InternalFailure.)
+fn dispatch(context: &dyn Context, call: &StoreCall) -> Result<u32, proxy_wasm::types::Status> {
+    context.dispatch_http_call(
+        &call.cluster,
+        vec![
+            (":method", "POST"),
+            (":path", call.path),
+            (":authority", &call.authority),
+            ("content-type", "application/json"),
+        ],
+        Some(&call.body),
+        vec![],
+        call.timeout,
+    )
+}
+
+/// The answer to a call: its status and body, or `None` when Envoy reports a failure (no
+/// headers: a timeout, a reset, no healthy member).
+fn call_answer(num_headers: usize, body_size: usize) -> Option<(u16, Vec<u8>)> {
+    if num_headers == 0 {
+        return None;
+    }
+    let status = abi::header(Map::CallResponse, ":status").ok()??;
+    let status = std::str::from_utf8(&status).ok()?.parse().ok()?;
+    let body = abi::buffer(Buffer::HttpCallResponseBody, body_size).unwrap_or_default();
+    Some((status, body))
+}
+
+impl Root {
+    /// Sends the fleet writes finished streams left; one that cannot be sent now waits for
+    /// the next tick.
+    fn send_writes(&mut self, configured: &Configured) {
+        let writes: Vec<FleetWrite> = std::mem::take(&mut *self.writes.borrow_mut());
+        for write in writes {
+            match dispatch(self, &write.call) {
+                Ok(token) => {
+                    self.sent.insert(token, write);
+                }
+                Err(_) => {
+                    let again = configured
+                        .run(|filter, env| filter.on_fleet_write_answer(env, &write, None));
+                    if again {
+                        self.writes.borrow_mut().push(write);
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let (Some(configured), Some(write)) = (&self.configured, self.sent.remove(&token_id))
+        else {
+            return;
+        };
+        let answer = call_answer(num_headers, body_size);
+        let again = configured.run(|filter, env| {
+            filter.on_fleet_write_answer(
+                env,
+                &write,
+                answer
+                    .as_ref()
+                    .map(|(status, body)| (*status, body.as_slice())),
+            )
+        });
+        if again {
+            self.writes.borrow_mut().push(write);
+        }
+    }
+
     fn on_done(&mut self) -> bool {
         if let Some(configured) = self.configured.take() {
             let mut telemetry = Telemetry::default();
@@ -189,6 +276,9 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        if let Some(configured) = self.configured.clone() {
+            self.send_writes(&configured);
+        }
         let (Some(configured), Some(sweeper)) = (&self.configured, &mut self.sweeper) else {
             return;
         };
@@ -229,6 +319,7 @@ impl RootContext for Root {
             configured: self.configured.clone(),
             exchange: Rc::default(),
             waiting: Rc::clone(&self.waiting),
+            writes: Rc::clone(&self.writes),
         }))
     }
 
@@ -253,9 +344,31 @@ struct Stream {
     configured: Option<Rc<Configured>>,
     exchange: Rc<RefCell<Exchange>>,
     waiting: Waiting,
+    writes: Writes,
 }
 
-impl Context for Stream {}
+impl Context for Stream {
+    /// The fleet store answered the call the exchange asked for: the paused request goes on,
+    /// is answered, or waits for the next call.
+    fn on_http_call_response(
+        &mut self,
+        _token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let answer = call_answer(num_headers, body_size);
+        let action = self.step(|exchange, filter, env| {
+            let answer = answer
+                .as_ref()
+                .map(|(status, body)| (*status, body.as_slice()));
+            exchange.on_store_answer(filter, env, answer)
+        });
+        if action == Action::Continue {
+            let _ = abi::continue_request();
+        }
+    }
+}
 
 impl Stream {
     /// Runs `call` on the exchange, then does what it says.
@@ -274,6 +387,11 @@ impl Stream {
         let step = configured.run(|filter, env| call(&mut exchange, filter, env));
         let waiting = exchange.body_deadline().is_some();
         drop(exchange);
+        self.act(configured, step, waiting)
+    }
+
+    /// Does what a step says; `waiting`: the exchange waits for the rest of the body.
+    fn act(&self, configured: &Configured, step: Step, waiting: bool) -> Action {
         match step {
             Step::Continue => Action::Continue,
             Step::Pause => {
@@ -286,6 +404,12 @@ impl Stream {
                 send(configured, &reply);
                 Action::Pause
             }
+            Step::Call(call) => match dispatch(self, &call) {
+                Ok(_) => Action::Pause,
+                Err(_) => {
+                    self.step(|exchange, filter, env| exchange.on_store_answer(filter, env, None))
+                }
+            },
         }
     }
 
@@ -302,7 +426,7 @@ struct EnvoyResponse;
 
 impl ResponseView for EnvoyResponse {
     fn status(&self) -> Option<u16> {
-        let status = abi::header(Map::ResponseHeaders, ":status").ok()??;
+        let status = abi::header(Map::Response, ":status").ok()??;
         std::str::from_utf8(&status).ok()?.parse().ok()
     }
 
@@ -311,7 +435,7 @@ impl ResponseView for EnvoyResponse {
     }
 
     fn headers(&self) -> Vec<(String, Vec<u8>)> {
-        abi::headers(Map::ResponseHeaders).unwrap_or_default()
+        abi::headers(Map::Response).unwrap_or_default()
     }
 }
 
@@ -358,7 +482,7 @@ impl HttpContext for Stream {
         for (name, value) in
             exchange.on_response_headers(&configured.filter, &EnvoyResponse, end_of_stream)
         {
-            let _ = abi::add_header(Map::ResponseHeaders, name, value.as_bytes());
+            let _ = abi::add_header(Map::Response, name, value.as_bytes());
         }
         Action::Continue
     }
@@ -392,7 +516,7 @@ impl HttpContext for Stream {
             exchange.end();
             return;
         }
-        configured.run(|filter, env| {
+        let write = configured.run(|filter, env| {
             exchange.finish(filter, env, || Completion {
                 status: abi::int_property(&["response", "code"])
                     .and_then(|code| u16::try_from(code).ok())
@@ -404,5 +528,8 @@ impl HttpContext for Stream {
                 ..Completion::default()
             })
         });
+        if let Some(write) = write {
+            self.writes.borrow_mut().push(write);
+        }
     }
 }

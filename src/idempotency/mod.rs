@@ -3,19 +3,24 @@
 //!
 //! Records live in a fixed table of `records` slots in shared data; a (client, key) pair is
 //! hashed to one slot, so exactly one request can claim it across all workers (a claim is a
-//! compare-and-swap on that one value). See `filters/idempotency/README.md`.
+//! compare-and-swap on that one value). With a `store`, the same records also live in etcd,
+//! so that every Envoy of a fleet acts as one (`fleet`). See `filters/idempotency/README.md`.
 
 mod capture;
 mod config;
+mod fleet;
 mod key;
 mod policy;
 mod record;
 
 pub use capture::Capture;
-pub use config::{IdempotencyConfig, IdentityPart, Overflow, RawIdempotency, BODY_TIMER};
+pub use config::{
+    FleetStore, IdempotencyConfig, IdentityPart, Overflow, RawIdempotency, BODY_TIMER,
+};
+pub use fleet::{FleetClaim, FleetStep, FleetWrite, StoreCall};
 pub use key::{parse_key, KeyError};
 pub use policy::{
-    Begin, Claim, ClaimId, Decision, Finished, Idempotency, Outcome, Pending, Problem,
+    Begin, Claim, ClaimId, Decision, Finished, Idempotency, Outcome, Pending, Placement, Problem,
     REPLAYED_HEADER, SWEEP_PER_SECOND,
 };
 pub use record::{

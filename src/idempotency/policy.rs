@@ -3,6 +3,7 @@
 
 use super::capture::Capture;
 use super::config::{IdempotencyConfig, IdentityPart, Overflow};
+use super::fleet::{FleetClaim, FleetWrite};
 use super::key::{parse_key, KeyError};
 use super::record::{Entry, IdempotencyRecord, StoredResponse};
 use crate::clock::{retry_after_secs, Instant};
@@ -18,14 +19,14 @@ use std::cell::Cell;
 pub struct Idempotency {
     config: IdempotencyConfig,
     hasher: KeyHasher,
-    metrics: Metrics,
+    pub(super) metrics: Metrics,
     /// A request body has reached this VM's filter: `allow_on_headers_stop_iteration` is set.
     body_seen: Cell<bool>,
     /// The missing setting was named in the log already.
     hint_logged: Cell<bool>,
 }
 
-struct Metrics {
+pub(super) struct Metrics {
     claims: MetricId,
     replays: MetricId,
     conflicts: MetricId,
@@ -36,6 +37,10 @@ struct Metrics {
     evictions: MetricId,
     body_timeouts: MetricId,
     unanswered: MetricId,
+    /// Requests decided by `on_store_error`: the fleet store gave no answer in time.
+    pub(super) store_unavailable: MetricId,
+    /// Fleet writes still failing when their claim's lease ran out.
+    pub(super) store_writes_lost: MetricId,
 }
 
 /// What an admitted request holds: its claim on the key, and its response so far.
@@ -43,11 +48,22 @@ struct Metrics {
 pub struct Claim {
     pub id: ClaimId,
     pub capture: Capture,
+    /// Its claim in the fleet store, where there is one.
+    pub fleet: Option<FleetClaim>,
 }
 
 /// A request the policy covers: where its record lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pending {
+    pub slot: u32,
+    pub owner: u64,
+    /// Where it lives in the fleet store, where there is one: placed by SHA-256, the same
+    /// on every Envoy, where `slot` is placed with this Envoy's secret seed.
+    pub fleet: Option<Placement>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
     pub slot: u32,
     pub owner: u64,
 }
@@ -103,7 +119,7 @@ pub enum Outcome {
     NotSent,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Finished {
     Stored,
     /// The key is free again, so a retry can proceed.
@@ -142,7 +158,12 @@ impl Problem {
         )
     }
 
-    fn new(status: u16, kind: &'static str, title: &'static str, detail: String) -> Problem {
+    pub(super) fn new(
+        status: u16,
+        kind: &'static str,
+        title: &'static str,
+        detail: String,
+    ) -> Problem {
         Problem {
             status,
             kind,
@@ -167,6 +188,8 @@ impl Idempotency {
             evictions: counter("evictions"),
             body_timeouts: counter("body_timeouts"),
             unanswered: counter("unanswered"),
+            store_unavailable: counter("store_unavailable"),
+            store_writes_lost: counter("store_writes_lost"),
         };
         Self {
             config,
@@ -257,10 +280,16 @@ impl Idempotency {
             scoped.part(value);
         }
         scoped.part(Some(key.as_bytes()));
-        let placement = self.hasher.place(&scoped.finish(), self.config.records);
+        let scoped = scoped.finish();
+        let placement = self.hasher.place(&scoped, self.config.records);
         Begin::Check(Pending {
             slot: placement.index,
             owner: placement.owner,
+            fleet: self
+                .config
+                .store
+                .is_some()
+                .then(|| self.fleet_place(&scoped)),
         })
     }
 
@@ -340,41 +369,82 @@ impl Idempotency {
             namespace,
             &key,
             settings.max_attempts,
-            |record| {
-                let record = record.unwrap_or_else(IdempotencyRecord::free);
-                if !record.is_live(now) {
-                    let evicted = record.entry != Entry::Free;
-                    let claimed = IdempotencyRecord {
-                        owner: pending.owner,
-                        fingerprint,
-                        deadline: now.saturating_add(self.config.lease),
-                        entry: Entry::InFlight { claim },
-                    };
-                    return ((Decision::Claimed, evicted), Some(claimed));
-                }
-                let live_for = retry_after_secs(record.deadline.saturating_since(now));
-                let decision = if record.owner != pending.owner {
-                    Decision::Full {
-                        retry_after_secs: live_for,
-                    }
-                } else if record.fingerprint != fingerprint {
-                    Decision::Mismatch
-                } else {
-                    match record.entry {
-                        Entry::InFlight { .. } => Decision::InFlight {
-                            retry_after_secs: live_for,
-                        },
-                        Entry::Completed(response) => Decision::Replay(response),
-                        Entry::Unreplayable { status } => Decision::Unreplayable { status },
-                        Entry::Free => Decision::Full {
-                            retry_after_secs: live_for,
-                        },
-                    }
-                };
-                ((decision, false), None)
-            },
+            |record| self.judge(record, pending.owner, fingerprint, claim, now),
         )?;
         Ok(updated.decision)
+    }
+
+    /// What a record means for a request, in either tier: the decision, whether an expired
+    /// record was evicted, and the record to write.
+    pub(super) fn judge(
+        &self,
+        record: Option<IdempotencyRecord>,
+        owner: u64,
+        fingerprint: [u8; 32],
+        claim: u64,
+        now: Instant,
+    ) -> ((Decision, bool), Option<IdempotencyRecord>) {
+        let record = record.unwrap_or_else(IdempotencyRecord::free);
+        if !record.is_live(now) {
+            let evicted = record.entry != Entry::Free;
+            let claimed = IdempotencyRecord {
+                owner,
+                fingerprint,
+                deadline: now.saturating_add(self.config.lease),
+                entry: Entry::InFlight { claim },
+            };
+            return ((Decision::Claimed, evicted), Some(claimed));
+        }
+        let live_for = retry_after_secs(record.deadline.saturating_since(now));
+        let decision = if record.owner != owner {
+            Decision::Full {
+                retry_after_secs: live_for,
+            }
+        } else if record.fingerprint != fingerprint {
+            Decision::Mismatch
+        } else {
+            match record.entry {
+                Entry::InFlight { .. } => Decision::InFlight {
+                    retry_after_secs: live_for,
+                },
+                Entry::Completed(response) => Decision::Replay(response),
+                Entry::Unreplayable { status } => Decision::Unreplayable { status },
+                Entry::Free => Decision::Full {
+                    retry_after_secs: live_for,
+                },
+            }
+        };
+        ((decision, false), None)
+    }
+
+    /// The record a finished claim leaves: the stored response or its status for as long as
+    /// it is kept, or a free record; `None`: the claim stays until its lease runs out.
+    pub(super) fn settled(
+        &self,
+        mut record: IdempotencyRecord,
+        outcome: &Outcome,
+        now: Instant,
+    ) -> Option<(Finished, IdempotencyRecord)> {
+        let kept = match outcome {
+            Outcome::Response(response) => self
+                .config
+                .keep_for(response.status)
+                .map(|ttl| (ttl, Entry::Completed(response.clone()))),
+            Outcome::ResponseNotStored { status } => self
+                .config
+                .keep_for(*status)
+                .map(|ttl| (ttl, Entry::Unreplayable { status: *status })),
+            Outcome::Unanswered => return None,
+            Outcome::NotSent => None,
+        };
+        Some(match kept {
+            Some((ttl, entry)) => {
+                record.entry = entry;
+                record.deadline = now.saturating_add(ttl);
+                (Finished::Stored, record)
+            }
+            None => (Finished::Released, IdempotencyRecord::free()),
+        })
     }
 
     /// Records how the claimed request ended: stores the response, or frees the key. It
@@ -390,30 +460,14 @@ impl Idempotency {
         let (pending, claim) = (id.pending, id.claim);
         let key = self.slot_key(namespace, pending.slot);
         let updated = store::settle::<IdempotencyRecord, _>(store, namespace, &key, |record| {
-            let Some(mut record) =
+            let Some(record) =
                 record.filter(|r| r.owner == pending.owner && r.entry == Entry::InFlight { claim })
             else {
                 return (Finished::Superseded, None);
             };
-            let kept = match &outcome {
-                Outcome::Response(response) => self
-                    .config
-                    .keep_for(response.status)
-                    .map(|ttl| (ttl, Entry::Completed(response.clone()))),
-                Outcome::ResponseNotStored { status } => self
-                    .config
-                    .keep_for(*status)
-                    .map(|ttl| (ttl, Entry::Unreplayable { status: *status })),
-                Outcome::Unanswered => return (Finished::Kept, None),
-                Outcome::NotSent => None,
-            };
-            match kept {
-                Some((ttl, entry)) => {
-                    record.entry = entry;
-                    record.deadline = now.saturating_add(ttl);
-                    (Finished::Stored, Some(record))
-                }
-                None => (Finished::Released, Some(IdempotencyRecord::free())),
+            match self.settled(record, &outcome, now) {
+                Some((finished, record)) => (finished, Some(record)),
+                None => (Finished::Kept, None),
             }
         })?;
         Ok(updated.decision)
@@ -505,7 +559,7 @@ impl Idempotency {
         next
     }
 
-    fn count(&self, env: &mut Env<'_, impl Store>, decision: &Decision) {
+    pub(super) fn count(&self, env: &mut Env<'_, impl Store>, decision: &Decision) {
         let metric = match decision {
             Decision::Claimed => self.metrics.claims,
             Decision::Replay(_) => self.metrics.replays,
@@ -582,6 +636,7 @@ impl Policy for Idempotency {
             Decision::Claimed => Ok(Some(Claim {
                 id,
                 capture: Capture::default(),
+                fleet: self.fleet_claim(&env.instance.name, pending.fleet, fingerprint),
             })),
             Decision::Replay(stored) => Err(Reply::replay(
                 stored.status,
@@ -602,11 +657,32 @@ impl Policy for Idempotency {
         claim: Option<Claim>,
         completion: &Completion,
     ) {
-        let Some(claim) = claim else {
-            return;
-        };
+        // The pipeline calls finish_claim itself, to send the fleet write it returns.
+        if let Some(claim) = claim {
+            let _ = self.finish_claim(env, claim, completion);
+        }
+    }
+}
+
+impl Idempotency {
+    /// Settles a claim when its stream ends: in this Envoy's table now, and in the fleet
+    /// store by the write it returns, which the host sends.
+    pub fn finish_claim<S: Store>(
+        &self,
+        env: &mut Env<'_, S>,
+        mut claim: Claim,
+        completion: &Completion,
+    ) -> Option<FleetWrite> {
+        let fleet = claim.fleet.take();
         let outcome = claim.capture.outcome(completion);
-        match self.finish(env.store, env.namespace(), claim.id, outcome, env.now) {
+        let write = fleet.and_then(|fleet| self.fleet_finish(fleet, claim.id, &outcome, env.now));
+        self.settle_local(env, claim.id, outcome);
+        write
+    }
+
+    /// Records in this Envoy's table how a claim ended.
+    fn settle_local<S: Store>(&self, env: &mut Env<'_, S>, id: ClaimId, outcome: Outcome) {
+        match self.finish(env.store, env.namespace(), id, outcome, env.now) {
             Ok(Finished::Released) => env.telemetry.increment(self.metrics.released),
             Ok(Finished::Kept) => env.telemetry.increment(self.metrics.unanswered),
             Ok(Finished::Stored) => {}

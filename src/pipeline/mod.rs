@@ -18,8 +18,9 @@ pub mod config;
 
 use crate::circuit_breaker::{CircuitBreaker, Permits};
 use crate::clock::Instant;
+use crate::etcd::{self, AnswerError};
 use crate::hashing::{shared_seed, KeyHasher, Seed};
-use crate::idempotency::{Claim, Idempotency};
+use crate::idempotency::{Claim, Decision, FleetStep, FleetWrite, Idempotency, StoreCall};
 use crate::load_shedding::{LoadShedding, Slots};
 use crate::policy::{Completion, Env, Instance, Needs, Policy};
 use crate::rate_limit::{RateLimit, ResponseHeaders};
@@ -159,6 +160,19 @@ impl Filter {
         }
     }
 
+    /// etcd's answer to a [`FleetWrite`] the host sent for a finished stream: `true` to
+    /// send it again.
+    pub fn on_fleet_write_answer<S: Store>(
+        &self,
+        env: &mut Env<'_, S>,
+        write: &FleetWrite,
+        answer: Option<(u16, &[u8])>,
+    ) -> bool {
+        self.idempotency
+            .as_ref()
+            .is_some_and(|policy| policy.fleet_written(env, write, answer))
+    }
+
     /// Periodic work: once a second, frees a batch of expired idempotency records.
     pub fn tick<S: Store>(&self, env: &mut Env<'_, S>, sweeper: &mut Sweeper) {
         let Some(policy) = &self.idempotency else {
@@ -188,6 +202,9 @@ pub enum Step {
     Pause,
     /// Answer locally; the stream never reaches the upstream.
     Reply(Reply),
+    /// Keep holding the stream, send this to the fleet store, and hand its answer to
+    /// [`Exchange::on_store_answer`].
+    Call(StoreCall),
 }
 
 /// The response as the host can show it, read only when the exchange asks.
@@ -206,6 +223,8 @@ enum Stage {
     Admitting,
     /// Held until the body is in, or until the deadline.
     AwaitingBody { deadline: Instant },
+    /// Held until the fleet store answers.
+    AwaitingStore,
     /// Every stage let it through.
     Forwarded,
     /// Answered locally.
@@ -380,15 +399,16 @@ impl Exchange {
     }
 
     /// The stream ended: every loan goes back to its policy, latest first, with how it ended.
+    /// What must still be written to the fleet store comes back, for the host to send.
     pub fn finish<S: Store>(
         &mut self,
         filter: &Filter,
         env: &mut Env<'_, S>,
         completion: impl FnOnce() -> Completion,
-    ) {
+    ) -> Option<FleetWrite> {
         self.end();
         if !self.holds_loans() {
-            return;
+            return None;
         }
         let completion = Completion {
             duration: env.now.saturating_since(self.started),
@@ -397,14 +417,63 @@ impl Exchange {
         if let (Some(permits), Some(policy)) = (self.permits.take(), &filter.circuit_breaker) {
             policy.release(env, permits, &completion);
         }
-        if let (Some(claim), Some(policy)) = (self.claim.take(), &filter.idempotency) {
-            policy.release(env, Some(claim), &completion);
-        }
+        let write = match (self.claim.take(), &filter.idempotency) {
+            (Some(claim), Some(policy)) => policy.finish_claim(env, claim, &completion),
+            _ => None,
+        };
         if let (Some(headers), Some(policy)) = (self.response_headers.take(), &filter.rate_limit) {
             policy.release(env, headers, &completion);
         }
         if let (Some(slots), Some(policy)) = (self.slots.take(), &filter.load_shedding) {
             policy.release(env, slots, &completion);
+        }
+        write
+    }
+
+    /// The fleet store's answer to the last [`Step::Call`]: its HTTP status and body, or
+    /// `None` when the call failed or timed out.
+    pub fn on_store_answer<S: Store>(
+        &mut self,
+        filter: &Filter,
+        env: &mut Env<'_, S>,
+        answer: Option<(u16, &[u8])>,
+    ) -> Step {
+        let (Stage::AwaitingStore, Some(policy), Some(claim)) =
+            (&self.stage, &filter.idempotency, &mut self.claim)
+        else {
+            return Step::Continue;
+        };
+        let Some(fleet) = &mut claim.fleet else {
+            return Step::Continue;
+        };
+        let answer = answer.map_or(Err(AnswerError::NoAnswer), |(status, body)| {
+            etcd::swapped(status, body)
+        });
+        let step = policy.fleet_answer(fleet, claim.id, answer, env.now);
+        self.on_fleet_step(filter, env, step)
+    }
+
+    fn on_fleet_step<S: Store>(
+        &mut self,
+        filter: &Filter,
+        env: &mut Env<'_, S>,
+        step: FleetStep,
+    ) -> Step {
+        let Some(policy) = &filter.idempotency else {
+            return Step::Continue;
+        };
+        let settled = match step {
+            FleetStep::Call(call) => {
+                self.stage = Stage::AwaitingStore;
+                return Step::Call(call);
+            }
+            FleetStep::Decided(Decision::Claimed) => Ok(()),
+            FleetStep::Decided(decision) => policy.fleet_decided(env, &mut self.claim, decision),
+            FleetStep::Unavailable(err) => policy.fleet_unavailable(env, &mut self.claim, err),
+        };
+        match settled {
+            Ok(()) => self.admit_breakers(filter, env),
+            Err(reply) => self.answer(reply),
         }
     }
 
@@ -414,6 +483,12 @@ impl Exchange {
             match policy.admit(env, &self.request) {
                 Ok(claim) => self.claim = claim,
                 Err(reply) => return self.answer(reply),
+            }
+            if let Some(claim) = &mut self.claim {
+                if let Some(fleet) = &mut claim.fleet {
+                    let step = policy.fleet_start(fleet, claim.id, env.now);
+                    return self.on_fleet_step(filter, env, step);
+                }
             }
         }
         self.admit_breakers(filter, env)

@@ -2,34 +2,43 @@
 //! aborts, body waits, response capture, and shared data failing under `allow` and `deny`.
 
 use super::*;
+use crate::etcd::fake::FakeEtcd;
 use crate::store::{self as state, MemoryStore};
 use crate::testing::{at, counter_random, record, BrokenStore, T0};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::rc::Rc;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
-/// One Envoy worker running one filter instance, with a clock the test moves.
+/// One Envoy worker running one filter instance, with a clock the test moves, and the
+/// etcd of its fleet where it has one.
 struct Proxy {
     filter: Filter,
     store: MemoryStore,
     now: Cell<Instant>,
     metrics: RefCell<HashMap<String, i64>>,
     logs: RefCell<Vec<(Level, String)>>,
+    etcd: Option<Rc<FakeEtcd>>,
+    /// Fleet writes of finished streams, not yet landed.
+    writes: RefCell<Vec<FleetWrite>>,
 }
 
 impl Proxy {
     fn new(json: &str) -> Proxy {
+        Proxy::with(json, Seed([1, 2]), None)
+    }
+
+    /// One Envoy of a fleet sharing `etcd`; each Envoy has its own secret seed.
+    fn in_fleet(json: &str, seed: u64, etcd: &Rc<FakeEtcd>) -> Proxy {
+        Proxy::with(json, Seed([seed, seed]), Some(Rc::clone(etcd)))
+    }
+
+    fn with(json: &str, seed: Seed, etcd: Option<Rc<FakeEtcd>>) -> Proxy {
         let store = MemoryStore::default();
         let mut telemetry = Telemetry::default();
-        let filter = match Filter::configure(
-            "t",
-            json.as_bytes(),
-            &store,
-            Seed([1, 2]),
-            T0,
-            &mut telemetry,
-        ) {
+        let filter = match Filter::configure("t", json.as_bytes(), &store, seed, T0, &mut telemetry)
+        {
             Ok(filter) => filter,
             Err(err) => panic!("{err}"),
         };
@@ -39,6 +48,8 @@ impl Proxy {
             now: Cell::new(T0),
             metrics: RefCell::default(),
             logs: RefCell::default(),
+            etcd,
+            writes: RefCell::default(),
         };
         record(
             proxy.filter.catalog(),
@@ -79,11 +90,46 @@ impl Proxy {
         })
     }
 
-    /// Sends the request with all of `body` in one chunk.
+    /// Sends the request with all of `body` in one chunk; calls to etcd are answered.
     fn send(&self, exchange: &mut Exchange, request: RequestInfo, body: &[u8]) -> Step {
-        match self.headers(exchange, request, body.is_empty()) {
+        let step = match self.headers(exchange, request, body.is_empty()) {
             Step::Pause => self.body(exchange, body, true),
             step => step,
+        };
+        self.answer_calls(exchange, step)
+    }
+
+    /// Answers every call to etcd the exchange makes, as the host would.
+    fn answer_calls(&self, exchange: &mut Exchange, mut step: Step) -> Step {
+        while let Step::Call(call) = step {
+            let answer = self.etcd.as_ref().and_then(|etcd| etcd.answer(&call.body));
+            step = self.run(&self.store, |filter, env| {
+                let answer = answer
+                    .as_ref()
+                    .map(|(status, body)| (*status, body.as_slice()));
+                exchange.on_store_answer(filter, env, answer)
+            });
+        }
+        step
+    }
+
+    /// Sends each pending fleet write once, as a host tick does.
+    fn flush_writes(&self) {
+        let writes = std::mem::take(&mut *self.writes.borrow_mut());
+        for write in writes {
+            let answer = self
+                .etcd
+                .as_ref()
+                .and_then(|etcd| etcd.answer(&write.call.body));
+            let again = self.run(&self.store, |filter, env| {
+                let answer = answer
+                    .as_ref()
+                    .map(|(status, body)| (*status, body.as_slice()));
+                filter.on_fleet_write_answer(env, &write, answer)
+            });
+            if again {
+                self.writes.borrow_mut().push(write);
+            }
         }
     }
 
@@ -101,9 +147,11 @@ impl Proxy {
     }
 
     fn finish(&self, exchange: &mut Exchange, completion: Completion) {
-        self.run(&self.store, |filter, env| {
+        let write = self.run(&self.store, |filter, env| {
             exchange.finish(filter, env, || completion)
         });
+        self.writes.borrow_mut().extend(write);
+        self.flush_writes();
     }
 
     /// A whole request the upstream answers with `status`.
@@ -121,7 +169,7 @@ impl Proxy {
                 self.finish(&mut exchange, local(reply.status));
                 Err(reply)
             }
-            Step::Pause => panic!("paused with the whole body in"),
+            Step::Pause | Step::Call(_) => panic!("paused with the whole body in"),
         };
         outcome
     }
@@ -822,3 +870,5 @@ fn a_breaker_refusal_leaves_the_rate_limit_token_spent() {
         "both tokens were spent"
     );
 }
+
+mod fleet;

@@ -1,0 +1,142 @@
+//! etcd v3 through its HTTP/JSON gateway (`POST /v3/kv/txn`), as plain bytes in and out: the
+//! host sends what this builds to an Envoy cluster and hands back what came back.
+//!
+//! Every call is one transaction that compares, then writes or reads, so a compare-and-swap
+//! is one round trip: "create it if absent, else show it to me", "replace it if nobody changed
+//! it since, else show it to me". Keys and values travel base64-encoded; revisions as decimal
+//! strings (the gateway's JSON for int64). Fields that are zero or false are absent.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::json;
+
+/// The gateway's path for transactions.
+pub const TXN_PATH: &str = "/v3/kv/txn";
+
+/// A transaction that writes `value` at `key` if the key is as `expected`, and otherwise
+/// reads the key as it is.
+pub fn swap(key: &[u8], expected: Expected, value: &[u8]) -> Vec<u8> {
+    let key = STANDARD.encode(key);
+    let compare = match expected {
+        Expected::Absent => {
+            json!({"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": "0"})
+        }
+        Expected::Revision(revision) => json!({
+            "key": key, "result": "EQUAL", "target": "MOD", "mod_revision": revision.to_string()
+        }),
+    };
+    json!({
+        "compare": [compare],
+        "success": [{"request_put": {"key": key, "value": STANDARD.encode(value)}}],
+        "failure": [{"request_range": {"key": key}}],
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// What a [`swap`] expects to find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expected {
+    /// No key at all.
+    Absent,
+    /// The key as last written at this revision (its `mod_revision`).
+    Revision(i64),
+}
+
+/// What a [`swap`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Swapped {
+    /// The value was written; the key's `mod_revision` is now `revision`.
+    Written { revision: i64 },
+    /// The key was not as expected. It holds `value`, written at `revision`; or nothing.
+    Found(Option<Found>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub value: Vec<u8>,
+    pub revision: i64,
+}
+
+/// Why an answer is not a transaction's result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AnswerError {
+    /// No answer: the call failed or timed out.
+    NoAnswer,
+    /// An HTTP status other than 200 (etcd's error, or Envoy's when no member answered).
+    Status(u16),
+    /// A body that is not the gateway's JSON for a transaction.
+    Malformed,
+    /// Every transaction lost its race for the key to another writer.
+    Contended,
+}
+
+#[derive(Deserialize)]
+struct TxnResponse {
+    header: Header,
+    #[serde(default)]
+    succeeded: bool,
+    #[serde(default)]
+    responses: Vec<ResponseOp>,
+}
+
+#[derive(Deserialize)]
+struct Header {
+    revision: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ResponseOp {
+    response_range: Option<RangeResponse>,
+}
+
+#[derive(Deserialize)]
+struct RangeResponse {
+    #[serde(default)]
+    kvs: Vec<KeyValue>,
+}
+
+#[derive(Deserialize)]
+struct KeyValue {
+    value: Option<String>,
+    mod_revision: Option<String>,
+}
+
+/// Reads the answer to a [`swap`]: its HTTP status and body.
+pub fn swapped(status: u16, body: &[u8]) -> Result<Swapped, AnswerError> {
+    if status != 200 {
+        return Err(AnswerError::Status(status));
+    }
+    let response: TxnResponse = serde_json::from_slice(body).map_err(|_| AnswerError::Malformed)?;
+    let revision = |text: Option<&String>| -> Result<i64, AnswerError> {
+        text.and_then(|t| t.parse().ok())
+            .filter(|r| *r > 0)
+            .ok_or(AnswerError::Malformed)
+    };
+    if response.succeeded {
+        return Ok(Swapped::Written {
+            revision: revision(response.header.revision.as_ref())?,
+        });
+    }
+    let range = response
+        .responses
+        .into_iter()
+        .find_map(|op| op.response_range)
+        .ok_or(AnswerError::Malformed)?;
+    let Some(kv) = range.kvs.into_iter().next() else {
+        return Ok(Swapped::Found(None));
+    };
+    let value = STANDARD
+        .decode(kv.value.unwrap_or_default())
+        .map_err(|_| AnswerError::Malformed)?;
+    Ok(Swapped::Found(Some(Found {
+        value,
+        revision: revision(kv.mod_revision.as_ref())?,
+    })))
+}
+
+#[cfg(test)]
+pub mod fake;
+#[cfg(test)]
+mod tests;

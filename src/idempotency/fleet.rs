@@ -1,0 +1,338 @@
+//! The fleet tier: the same records, in etcd, shared by every Envoy that names the same
+//! store and instance. This Envoy's own table stays the first tier: a duplicate it has
+//! already seen is answered from shared data; a key it claims is then claimed in etcd too,
+//! with one compare-and-swap transaction, before the request may go upstream.
+//!
+//! The etcd table is bounded like the local one: `records` keys at most, each holding one
+//! record; a slot's expired record is overwritten by the next key placed there.
+
+use super::policy::{
+    Claim, ClaimId, Decision, Idempotency, Outcome, Placement, Problem, REPLAYED_HEADER,
+};
+use super::record::{Entry, IdempotencyRecord};
+use crate::clock::Instant;
+use crate::etcd::{self, AnswerError, Expected, Swapped};
+use crate::policy::Env;
+use crate::reply::Reply;
+use crate::store::{decode, encode, FailureMode, Store};
+use crate::telemetry::Level;
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+
+/// A call the host makes to the fleet store's cluster: `POST path` with `body`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreCall {
+    pub cluster: String,
+    pub authority: String,
+    pub path: &'static str,
+    pub body: Vec<u8>,
+    pub timeout: Duration,
+}
+
+/// A request's claim in the fleet store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetClaim {
+    key: Vec<u8>,
+    place: Placement,
+    fingerprint: [u8; 32],
+    /// The record's revision once this claim wrote it.
+    revision: Option<i64>,
+    /// Transactions sent so far for this decision.
+    calls: u32,
+    /// When the decision started: all its calls together take at most `timeout`.
+    started: Instant,
+    /// The last transaction, sent again once if it fails early: whether or not it landed,
+    /// the same transaction then tells (a landed claim reads back as this claim's own).
+    last: Vec<u8>,
+}
+
+/// Where a fleet decision stands after an answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FleetStep {
+    /// Send this, then hand its answer to [`Idempotency::fleet_answer`].
+    Call(StoreCall),
+    Decided(Decision),
+    /// The store gave no usable answer in time: `on_store_error` decides.
+    Unavailable(AnswerError),
+}
+
+/// A record write that must land after the stream is gone: the host retries it until
+/// `until`, when the claim would have expired anyway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetWrite {
+    pub call: StoreCall,
+    pub until: Instant,
+}
+
+/// Transactions one decision may take: a lost race for a slot costs one more.
+const MAX_CALLS: u32 = 4;
+/// The least time worth giving a call: less, and the decision is `on_store_error`'s.
+const MIN_CALL_TIME: Duration = Duration::from_millis(5);
+
+impl Idempotency {
+    /// A key's place in the fleet table, from SHA-256 of the scoped key.
+    pub(super) fn fleet_place(&self, scoped: &[u8]) -> Placement {
+        let digest = Sha256::digest(scoped);
+        let word = |i: usize| {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&digest[i..i + 8]);
+            u64::from_le_bytes(bytes)
+        };
+        Placement {
+            slot: u32::try_from(word(0) % u64::from(self.config().records)).unwrap_or(0),
+            owner: word(8),
+        }
+    }
+
+    /// A fleet claim for a request this Envoy claimed, if there is a fleet store.
+    pub(super) fn fleet_claim(
+        &self,
+        instance: &str,
+        place: Option<Placement>,
+        fingerprint: [u8; 32],
+    ) -> Option<FleetClaim> {
+        let store = self.config().store.as_ref()?;
+        let place = place?;
+        let key = format!("{}{instance}/idem/{}", store.prefix, place.slot).into_bytes();
+        Some(FleetClaim {
+            key,
+            place,
+            fingerprint,
+            revision: None,
+            calls: 0,
+            started: Instant::default(),
+            last: Vec::new(),
+        })
+    }
+
+    fn store_call(&self, body: Vec<u8>, timeout: Duration) -> Option<StoreCall> {
+        let store = self.config().store.as_ref()?;
+        Some(StoreCall {
+            cluster: store.cluster.clone(),
+            authority: store.authority.clone(),
+            path: etcd::TXN_PATH,
+            body,
+            timeout,
+        })
+    }
+
+    /// What is left of the decision's `timeout` at `now`.
+    fn time_left(&self, fleet: &FleetClaim, now: Instant) -> Duration {
+        let timeout = self
+            .config()
+            .store
+            .as_ref()
+            .map_or(Duration::ZERO, |s| s.timeout);
+        timeout.saturating_sub(now.saturating_since(fleet.started))
+    }
+
+    fn claimed_record(&self, fleet: &FleetClaim, id: ClaimId, now: Instant) -> IdempotencyRecord {
+        IdempotencyRecord {
+            owner: fleet.place.owner,
+            fingerprint: fleet.fingerprint,
+            deadline: now.saturating_add(self.config().lease),
+            entry: Entry::InFlight { claim: id.claim },
+        }
+    }
+
+    /// The first transaction: create the slot's record as this claim's, or read it.
+    pub fn fleet_start(&self, fleet: &mut FleetClaim, id: ClaimId, now: Instant) -> FleetStep {
+        fleet.started = now;
+        let record = self.claimed_record(fleet, id, now);
+        fleet.last = etcd::swap(&fleet.key, Expected::Absent, &encode(&record));
+        self.fleet_send(fleet, now)
+    }
+
+    /// Sends the last transaction, within what is left of the timeout.
+    fn fleet_send(&self, fleet: &mut FleetClaim, now: Instant) -> FleetStep {
+        fleet.calls += 1;
+        let left = self.time_left(fleet, now);
+        match self.store_call(fleet.last.clone(), left) {
+            Some(call) if left >= MIN_CALL_TIME => FleetStep::Call(call),
+            _ => FleetStep::Unavailable(AnswerError::NoAnswer),
+        }
+    }
+
+    /// etcd's answer to the last transaction: the decision, or the next transaction.
+    pub fn fleet_answer(
+        &self,
+        fleet: &mut FleetClaim,
+        id: ClaimId,
+        answer: Result<Swapped, AnswerError>,
+        now: Instant,
+    ) -> FleetStep {
+        let found = match answer {
+            // A member that refused at once (down, or no leader yet): another may answer.
+            Err(_) if fleet.calls == 1 && self.time_left(fleet, now) >= MIN_CALL_TIME => {
+                return self.fleet_send(fleet, now);
+            }
+            Err(err) => return FleetStep::Unavailable(err),
+            Ok(Swapped::Written { revision }) => {
+                fleet.revision = Some(revision);
+                return FleetStep::Decided(Decision::Claimed);
+            }
+            Ok(Swapped::Found(found)) => found,
+        };
+        let record = found
+            .as_ref()
+            .and_then(|f| decode::<IdempotencyRecord>(&f.value).ok());
+        // This claim's own write landed, though its answer was lost: a retry finds it.
+        if let (Some(record), Some(found)) = (&record, &found) {
+            if record.owner == fleet.place.owner
+                && record.entry == (Entry::InFlight { claim: id.claim })
+            {
+                fleet.revision = Some(found.revision);
+                return FleetStep::Decided(Decision::Claimed);
+            }
+        }
+        let ((decision, _), write) =
+            self.judge(record, fleet.place.owner, fleet.fingerprint, id.claim, now);
+        match write {
+            None => FleetStep::Decided(decision),
+            Some(_) if fleet.calls >= MAX_CALLS => FleetStep::Unavailable(AnswerError::Contended),
+            Some(record) => {
+                let expected = found.map_or(Expected::Absent, |f| Expected::Revision(f.revision));
+                fleet.last = etcd::swap(&fleet.key, expected, &encode(&record));
+                self.fleet_send(fleet, now)
+            }
+        }
+    }
+
+    /// The write that records how a fleet claim ended, as the local tier does: `None` when
+    /// the claim never landed, or stays until its lease runs out.
+    pub fn fleet_finish(
+        &self,
+        fleet: FleetClaim,
+        id: ClaimId,
+        outcome: &Outcome,
+        now: Instant,
+    ) -> Option<FleetWrite> {
+        let revision = fleet.revision?;
+        let claimed = self.claimed_record(&fleet, id, now);
+        let (_, record) = self.settled(claimed, outcome, now)?;
+        let timeout = self.config().store.as_ref()?.timeout;
+        let call = self.store_call(
+            etcd::swap(&fleet.key, Expected::Revision(revision), &encode(&record)),
+            timeout,
+        )?;
+        Some(FleetWrite {
+            call,
+            until: now.saturating_add(self.config().lease),
+        })
+    }
+}
+
+impl Idempotency {
+    /// The fleet store decided otherwise than a claim: this Envoy's claim goes back, and the
+    /// request gets the fleet's answer (`Ok`: it goes upstream unprotected, as `when_full:
+    /// pass` says).
+    pub fn fleet_decided<S: Store>(
+        &self,
+        env: &mut Env<'_, S>,
+        claim: &mut Option<Claim>,
+        decision: Decision,
+    ) -> Result<(), Reply> {
+        self.give_back(env, claim.take());
+        self.count(env, &decision);
+        match decision {
+            Decision::Replay(stored) => Err(Reply::replay(
+                stored.status,
+                stored.headers,
+                stored.body,
+                REPLAYED_HEADER,
+            )),
+            other => self.problem(&other).map_or(Ok(()), |p| Err(p.reply())),
+        }
+    }
+
+    /// The fleet store gave no usable answer in time. `deny`: 503, and the claim goes back;
+    /// `allow`: the request goes on under this Envoy's claim alone.
+    pub fn fleet_unavailable<S: Store>(
+        &self,
+        env: &mut Env<'_, S>,
+        claim: &mut Option<Claim>,
+        error: AnswerError,
+    ) -> Result<(), Reply> {
+        env.telemetry.increment(self.metrics.store_unavailable);
+        let mode = self
+            .config()
+            .store
+            .as_ref()
+            .map_or(FailureMode::Deny, |store| store.on_store_error);
+        match mode {
+            FailureMode::Allow => {
+                if let Some(claim) = claim {
+                    claim.fleet = None;
+                }
+                Ok(())
+            }
+            FailureMode::Deny => {
+                self.give_back(env, claim.take());
+                Err(Problem {
+                    retry_after_secs: Some(1),
+                    ..Problem::new(
+                        503,
+                        "store-unavailable",
+                        "Idempotency store unavailable",
+                        format!(
+                            "The store that keeps idempotency keys across proxies did not answer ({error:?}). Retry with the same key."
+                        ),
+                    )
+                }
+                .reply())
+            }
+        }
+    }
+
+    /// Frees this Envoy's record of a claim that will not go upstream.
+    fn give_back<S: Store>(&self, env: &mut Env<'_, S>, claim: Option<Claim>) {
+        if let Some(claim) = claim {
+            let freed = self.finish(
+                env.store,
+                env.namespace(),
+                claim.id,
+                Outcome::NotSent,
+                env.now,
+            );
+            if let Err(err) = freed {
+                env.store_failed("idempotency", err);
+            }
+        }
+    }
+
+    /// etcd's answer to a [`FleetWrite`]: `true` to send it again (it failed, and its claim
+    /// has not expired yet).
+    pub fn fleet_written<S: Store>(
+        &self,
+        env: &mut Env<'_, S>,
+        write: &FleetWrite,
+        answer: Option<(u16, &[u8])>,
+    ) -> bool {
+        let answer = answer.map_or(Err(AnswerError::NoAnswer), |(status, body)| {
+            etcd::swapped(status, body)
+        });
+        match answer {
+            Ok(Swapped::Written { .. }) => false,
+            Ok(Swapped::Found(_)) => {
+                env.telemetry.log(
+                    Level::Info,
+                    "idempotency: a fleet claim finished after another had taken its slot; its result was not stored"
+                        .to_owned(),
+                );
+                false
+            }
+            Err(_) if env.now < write.until => true,
+            Err(err) => {
+                env.telemetry.increment(self.metrics.store_writes_lost);
+                env.telemetry.log(
+                    Level::Warn,
+                    format!("idempotency: a fleet record could not be written before its claim expired ({err:?})"),
+                );
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
