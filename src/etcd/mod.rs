@@ -16,7 +16,7 @@ pub const TXN_PATH: &str = "/v3/kv/txn";
 
 /// A transaction that writes `value` at `key` if the key is as `expected`, and otherwise
 /// reads the key as it is.
-pub fn swap(key: &[u8], expected: Expected, value: &[u8]) -> Vec<u8> {
+pub fn swap(key: &[u8], expected: &Expected, value: &[u8]) -> Vec<u8> {
     let key = STANDARD.encode(key);
     let compare = match expected {
         Expected::Absent => {
@@ -24,6 +24,9 @@ pub fn swap(key: &[u8], expected: Expected, value: &[u8]) -> Vec<u8> {
         }
         Expected::Revision(revision) => json!({
             "key": key, "result": "EQUAL", "target": "MOD", "mod_revision": revision.to_string()
+        }),
+        Expected::Value(value) => json!({
+            "key": key, "result": "EQUAL", "target": "VALUE", "value": STANDARD.encode(value)
         }),
     };
     json!({
@@ -36,12 +39,14 @@ pub fn swap(key: &[u8], expected: Expected, value: &[u8]) -> Vec<u8> {
 }
 
 /// What a [`swap`] expects to find.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Expected {
     /// No key at all.
     Absent,
     /// The key as last written at this revision (its `mod_revision`).
     Revision(i64),
+    /// The key holding exactly these bytes (a write whose answer was lost, if it landed).
+    Value(Vec<u8>),
 }
 
 /// What a [`swap`] did.

@@ -12,7 +12,7 @@ const REFUSED: &str = r#"{"error":"invalid character 'g' looking for beginning o
 #[test]
 fn a_create_compares_the_create_revision_and_reads_the_key_otherwise() {
     let body: serde_json::Value =
-        serde_json::from_slice(&swap(b"k1", Expected::Absent, b"v1")).unwrap();
+        serde_json::from_slice(&swap(b"k1", &Expected::Absent, b"v1")).unwrap();
     assert_eq!(
         body,
         serde_json::json!({
@@ -25,13 +25,26 @@ fn a_create_compares_the_create_revision_and_reads_the_key_otherwise() {
 
 #[test]
 fn a_swap_compares_the_mod_revision() {
-    let body: serde_json::Value =
-        serde_json::from_slice(&swap(b"k1", Expected::Revision(9_007_199_254_740_993), b""))
-            .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&swap(
+        b"k1",
+        &Expected::Revision(9_007_199_254_740_993),
+        b"",
+    ))
+    .unwrap();
     // Past 2^53: the revision travels as a string, never as a lossy JSON number.
     assert_eq!(body["compare"][0]["mod_revision"], "9007199254740993");
     assert_eq!(body["compare"][0]["target"], "MOD");
     assert_eq!(body["success"][0]["request_put"]["value"], "");
+}
+
+#[test]
+fn a_swap_can_compare_the_whole_value() {
+    let body: serde_json::Value =
+        serde_json::from_slice(&swap(b"k1", &Expected::Value(b"v1".to_vec()), b"v2")).unwrap();
+    assert_eq!(
+        body["compare"][0],
+        serde_json::json!({"key": "azE=", "result": "EQUAL", "target": "VALUE", "value": "djE="})
+    );
 }
 
 #[test]

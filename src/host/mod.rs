@@ -9,7 +9,7 @@ mod abi;
 mod shared_data;
 
 use crate::hashing::Seed;
-use crate::idempotency::{FleetWrite, StoreCall};
+use crate::idempotency::{FleetWrite, FleetWrites, StoreCall};
 use crate::pipeline::{Exchange, Filter, ResponseView, Step, Sweeper};
 use crate::policy::{Completion, Env};
 use crate::reply::Reply;
@@ -129,7 +129,7 @@ type Waiting = Rc<RefCell<Vec<(u32, Weak<RefCell<Exchange>>)>>>;
 const REPLIES_PER_TICK: usize = 32;
 
 /// Fleet writes of finished streams, waiting for the root context to send them.
-type Writes = Rc<RefCell<Vec<FleetWrite>>>;
+type Writes = Rc<RefCell<FleetWrites>>;
 
 #[derive(Default)]
 struct Root {
@@ -173,22 +173,19 @@ fn call_answer(num_headers: usize, body_size: usize) -> Option<(u16, Vec<u8>)> {
 }
 
 impl Root {
-    /// Sends the fleet writes finished streams left; one that cannot be sent now waits for
-    /// the next tick.
+    /// Sends the fleet writes that are due; one that cannot be sent now waits its backoff.
     fn send_writes(&mut self, configured: &Configured) {
-        let writes: Vec<FleetWrite> = std::mem::take(&mut *self.writes.borrow_mut());
-        for write in writes {
+        let due = self.writes.borrow_mut().take_due(abi::now());
+        for mut write in due {
             match dispatch(self, &write.call) {
                 Ok(token) => {
                     self.sent.insert(token, write);
                 }
-                Err(_) => {
-                    let again = configured
-                        .run(|filter, env| filter.on_fleet_write_answer(env, &write, None));
-                    if again {
-                        self.writes.borrow_mut().push(write);
+                Err(_) => configured.run(|filter, env| {
+                    if filter.on_fleet_write_answer(env, &mut write, None) {
+                        filter.queue_fleet_write(env, &mut self.writes.borrow_mut(), write);
                     }
-                }
+                }),
             }
         }
     }
@@ -202,23 +199,19 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let (Some(configured), Some(write)) = (&self.configured, self.sent.remove(&token_id))
+        let (Some(configured), Some(mut write)) = (&self.configured, self.sent.remove(&token_id))
         else {
             return;
         };
         let answer = call_answer(num_headers, body_size);
-        let again = configured.run(|filter, env| {
-            filter.on_fleet_write_answer(
-                env,
-                &write,
-                answer
-                    .as_ref()
-                    .map(|(status, body)| (*status, body.as_slice())),
-            )
+        configured.run(|filter, env| {
+            let answer = answer
+                .as_ref()
+                .map(|(status, body)| (*status, body.as_slice()));
+            if filter.on_fleet_write_answer(env, &mut write, answer) {
+                filter.queue_fleet_write(env, &mut self.writes.borrow_mut(), write);
+            }
         });
-        if again {
-            self.writes.borrow_mut().push(write);
-        }
     }
 
     fn on_done(&mut self) -> bool {
@@ -516,8 +509,8 @@ impl HttpContext for Stream {
             exchange.end();
             return;
         }
-        let write = configured.run(|filter, env| {
-            exchange.finish(filter, env, || Completion {
+        configured.run(|filter, env| {
+            let write = exchange.finish(filter, env, || Completion {
                 status: abi::int_property(&["response", "code"])
                     .and_then(|code| u16::try_from(code).ok())
                     .filter(|&code| code > 0),
@@ -526,10 +519,10 @@ impl HttpContext for Stream {
                 upstream_host: abi::property(&["upstream", "address"])
                     .is_ok_and(|address| address.is_some_and(|a| !a.is_empty())),
                 ..Completion::default()
-            })
+            });
+            if let Some(write) = write {
+                filter.queue_fleet_write(env, &mut self.writes.borrow_mut(), write);
+            }
         });
-        if let Some(write) = write {
-            self.writes.borrow_mut().push(write);
-        }
     }
 }

@@ -37,6 +37,11 @@ pub struct FleetClaim {
     fingerprint: [u8; 32],
     /// The record's revision once this claim wrote it.
     revision: Option<i64>,
+    /// The record this claim last tried to write, byte for byte.
+    claimed: Vec<u8>,
+    /// A transaction that writes `claimed` failed without an answer: it may have landed,
+    /// so the record may be this claim's after all, and is settled by its value.
+    maybe_landed: bool,
     /// Transactions sent so far for this decision.
     calls: u32,
     /// When the decision started: all its calls together take at most `timeout`.
@@ -56,12 +61,56 @@ pub enum FleetStep {
     Unavailable(AnswerError),
 }
 
-/// A record write that must land after the stream is gone: the host retries it until
-/// `until`, when the claim would have expired anyway.
+/// A record write that must land after the stream is gone: the host sends it when `next`
+/// comes, and again with a doubling backoff until `until`, when the claim would have
+/// expired anyway.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FleetWrite {
     pub call: StoreCall,
     pub until: Instant,
+    pub next: Instant,
+    backoff: Duration,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The fleet writes a VM has yet to land, bounded: during a long etcd outage, writes past
+/// the bound are dropped (and counted), not queued without end.
+#[derive(Debug, Default)]
+pub struct FleetWrites {
+    queue: Vec<FleetWrite>,
+}
+
+/// The most fleet writes one VM keeps waiting.
+pub const MAX_PENDING_WRITES: usize = 4096;
+
+impl FleetWrites {
+    /// Queues a write; `false` when the queue is full and the write was dropped.
+    pub fn push(&mut self, write: FleetWrite) -> bool {
+        if self.queue.len() >= MAX_PENDING_WRITES {
+            return false;
+        }
+        self.queue.push(write);
+        true
+    }
+
+    /// The writes due at `now`, taken out of the queue.
+    pub fn take_due(&mut self, now: Instant) -> Vec<FleetWrite> {
+        let (due, later) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|write| write.next <= now);
+        self.queue = later;
+        due
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
 }
 
 /// Transactions one decision may take: a lost race for a slot costs one more.
@@ -99,6 +148,8 @@ impl Idempotency {
             place,
             fingerprint,
             revision: None,
+            claimed: Vec::new(),
+            maybe_landed: false,
             calls: 0,
             started: Instant::default(),
             last: Vec::new(),
@@ -138,8 +189,8 @@ impl Idempotency {
     /// The first transaction: create the slot's record as this claim's, or read it.
     pub fn fleet_start(&self, fleet: &mut FleetClaim, id: ClaimId, now: Instant) -> FleetStep {
         fleet.started = now;
-        let record = self.claimed_record(fleet, id, now);
-        fleet.last = etcd::swap(&fleet.key, Expected::Absent, &encode(&record));
+        fleet.claimed = encode(&self.claimed_record(fleet, id, now));
+        fleet.last = etcd::swap(&fleet.key, &Expected::Absent, &fleet.claimed);
         self.fleet_send(fleet, now)
     }
 
@@ -161,6 +212,9 @@ impl Idempotency {
         answer: Result<Swapped, AnswerError>,
         now: Instant,
     ) -> FleetStep {
+        if answer.is_err() {
+            fleet.maybe_landed = true;
+        }
         let found = match answer {
             // A member that refused at once (down, or no leader yet): another may answer.
             Err(_) if fleet.calls == 1 && self.time_left(fleet, now) >= MIN_CALL_TIME => {
@@ -192,14 +246,17 @@ impl Idempotency {
             Some(_) if fleet.calls >= MAX_CALLS => FleetStep::Unavailable(AnswerError::Contended),
             Some(record) => {
                 let expected = found.map_or(Expected::Absent, |f| Expected::Revision(f.revision));
-                fleet.last = etcd::swap(&fleet.key, expected, &encode(&record));
+                fleet.claimed = encode(&record);
+                fleet.last = etcd::swap(&fleet.key, &expected, &fleet.claimed);
                 self.fleet_send(fleet, now)
             }
         }
     }
 
-    /// The write that records how a fleet claim ended, as the local tier does: `None` when
-    /// the claim never landed, or stays until its lease runs out.
+    /// The write that records how a fleet claim ended, as the local tier does: over the
+    /// record's revision when this claim wrote it, over its exact bytes when a write of it
+    /// may have landed unanswered; `None` when no record of this claim can be in etcd, or
+    /// it stays until its lease runs out.
     pub fn fleet_finish(
         &self,
         fleet: FleetClaim,
@@ -207,17 +264,20 @@ impl Idempotency {
         outcome: &Outcome,
         now: Instant,
     ) -> Option<FleetWrite> {
-        let revision = fleet.revision?;
+        let expected = match fleet.revision {
+            Some(revision) => Expected::Revision(revision),
+            None if fleet.maybe_landed => Expected::Value(fleet.claimed.clone()),
+            None => return None,
+        };
         let claimed = self.claimed_record(&fleet, id, now);
         let (_, record) = self.settled(claimed, outcome, now)?;
         let timeout = self.config().store.as_ref()?.timeout;
-        let call = self.store_call(
-            etcd::swap(&fleet.key, Expected::Revision(revision), &encode(&record)),
-            timeout,
-        )?;
+        let call = self.store_call(etcd::swap(&fleet.key, &expected, &encode(&record)), timeout)?;
         Some(FleetWrite {
             call,
             until: now.saturating_add(self.config().lease),
+            next: now,
+            backoff: FIRST_BACKOFF,
         })
     }
 }
@@ -234,6 +294,14 @@ impl Idempotency {
     ) -> Result<(), Reply> {
         self.give_back(env, claim.take());
         self.count(env, &decision);
+        let decision = match decision {
+            // The record may be answered already, its write on the way from another Envoy
+            // (sent within a tick): retry soon, not when the claim's lease would end.
+            Decision::InFlight { retry_after_secs } => Decision::InFlight {
+                retry_after_secs: retry_after_secs.min(1),
+            },
+            other => other,
+        };
         match decision {
             Decision::Replay(stored) => Err(Reply::replay(
                 stored.status,
@@ -245,12 +313,11 @@ impl Idempotency {
         }
     }
 
-    /// The fleet store gave no usable answer in time. `deny`: 503, and the claim goes back;
-    /// `allow`: the request goes on under this Envoy's claim alone.
+    /// The fleet store gave no usable answer in time. `deny`: 503; `allow`: the request goes
+    /// on under this Envoy's claim alone.
     pub fn fleet_unavailable<S: Store>(
         &self,
         env: &mut Env<'_, S>,
-        claim: &mut Option<Claim>,
         error: AnswerError,
     ) -> Result<(), Reply> {
         env.telemetry.increment(self.metrics.store_unavailable);
@@ -259,15 +326,11 @@ impl Idempotency {
             .store
             .as_ref()
             .map_or(FailureMode::Deny, |store| store.on_store_error);
+        // Either way the claim stays with the stream: when it ends, this Envoy's record and
+        // any fleet record this claim may have written are settled as for any other.
         match mode {
-            FailureMode::Allow => {
-                if let Some(claim) = claim {
-                    claim.fleet = None;
-                }
-                Ok(())
-            }
+            FailureMode::Allow => Ok(()),
             FailureMode::Deny => {
-                self.give_back(env, claim.take());
                 Err(Problem {
                     retry_after_secs: Some(1),
                     ..Problem::new(
@@ -282,6 +345,11 @@ impl Idempotency {
                 .reply())
             }
         }
+    }
+
+    /// A write the full queue dropped.
+    pub fn fleet_write_dropped<S: Store>(&self, env: &mut Env<'_, S>) {
+        env.telemetry.increment(self.metrics.store_writes_lost);
     }
 
     /// Frees this Envoy's record of a claim that will not go upstream.
@@ -300,12 +368,12 @@ impl Idempotency {
         }
     }
 
-    /// etcd's answer to a [`FleetWrite`]: `true` to send it again (it failed, and its claim
-    /// has not expired yet).
+    /// etcd's answer to a [`FleetWrite`]: `true` to send it again at its `next` (it failed,
+    /// and its claim has not expired yet).
     pub fn fleet_written<S: Store>(
         &self,
         env: &mut Env<'_, S>,
-        write: &FleetWrite,
+        write: &mut FleetWrite,
         answer: Option<(u16, &[u8])>,
     ) -> bool {
         let answer = answer.map_or(Err(AnswerError::NoAnswer), |(status, body)| {
@@ -321,7 +389,11 @@ impl Idempotency {
                 );
                 false
             }
-            Err(_) if env.now < write.until => true,
+            Err(_) if env.now < write.until => {
+                write.next = env.now.saturating_add(write.backoff);
+                write.backoff = (write.backoff * 2).min(MAX_BACKOFF);
+                true
+            }
             Err(err) => {
                 env.telemetry.increment(self.metrics.store_writes_lost);
                 env.telemetry.log(

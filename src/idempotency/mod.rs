@@ -17,7 +17,7 @@ pub use capture::Capture;
 pub use config::{
     FleetStore, IdempotencyConfig, IdentityPart, Overflow, RawIdempotency, BODY_TIMER,
 };
-pub use fleet::{FleetClaim, FleetStep, FleetWrite, StoreCall};
+pub use fleet::{FleetClaim, FleetStep, FleetWrite, FleetWrites, StoreCall, MAX_PENDING_WRITES};
 pub use key::{parse_key, KeyError};
 pub use policy::{
     Begin, Claim, ClaimId, Decision, Finished, Idempotency, Outcome, Pending, Placement, Problem,

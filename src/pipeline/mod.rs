@@ -20,7 +20,9 @@ use crate::circuit_breaker::{CircuitBreaker, Permits};
 use crate::clock::Instant;
 use crate::etcd::{self, AnswerError};
 use crate::hashing::{shared_seed, KeyHasher, Seed};
-use crate::idempotency::{Claim, Decision, FleetStep, FleetWrite, Idempotency, StoreCall};
+use crate::idempotency::{
+    Claim, Decision, FleetStep, FleetWrite, FleetWrites, Idempotency, StoreCall,
+};
 use crate::load_shedding::{LoadShedding, Slots};
 use crate::policy::{Completion, Env, Instance, Needs, Policy};
 use crate::rate_limit::{RateLimit, ResponseHeaders};
@@ -44,6 +46,9 @@ pub struct Filter {
 
 /// How often a VM whose filter waits for request bodies checks their deadlines.
 pub const TICK: Duration = crate::idempotency::BODY_TIMER;
+/// With a fleet store, the writes of finished streams go out at the next tick: until one
+/// lands, other Envoys still see its key in flight, so ticks come this often.
+pub const FLEET_TICK: Duration = Duration::from_millis(10);
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl Filter {
@@ -147,7 +152,11 @@ impl Filter {
 
     /// How often the host should call [`Filter::tick`] and check body deadlines, if at all.
     pub fn tick_period(&self) -> Option<Duration> {
-        self.idempotency.as_ref().map(|_| TICK)
+        let policy = self.idempotency.as_ref()?;
+        Some(match policy.config().store {
+            Some(_) => FLEET_TICK,
+            None => TICK,
+        })
     }
 
     /// Where a VM's sweep of expired idempotency records starts: somewhere random, so that
@@ -165,12 +174,26 @@ impl Filter {
     pub fn on_fleet_write_answer<S: Store>(
         &self,
         env: &mut Env<'_, S>,
-        write: &FleetWrite,
+        write: &mut FleetWrite,
         answer: Option<(u16, &[u8])>,
     ) -> bool {
         self.idempotency
             .as_ref()
             .is_some_and(|policy| policy.fleet_written(env, write, answer))
+    }
+
+    /// Queues a fleet write for the host to send; one the full queue drops is counted.
+    pub fn queue_fleet_write<S: Store>(
+        &self,
+        env: &mut Env<'_, S>,
+        writes: &mut FleetWrites,
+        write: FleetWrite,
+    ) {
+        if !writes.push(write) {
+            if let Some(policy) = &self.idempotency {
+                policy.fleet_write_dropped(env);
+            }
+        }
     }
 
     /// Periodic work: once a second, frees a batch of expired idempotency records.
@@ -469,7 +492,7 @@ impl Exchange {
             }
             FleetStep::Decided(Decision::Claimed) => Ok(()),
             FleetStep::Decided(decision) => policy.fleet_decided(env, &mut self.claim, decision),
-            FleetStep::Unavailable(err) => policy.fleet_unavailable(env, &mut self.claim, err),
+            FleetStep::Unavailable(err) => policy.fleet_unavailable(env, err),
         };
         match settled {
             Ok(()) => self.admit_breakers(filter, env),

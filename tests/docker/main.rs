@@ -10,6 +10,7 @@
 
 mod compose;
 mod demo;
+mod fleet;
 mod images;
 
 #[path = "../common/http.rs"]

@@ -190,3 +190,66 @@ fn keys_have_the_same_fleet_slot_on_every_envoy_and_etcd_holds_at_most_records_k
         .keys()
         .all(|k| k.starts_with(b"p/t/idem/") && k.len() <= b"p/t/idem/7".len()));
 }
+
+#[test]
+fn a_claim_whose_answers_were_lost_is_freed_by_its_value_when_deny_refuses() {
+    let (etcd, envoys) = fleet(FLEET, 2);
+    // The claim lands, but neither its answer nor the answer to the second try comes back.
+    etcd.lose_answers.set(2);
+    assert_eq!(status(&envoys[0].call(keyed("k"), b"{}", 200)), 503);
+    // The stream's end wrote the record free, compared on its exact bytes: the key is
+    // free fleet-wide at once, not held for the claim's 30 s lease.
+    assert!(envoys[0].writes.borrow().is_empty());
+    assert_eq!(
+        status(&envoys[1].call(keyed("k"), b"{}", 201)),
+        200,
+        "forwarded"
+    );
+}
+
+#[test]
+fn a_claim_whose_answers_were_lost_stores_its_response_by_value_under_allow() {
+    let (etcd, envoys) = fleet(FLEET_ALLOW, 2);
+    etcd.lose_answers.set(2);
+    assert_eq!(
+        status(&envoys[0].call(keyed("k"), b"{}", 201)),
+        200,
+        "forwarded"
+    );
+    assert!(replayed(&envoys[1].call(keyed("k"), b"{}", 200)));
+}
+
+#[test]
+fn failed_fleet_writes_back_off_and_a_full_queue_drops_and_counts() {
+    let (etcd, envoys) = fleet(FLEET, 1);
+    let envoy = &envoys[0];
+    let mut first = start(envoy, "k", b"{}");
+    etcd.down.set(true);
+    complete(envoy, &mut first, 201);
+    assert_eq!(envoy.writes.borrow().len(), 1);
+    // Failed at once: due again 10 ms later, then 20 ms after that.
+    let calls = etcd.calls.get();
+    envoy.advance(9);
+    envoy.flush_writes();
+    etcd.down.set(false);
+    assert_eq!(etcd.calls.get(), calls, "not due yet");
+    etcd.down.set(true);
+    envoy.advance(1);
+    envoy.flush_writes();
+    assert_eq!(envoy.writes.borrow().len(), 1);
+    // A queue at its bound drops what comes next.
+    let write = {
+        let mut due = envoy.writes.borrow_mut().take_due(at(60_000));
+        due.pop().unwrap()
+    };
+    for _ in 0..=crate::idempotency::MAX_PENDING_WRITES {
+        envoy.run(&envoy.store, |filter, env| {
+            filter.queue_fleet_write(env, &mut envoy.writes.borrow_mut(), write.clone());
+        });
+    }
+    assert_eq!(
+        envoy.writes.borrow().len(),
+        crate::idempotency::MAX_PENDING_WRITES
+    );
+    assert_eq!(envoy.metric("idempotency.store_writes_lost"), 1);
+}

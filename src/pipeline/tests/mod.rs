@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::etcd::fake::FakeEtcd;
+use crate::idempotency::FleetWrites;
 use crate::store::{self as state, MemoryStore};
 use crate::testing::{at, counter_random, record, BrokenStore, T0};
 use std::cell::{Cell, RefCell};
@@ -21,7 +22,7 @@ struct Proxy {
     logs: RefCell<Vec<(Level, String)>>,
     etcd: Option<Rc<FakeEtcd>>,
     /// Fleet writes of finished streams, not yet landed.
-    writes: RefCell<Vec<FleetWrite>>,
+    writes: RefCell<FleetWrites>,
 }
 
 impl Proxy {
@@ -113,23 +114,22 @@ impl Proxy {
         step
     }
 
-    /// Sends each pending fleet write once, as a host tick does.
+    /// Sends each fleet write that is due, as a host tick does.
     fn flush_writes(&self) {
-        let writes = std::mem::take(&mut *self.writes.borrow_mut());
-        for write in writes {
+        let due = self.writes.borrow_mut().take_due(self.now.get());
+        for mut write in due {
             let answer = self
                 .etcd
                 .as_ref()
                 .and_then(|etcd| etcd.answer(&write.call.body));
-            let again = self.run(&self.store, |filter, env| {
+            self.run(&self.store, |filter, env| {
                 let answer = answer
                     .as_ref()
                     .map(|(status, body)| (*status, body.as_slice()));
-                filter.on_fleet_write_answer(env, &write, answer)
+                if filter.on_fleet_write_answer(env, &mut write, answer) {
+                    filter.queue_fleet_write(env, &mut self.writes.borrow_mut(), write);
+                }
             });
-            if again {
-                self.writes.borrow_mut().push(write);
-            }
         }
     }
 
@@ -147,10 +147,11 @@ impl Proxy {
     }
 
     fn finish(&self, exchange: &mut Exchange, completion: Completion) {
-        let write = self.run(&self.store, |filter, env| {
-            exchange.finish(filter, env, || completion)
+        self.run(&self.store, |filter, env| {
+            if let Some(write) = exchange.finish(filter, env, || completion) {
+                filter.queue_fleet_write(env, &mut self.writes.borrow_mut(), write);
+            }
         });
-        self.writes.borrow_mut().extend(write);
         self.flush_writes();
     }
 
