@@ -246,3 +246,82 @@ async fn with_etcd_stopped_requests_are_refused_within_the_timeout_then_served()
         .count();
     assert_eq!(executions, 1);
 }
+
+/// What the fleet costs per covered request, against the same request kept by one Envoy
+/// alone (the `local` instance under /local-orders): etcd round trips, counted by Envoy's
+/// stats of the etcd cluster, and the latency a client sees (printed; the closing note and
+/// envoy/fleet/README.md quote a run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_fleet_costs_one_transaction_per_claim_and_one_write_per_result() {
+    let fleet = Fleet::up("fleet-cost").await;
+    let (front, admin) = (&fleet.fronts[0], &fleet.admins[0]);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let timed = |path: &'static str, key: String| {
+        let request = client
+            .post(format!("{front}{path}"))
+            .header("idempotency-key", key)
+            .body("{}");
+        async move {
+            let started = Instant::now();
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let replayed = response.headers().contains_key("idempotent-replayed");
+            let body = response.bytes().await.unwrap();
+            if status != 200 {
+                eprintln!("{status}: {}", String::from_utf8_lossy(&body));
+            }
+            (status, replayed, started.elapsed())
+        }
+    };
+    let calls = || stat(admin, "cluster.etcd.upstream_rq_total");
+    const N: usize = 200;
+    let mut latencies = Vec::new();
+    for (path, instance) in [("/orders", "fleet"), ("/local-orders", "local")] {
+        let full_metric = format!("wasmcustom.resilience.{instance}.idempotency.full");
+        let full = || stat(admin, &full_metric);
+        let (before, full_before) = (calls().await, full().await);
+        let mut took = Vec::new();
+        for i in 0..N {
+            let (status, _, elapsed) = timed(path, format!("cost-{instance}-{i}")).await;
+            // 503: the key's slot held another live key (about 1 in 500 here; see
+            // filters/idempotency/README.md on sizing `records`).
+            assert!(status == 200 || status == 503, "{status}");
+            if status == 200 {
+                took.push(elapsed);
+            }
+        }
+        // Each result's write goes out within a tick.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let executed = calls().await - before;
+        let full = (full().await - full_before) as usize;
+        assert_eq!(took.len() + full, N, "{instance}");
+        // Duplicates on the Envoy that executed them never leave it.
+        let replayed_from = calls().await;
+        for i in 0..N / 4 {
+            let (status, replayed, _) = timed(path, format!("cost-{instance}-{i}")).await;
+            assert!(status == 503 || (status == 200 && replayed));
+        }
+        assert_eq!(
+            calls().await,
+            replayed_from,
+            "{instance}: a replay left the Envoy"
+        );
+        // Two transactions per executed request: its claim and its result. A key found
+        // full costs one (full in etcd) or none (full in this Envoy).
+        let claims = 2 * took.len() as u64;
+        match instance {
+            "fleet" => assert!(
+                (claims..=claims + full as u64).contains(&executed),
+                "{executed} etcd calls for {} requests, {full} full",
+                took.len()
+            ),
+            _ => assert_eq!(executed, 0),
+        }
+        took.sort();
+        let percentile = |p: usize| took[(took.len() * p / 100).min(took.len() - 1)];
+        latencies.push((instance, percentile(50), percentile(99)));
+    }
+    for (instance, p50, p99) in &latencies {
+        eprintln!("{instance}: p50 {p50:?}, p99 {p99:?} per covered POST ({N} sequential)");
+    }
+}
