@@ -75,6 +75,8 @@ pub enum AnswerError {
     Malformed,
     /// Every transaction lost its race for the key to another writer.
     Contended,
+    /// The host could not send the call at all: nothing of it reached etcd.
+    NotSent,
 }
 
 #[derive(Deserialize)]

@@ -8,8 +8,9 @@
 mod abi;
 mod shared_data;
 
+use crate::etcd::AnswerError;
 use crate::hashing::Seed;
-use crate::idempotency::{FleetWrite, FleetWrites, StoreCall};
+use crate::idempotency::{FleetWrite, FleetWrites, StoreCall, MAX_WRITES_IN_FLIGHT};
 use crate::pipeline::{Exchange, Filter, ResponseView, Step, Sweeper};
 use crate::policy::{Completion, Env};
 use crate::reply::Reply;
@@ -160,8 +161,8 @@ fn dispatch(context: &dyn Context, call: &StoreCall) -> Result<u32, proxy_wasm::
     )
 }
 
-/// The answer to a call: its status and body, or `None` when Envoy reports a failure (no
-/// headers: a timeout, a reset, no healthy member).
+/// The answer to a call: its status and body (Envoy's own 503 or 504 when no member
+/// answered in time), or `None` when it came back without headers (a reset).
 fn call_answer(num_headers: usize, body_size: usize) -> Option<(u16, Vec<u8>)> {
     if num_headers == 0 {
         return None;
@@ -175,9 +176,10 @@ fn call_answer(num_headers: usize, body_size: usize) -> Option<(u16, Vec<u8>)> {
 impl Root {
     /// Sends the fleet writes that are due; one that cannot be sent now waits its backoff.
     fn send_writes(&mut self, configured: &Configured) {
-        let due = self.writes.borrow_mut().take_due(abi::now());
+        let room = MAX_WRITES_IN_FLIGHT.saturating_sub(self.sent.len());
+        let due = self.writes.borrow_mut().take_due(abi::now(), room);
         for mut write in due {
-            match dispatch(self, &write.call) {
+            match dispatch(self, &write.call()) {
                 Ok(token) => {
                     self.sent.insert(token, write);
                 }
@@ -354,7 +356,8 @@ impl Context for Stream {
         let action = self.step(|exchange, filter, env| {
             let answer = answer
                 .as_ref()
-                .map(|(status, body)| (*status, body.as_slice()));
+                .map(|(status, body)| (*status, body.as_slice()))
+                .ok_or(AnswerError::NoAnswer);
             exchange.on_store_answer(filter, env, answer)
         });
         if action == Action::Continue {
@@ -399,9 +402,9 @@ impl Stream {
             }
             Step::Call(call) => match dispatch(self, &call) {
                 Ok(_) => Action::Pause,
-                Err(_) => {
-                    self.step(|exchange, filter, env| exchange.on_store_answer(filter, env, None))
-                }
+                Err(_) => self.step(|exchange, filter, env| {
+                    exchange.on_store_answer(filter, env, Err(AnswerError::NotSent))
+                }),
             },
         }
     }

@@ -297,6 +297,24 @@ impl IdempotencyConfig {
                 format!("records x (max_response_bytes + 4096) is {budget} bytes, over the 1 GiB budget"),
             ));
         }
+        let store = raw
+            .store
+            .map(|store| FleetStore::validate(store, &format!("{at}.store")))
+            .transpose()?;
+        if let Some(store) = &store {
+            // A fleet record must outlive the transactions that write it, or a duplicate on
+            // another Envoy could take over a claim etcd has not even acknowledged.
+            let least = (2 * store.timeout).max(std::time::Duration::from_secs(1));
+            if lease < least {
+                return Err(ConfigError::at(
+                    &format!("{at}.lease"),
+                    format!(
+                        "must be at least {} with a store (twice its timeout, and 1s)",
+                        humantime::format_duration(least)
+                    ),
+                ));
+            }
+        }
         Ok(IdempotencyConfig {
             matcher,
             methods,
@@ -315,10 +333,7 @@ impl IdempotencyConfig {
             max_response_bytes,
             records,
             when_full: raw.when_full.unwrap_or(Overflow::Reject),
-            store: raw
-                .store
-                .map(|store| FleetStore::validate(store, &format!("{at}.store")))
-                .transpose()?,
+            store,
         })
     }
 

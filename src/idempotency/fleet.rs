@@ -39,9 +39,11 @@ pub struct FleetClaim {
     revision: Option<i64>,
     /// The record this claim last tried to write, byte for byte.
     claimed: Vec<u8>,
-    /// A transaction that writes `claimed` failed without an answer: it may have landed,
-    /// so the record may be this claim's after all, and is settled by its value.
-    maybe_landed: bool,
+    /// A transaction writing `claimed` failed without a clear answer: it may have landed.
+    in_doubt: bool,
+    /// A transaction is on its way and its answer not in: it may land after the stream is
+    /// gone (the client left while it waited).
+    awaiting: bool,
     /// Transactions sent so far for this decision.
     calls: u32,
     /// When the decision started: all its calls together take at most `timeout`.
@@ -61,46 +63,99 @@ pub enum FleetStep {
     Unavailable(AnswerError),
 }
 
-/// A record write that must land after the stream is gone: the host sends it when `next`
-/// comes, and again with a doubling backoff until `until`, when the claim would have
-/// expired anyway.
+/// A record write that must land after the stream is gone: the host sends [`FleetWrite::call`]
+/// when `next` comes, and again with a doubling backoff until `until`, when the claim would
+/// have expired anyway.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FleetWrite {
-    pub call: StoreCall,
+    /// Where to send it; the body is built when it is sent.
+    target: StoreCall,
+    key: Vec<u8>,
+    expected: Expected,
+    /// The record to write, byte for byte.
+    value: Vec<u8>,
+    /// It frees the slot rather than storing a result: the first to go when the queue is
+    /// full, since a lost release costs a wait, a lost result a second execution.
+    releases: bool,
     pub until: Instant,
     pub next: Instant,
     backoff: Duration,
 }
 
+impl FleetWrite {
+    pub fn call(&self) -> StoreCall {
+        StoreCall {
+            body: etcd::swap(&self.key, &self.expected, &self.value),
+            ..self.target.clone()
+        }
+    }
+
+    /// The memory it holds while it waits.
+    fn bytes(&self) -> usize {
+        let expected = match &self.expected {
+            Expected::Value(value) => value.len(),
+            _ => 0,
+        };
+        self.key.len() + self.value.len() + expected
+    }
+}
+
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-/// The fleet writes a VM has yet to land, bounded: during a long etcd outage, writes past
-/// the bound are dropped (and counted), not queued without end.
+/// The fleet writes a VM has yet to land, bounded in number and bytes: during a long etcd
+/// outage, what does not fit is dropped (and counted), releases before results.
 #[derive(Debug, Default)]
 pub struct FleetWrites {
     queue: Vec<FleetWrite>,
+    bytes: usize,
 }
 
-/// The most fleet writes one VM keeps waiting.
+/// The most fleet writes one instance keeps waiting in one VM.
 pub const MAX_PENDING_WRITES: usize = 4096;
+/// The most memory they may hold.
+pub const MAX_PENDING_BYTES: usize = 32 << 20;
+/// The most fleet writes one VM has on their way at once.
+pub const MAX_WRITES_IN_FLIGHT: usize = 64;
 
 impl FleetWrites {
-    /// Queues a write; `false` when the queue is full and the write was dropped.
+    /// Queues a write; `false` when a write had to be dropped for it, or it for lack of room.
     pub fn push(&mut self, write: FleetWrite) -> bool {
-        if self.queue.len() >= MAX_PENDING_WRITES {
-            return false;
+        let mut dropped = false;
+        while self.queue.len() >= MAX_PENDING_WRITES
+            || self.bytes + write.bytes() > MAX_PENDING_BYTES
+        {
+            let victim = self
+                .queue
+                .iter()
+                .position(|w| w.releases && !write.releases);
+            match victim {
+                Some(i) => {
+                    let evicted = self.queue.swap_remove(i);
+                    self.bytes -= evicted.bytes();
+                    dropped = true;
+                }
+                None => return false,
+            }
         }
+        self.bytes += write.bytes();
         self.queue.push(write);
-        true
+        !dropped
     }
 
-    /// The writes due at `now`, taken out of the queue.
-    pub fn take_due(&mut self, now: Instant) -> Vec<FleetWrite> {
-        let (due, later) = std::mem::take(&mut self.queue)
-            .into_iter()
-            .partition(|write| write.next <= now);
-        self.queue = later;
+    /// Up to `max` writes due at `now`, taken out of the queue.
+    pub fn take_due(&mut self, now: Instant, max: usize) -> Vec<FleetWrite> {
+        let mut due = Vec::new();
+        let mut i = 0;
+        while i < self.queue.len() && due.len() < max {
+            if self.queue[i].next <= now {
+                let write = self.queue.swap_remove(i);
+                self.bytes -= write.bytes();
+                due.push(write);
+            } else {
+                i += 1;
+            }
+        }
         due
     }
 
@@ -149,7 +204,8 @@ impl Idempotency {
             fingerprint,
             revision: None,
             claimed: Vec::new(),
-            maybe_landed: false,
+            in_doubt: false,
+            awaiting: false,
             calls: 0,
             started: Instant::default(),
             last: Vec::new(),
@@ -199,7 +255,10 @@ impl Idempotency {
         fleet.calls += 1;
         let left = self.time_left(fleet, now);
         match self.store_call(fleet.last.clone(), left) {
-            Some(call) if left >= MIN_CALL_TIME => FleetStep::Call(call),
+            Some(call) if left >= MIN_CALL_TIME => {
+                fleet.awaiting = true;
+                FleetStep::Call(call)
+            }
             _ => FleetStep::Unavailable(AnswerError::NoAnswer),
         }
     }
@@ -212,8 +271,15 @@ impl Idempotency {
         answer: Result<Swapped, AnswerError>,
         now: Instant,
     ) -> FleetStep {
-        if answer.is_err() {
-            fleet.maybe_landed = true;
+        fleet.awaiting = false;
+        match &answer {
+            // Never sent: nothing of it can land.
+            Err(AnswerError::NotSent) => {}
+            // Perhaps committed, its answer lost.
+            Err(_) => fleet.in_doubt = true,
+            // Whatever an earlier, unanswered transaction did shows in this answer, and it
+            // can no longer land: it compared what this one found or changed.
+            Ok(_) => fleet.in_doubt = false,
         }
         let found = match answer {
             // A member that refused at once (down, or no leader yet): another may answer.
@@ -264,17 +330,19 @@ impl Idempotency {
         outcome: &Outcome,
         now: Instant,
     ) -> Option<FleetWrite> {
+        let (_, record) = self.settled(self.claimed_record(&fleet, id, now), outcome, now)?;
         let expected = match fleet.revision {
             Some(revision) => Expected::Revision(revision),
-            None if fleet.maybe_landed => Expected::Value(fleet.claimed.clone()),
+            None if fleet.in_doubt || fleet.awaiting => Expected::Value(fleet.claimed),
             None => return None,
         };
-        let claimed = self.claimed_record(&fleet, id, now);
-        let (_, record) = self.settled(claimed, outcome, now)?;
-        let timeout = self.config().store.as_ref()?.timeout;
-        let call = self.store_call(etcd::swap(&fleet.key, &expected, &encode(&record)), timeout)?;
+        let store = self.config().store.as_ref()?;
         Some(FleetWrite {
-            call,
+            target: self.store_call(Vec::new(), store.timeout)?,
+            key: fleet.key,
+            expected,
+            releases: record.entry == Entry::Free,
+            value: encode(&record),
             until: now.saturating_add(self.config().lease),
             next: now,
             backoff: FIRST_BACKOFF,
@@ -329,7 +397,10 @@ impl Idempotency {
         // Either way the claim stays with the stream: when it ends, this Envoy's record and
         // any fleet record this claim may have written are settled as for any other.
         match mode {
-            FailureMode::Allow => Ok(()),
+            FailureMode::Allow => {
+                self.count(env, &Decision::Claimed);
+                Ok(())
+            }
             FailureMode::Deny => {
                 Err(Problem {
                     retry_after_secs: Some(1),
@@ -345,6 +416,11 @@ impl Idempotency {
                 .reply())
             }
         }
+    }
+
+    /// etcd granted the claim.
+    pub fn fleet_claimed<S: Store>(&self, env: &mut Env<'_, S>) {
+        self.count(env, &Decision::Claimed);
     }
 
     /// A write the full queue dropped.
@@ -379,30 +455,40 @@ impl Idempotency {
         let answer = answer.map_or(Err(AnswerError::NoAnswer), |(status, body)| {
             etcd::swapped(status, body)
         });
-        match answer {
-            Ok(Swapped::Written { .. }) => false,
+        let failure = match answer {
+            Ok(Swapped::Written { .. }) => return false,
+            // Its own earlier attempt landed, the answer lost.
+            Ok(Swapped::Found(Some(found))) if found.value == write.value => return false,
+            // Nothing there yet: the claim it settles may still commit (etcd can commit a
+            // proposal after Envoy gave up waiting), so it is tried again until `until`.
+            Ok(Swapped::Found(None)) if matches!(write.expected, Expected::Value(_)) => {
+                AnswerError::NoAnswer
+            }
             Ok(Swapped::Found(_)) => {
                 env.telemetry.log(
                     Level::Info,
                     "idempotency: a fleet claim finished after another had taken its slot; its result was not stored"
                         .to_owned(),
                 );
-                false
+                return false;
             }
-            Err(_) if env.now < write.until => {
-                write.next = env.now.saturating_add(write.backoff);
-                write.backoff = (write.backoff * 2).min(MAX_BACKOFF);
-                true
-            }
-            Err(err) => {
-                env.telemetry.increment(self.metrics.store_writes_lost);
-                env.telemetry.log(
-                    Level::Warn,
-                    format!("idempotency: a fleet record could not be written before its claim expired ({err:?})"),
-                );
-                false
-            }
+            Err(err) => err,
+        };
+        if env.now < write.until {
+            write.next = env.now.saturating_add(write.backoff);
+            write.backoff = (write.backoff * 2).min(MAX_BACKOFF);
+            return true;
         }
+        // A release that never landed costs nothing: the slot frees itself as the claim
+        // expires. A result that never landed is lost.
+        if !write.releases {
+            env.telemetry.increment(self.metrics.store_writes_lost);
+            env.telemetry.log(
+                Level::Warn,
+                format!("idempotency: a fleet record could not be written before its claim expired ({failure:?})"),
+            );
+        }
+        false
     }
 }
 

@@ -17,7 +17,10 @@ pub use capture::Capture;
 pub use config::{
     FleetStore, IdempotencyConfig, IdentityPart, Overflow, RawIdempotency, BODY_TIMER,
 };
-pub use fleet::{FleetClaim, FleetStep, FleetWrite, FleetWrites, StoreCall, MAX_PENDING_WRITES};
+pub use fleet::{
+    FleetClaim, FleetStep, FleetWrite, FleetWrites, StoreCall, MAX_PENDING_BYTES,
+    MAX_PENDING_WRITES, MAX_WRITES_IN_FLIGHT,
+};
 pub use key::{parse_key, KeyError};
 pub use policy::{
     Begin, Claim, ClaimId, Decision, Finished, Idempotency, Outcome, Pending, Placement, Problem,

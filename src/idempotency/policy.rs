@@ -631,7 +631,10 @@ impl Policy for Idempotency {
         if evicted {
             env.telemetry.increment(self.metrics.evictions);
         }
-        self.count(env, &decision);
+        // With a fleet store, a claim counts once etcd has granted it too.
+        if decision != Decision::Claimed || pending.fleet.is_none() {
+            self.count(env, &decision);
+        }
         match decision {
             Decision::Claimed => Ok(Some(Claim {
                 id,

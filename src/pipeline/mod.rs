@@ -454,12 +454,12 @@ impl Exchange {
     }
 
     /// The fleet store's answer to the last [`Step::Call`]: its HTTP status and body, or
-    /// `None` when the call failed or timed out.
+    /// why there is none (`NotSent`: the host could not send it).
     pub fn on_store_answer<S: Store>(
         &mut self,
         filter: &Filter,
         env: &mut Env<'_, S>,
-        answer: Option<(u16, &[u8])>,
+        answer: Result<(u16, &[u8]), AnswerError>,
     ) -> Step {
         let (Stage::AwaitingStore, Some(policy), Some(claim)) =
             (&self.stage, &filter.idempotency, &mut self.claim)
@@ -469,9 +469,7 @@ impl Exchange {
         let Some(fleet) = &mut claim.fleet else {
             return Step::Continue;
         };
-        let answer = answer.map_or(Err(AnswerError::NoAnswer), |(status, body)| {
-            etcd::swapped(status, body)
-        });
+        let answer = answer.and_then(|(status, body)| etcd::swapped(status, body));
         let step = policy.fleet_answer(fleet, claim.id, answer, env.now);
         self.on_fleet_step(filter, env, step)
     }
@@ -490,7 +488,10 @@ impl Exchange {
                 self.stage = Stage::AwaitingStore;
                 return Step::Call(call);
             }
-            FleetStep::Decided(Decision::Claimed) => Ok(()),
+            FleetStep::Decided(Decision::Claimed) => {
+                policy.fleet_claimed(env);
+                Ok(())
+            }
             FleetStep::Decided(decision) => policy.fleet_decided(env, &mut self.claim, decision),
             FleetStep::Unavailable(err) => policy.fleet_unavailable(env, err),
         };

@@ -12,7 +12,11 @@ use wasm_bindgen_test::wasm_bindgen_test as test;
 
 fn policy(store: &str) -> Idempotency {
     let json = format!(r#"{{"idempotency": {{"lease": "30s", "store": {store}}}}}"#);
-    match config(&json) {
+    policy_from(&json)
+}
+
+fn policy_from(json: &str) -> Idempotency {
+    match config(json) {
         Config {
             idempotency: Some(config),
             ..
@@ -141,15 +145,15 @@ fn a_finished_claim_writes_its_record_only_over_its_own_revision() {
     assert_eq!(unanswered, None, "kept until the lease runs out");
     let write = p.fleet_finish(fleet, id, &Outcome::NotSent, at(5)).unwrap();
     assert_eq!(write.until, at(30_005));
-    let body: serde_json::Value = serde_json::from_slice(&write.call.body).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&write.call().body).unwrap();
     assert_eq!(body["compare"][0]["target"], "MOD");
     assert_eq!(
-        answer(&etcd, &write.call),
+        answer(&etcd, &write.call()),
         Ok(Swapped::Written { revision: 2 })
     );
     // Written twice, the second finds the record changed: it never overwrites another's.
     assert!(matches!(
-        answer(&etcd, &write.call),
+        answer(&etcd, &write.call()),
         Ok(Swapped::Found(Some(_)))
     ));
 }
@@ -171,4 +175,66 @@ fn keys_are_placed_alike_by_every_envoy_whatever_its_seed() {
     let (a, b) = (build(1), build(2));
     assert_eq!(a.fleet_place(b"k"), b.fleet_place(b"k"));
     assert_ne!(a.fleet_place(b"k"), a.fleet_place(b"l"));
+}
+
+fn written(p: &Idempotency, etcd: &FakeEtcd, claim_id: u64, outcome: Outcome) -> FleetWrite {
+    let (mut fleet, id) = claim(p, claim_id);
+    let first = call(p.fleet_start(&mut fleet, id, T0));
+    let _ = p.fleet_answer(&mut fleet, id, answer(etcd, &first), T0);
+    p.fleet_finish(fleet, id, &outcome, at(1)).unwrap()
+}
+
+#[test]
+fn a_full_queue_drops_releases_before_results() {
+    let p = policy(STORE);
+    let etcd = FakeEtcd::default();
+    let release = written(&p, &etcd, 1, Outcome::NotSent);
+    let result = written(
+        &p,
+        &FakeEtcd::default(),
+        2,
+        Outcome::Response(crate::idempotency::StoredResponse {
+            status: 201,
+            headers: Vec::new(),
+            body: b"done".to_vec(),
+        }),
+    );
+    let mut queue = FleetWrites::default();
+    for _ in 0..MAX_PENDING_WRITES {
+        assert!(queue.push(release.clone()));
+    }
+    assert!(!queue.push(release.clone()), "full: a release is dropped");
+    assert!(
+        !queue.push(result.clone()),
+        "a result takes a release's place"
+    );
+    assert_eq!(queue.len(), MAX_PENDING_WRITES);
+    let due = queue.take_due(at(1), MAX_PENDING_WRITES);
+    assert_eq!(due.iter().filter(|w| **w == result).count(), 1);
+    assert!(queue.is_empty());
+}
+
+#[test]
+fn the_queue_holds_at_most_its_byte_budget() {
+    let p =
+        policy(r#"{"etcd": {"cluster": "etcd"}}, "max_response_bytes": 1048576, "records": 16"#);
+    let big = written(
+        &p,
+        &FakeEtcd::default(),
+        1,
+        Outcome::Response(crate::idempotency::StoredResponse {
+            status: 200,
+            headers: Vec::new(),
+            body: vec![b'x'; 1 << 20],
+        }),
+    );
+    let mut queue = FleetWrites::default();
+    let mut queued = 0;
+    while queue.push(big.clone()) {
+        queued += 1;
+    }
+    assert_eq!(queued, MAX_PENDING_BYTES / big.bytes());
+    // Taken out to be sent, its bytes no longer count.
+    assert_eq!(queue.take_due(at(1), 1).len(), 1);
+    assert!(queue.push(big));
 }

@@ -239,7 +239,7 @@ fn failed_fleet_writes_back_off_and_a_full_queue_drops_and_counts() {
     assert_eq!(envoy.writes.borrow().len(), 1);
     // A queue at its bound drops what comes next.
     let write = {
-        let mut due = envoy.writes.borrow_mut().take_due(at(60_000));
+        let mut due = envoy.writes.borrow_mut().take_due(at(60_000), 1);
         due.pop().unwrap()
     };
     for _ in 0..=crate::idempotency::MAX_PENDING_WRITES {
@@ -252,4 +252,69 @@ fn failed_fleet_writes_back_off_and_a_full_queue_drops_and_counts() {
         crate::idempotency::MAX_PENDING_WRITES
     );
     assert_eq!(envoy.metric("idempotency.store_writes_lost"), 1);
+}
+
+/// A claim sent to etcd whose stream ends before the answer (the client left): the claim
+/// may commit, so the stream's end frees it by its value, also when it commits late.
+#[test]
+fn a_stream_gone_while_its_claim_was_on_the_way_frees_the_key_even_if_it_commits_late() {
+    let (etcd, envoys) = fleet(FLEET, 2);
+    let mut exchange = Exchange::default();
+    let step = match envoys[0].headers(&mut exchange, keyed("k"), false) {
+        Step::Pause => envoys[0].body(&mut exchange, b"{}", true),
+        other => other,
+    };
+    let Step::Call(claim) = step else {
+        panic!("no call to etcd")
+    };
+    // The client leaves; Envoy logs the stream before etcd commits the claim.
+    envoys[0].finish(&mut exchange, Completion::default());
+    assert_eq!(
+        envoys[0].writes.borrow().len(),
+        1,
+        "nothing there yet: tried again"
+    );
+    assert!(etcd.answer(&claim.body).is_some(), "the claim commits late");
+    envoys[0].advance(10);
+    envoys[0].flush_writes();
+    assert!(envoys[0].writes.borrow().is_empty());
+    assert_eq!(
+        status(&envoys[1].call(keyed("k"), b"{}", 201)),
+        200,
+        "free at once"
+    );
+}
+
+/// A call the host could not send leaves nothing to settle in etcd.
+#[test]
+fn a_call_never_sent_leaves_no_write() {
+    let (etcd, envoys) = fleet(FLEET, 1);
+    let mut exchange = Exchange::default();
+    let step = match envoys[0].headers(&mut exchange, keyed("k"), false) {
+        Step::Pause => envoys[0].body(&mut exchange, b"{}", true),
+        other => other,
+    };
+    assert!(matches!(step, Step::Call(_)));
+    for _ in 0..2 {
+        let step = envoys[0].run(&envoys[0].store, |filter, env| {
+            exchange.on_store_answer(filter, env, Err(crate::etcd::AnswerError::NotSent))
+        });
+        if let Step::Reply(reply) = step {
+            assert_eq!(reply.status, 503);
+            break;
+        }
+    }
+    envoys[0].finish(&mut exchange, local(503));
+    assert!(envoys[0].writes.borrow().is_empty());
+    assert_eq!(etcd.calls.get(), 0);
+}
+
+#[test]
+fn claims_count_once_whichever_tier_decides() {
+    let (_, envoys) = fleet(FLEET, 2);
+    assert_eq!(status(&envoys[0].call(keyed("k"), b"{}", 201)), 200);
+    assert!(replayed(&envoys[1].call(keyed("k"), b"{}", 201)));
+    assert_eq!(envoys[0].metric("idempotency.claims"), 1);
+    assert_eq!(envoys[1].metric("idempotency.claims"), 0);
+    assert_eq!(envoys[1].metric("idempotency.replays"), 1);
 }

@@ -107,7 +107,8 @@ impl Proxy {
             step = self.run(&self.store, |filter, env| {
                 let answer = answer
                     .as_ref()
-                    .map(|(status, body)| (*status, body.as_slice()));
+                    .map(|(status, body)| (*status, body.as_slice()))
+                    .ok_or(crate::etcd::AnswerError::NoAnswer);
                 exchange.on_store_answer(filter, env, answer)
             });
         }
@@ -116,12 +117,15 @@ impl Proxy {
 
     /// Sends each fleet write that is due, as a host tick does.
     fn flush_writes(&self) {
-        let due = self.writes.borrow_mut().take_due(self.now.get());
+        let due = self
+            .writes
+            .borrow_mut()
+            .take_due(self.now.get(), crate::idempotency::MAX_WRITES_IN_FLIGHT);
         for mut write in due {
             let answer = self
                 .etcd
                 .as_ref()
-                .and_then(|etcd| etcd.answer(&write.call.body));
+                .and_then(|etcd| etcd.answer(&write.call().body));
             self.run(&self.store, |filter, env| {
                 let answer = answer
                     .as_ref()
