@@ -13,6 +13,9 @@ const PORTS: &[&str] = &[
     "ADMIN1_PORT",
     "ADMIN2_PORT",
     "ADMIN3_PORT",
+    "ETCD1_PORT",
+    "ETCD2_PORT",
+    "ETCD3_PORT",
 ];
 
 struct Fleet {
@@ -55,6 +58,22 @@ impl Fleet {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+    }
+
+    /// The etcd member that leads the cluster now, by its service name.
+    async fn leader(&self) -> &'static str {
+        for member in ["etcd1", "etcd2", "etcd3"] {
+            let url = format!("{}/v3/maintenance/status", self.project.url(member, 2379));
+            let Ok(response) = fresh_connections().post(url).body("{}").send().await else {
+                continue;
+            };
+            let text = response.text().await.unwrap_or_default();
+            let status: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            if status["leader"].is_string() && status["leader"] == status["header"]["member_id"] {
+                return member;
+            }
+        }
+        panic!("no etcd member says it leads")
     }
 
     async fn metric(&self, envoy: usize, name: &str) -> u64 {
@@ -153,18 +172,19 @@ async fn sixty_identical_posts_over_three_envoys_execute_once() {
     assert_eq!(orders.len(), 1, "the upstream saw {orders:#?}");
 }
 
-/// Keys sent twice, each time through another Envoy, while one etcd member is killed and
+/// Keys sent twice, each time through another Envoy, while etcd's leader is killed and
 /// later restarted: no key is ever executed twice, and the fleet keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_killed_mid_run_never_yields_two_executions() {
     let fleet = Fleet::up("fleet-member").await;
     let mut answers = Vec::new();
+    let leader = fleet.leader().await;
     for round in 0..3 {
         if round == 1 {
-            fleet.project.compose(&["kill", "etcd2"]);
+            fleet.project.compose(&["kill", leader]);
         }
         if round == 2 {
-            fleet.project.compose(&["start", "etcd2"]);
+            fleet.project.compose(&["start", leader]);
         }
         for i in 0..20 {
             let key = format!("member-{round}-{i}");
@@ -208,6 +228,62 @@ async fn a_member_killed_mid_run_never_yields_two_executions() {
         served >= 110,
         "{served} of 120 served, {unavailable} refused"
     );
+}
+
+/// Duplicates of 30 keys through all three Envoys at once, to a slow upstream, while etcd's
+/// leader is killed in the middle of them; then the same keys again once it is back, and new
+/// ones: no key reaches the upstream twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_killed_under_concurrent_duplicates_never_yields_two_executions() {
+    let fleet = Fleet::up("fleet-leader").await;
+    let leader = fleet.leader().await;
+    let wave = |prefix: &'static str| {
+        let requests: Vec<_> = (0..30)
+            .flat_map(|i| (0..3).map(move |envoy| (i, envoy)))
+            .map(|(i, envoy)| {
+                let front = fleet.fronts[envoy].clone();
+                async move {
+                    let key = format!("{prefix}-{i}");
+                    let answer = post(&front, &key, "{}", Some(200)).await;
+                    (key, answer)
+                }
+            })
+            .collect();
+        join_all(requests)
+    };
+    let during = tokio::spawn(wave("leader"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    fleet.project.compose(&["kill", leader]);
+    let mut answers = during.await.unwrap();
+    fleet.project.compose(&["start", leader]);
+    fleet.wait_for_etcd().await;
+    answers.extend(wave("leader").await);
+    answers.extend(wave("after").await);
+    let unexpected: Vec<_> = answers
+        .iter()
+        .filter(|(_, a)| ![200, 409, 503].contains(&a.status))
+        .collect();
+    assert!(unexpected.is_empty(), "{unexpected:#?}");
+    for status in [200, 409, 503] {
+        let n = answers.iter().filter(|(_, a)| a.status == status).count();
+        eprintln!(
+            "leader killed: {n} of {} answers were {status}",
+            answers.len()
+        );
+    }
+    let seen = fleet.project.upstream_saw(55).await;
+    let mut executions = std::collections::HashMap::<String, usize>::new();
+    for key in seen.iter().filter_map(|s| s.idempotency_key.as_ref()) {
+        *executions.entry(key.clone()).or_default() += 1;
+    }
+    let twice: Vec<_> = executions.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "executed twice: {twice:?}");
+    // Service goes on once the leader is back: the new keys execute.
+    let after = executions
+        .keys()
+        .filter(|k| k.starts_with("after-"))
+        .count();
+    assert!(after >= 28, "{after} of 30 new keys executed");
 }
 
 /// With etcd stopped, a covered request is refused (deny) within the timeout and never
