@@ -386,6 +386,7 @@ impl Idempotency {
     pub fn fleet_unavailable<S: Store>(
         &self,
         env: &mut Env<'_, S>,
+        claim: &Option<Claim>,
         error: AnswerError,
     ) -> Result<(), Reply> {
         env.telemetry.increment(self.metrics.store_unavailable);
@@ -398,7 +399,9 @@ impl Idempotency {
         // any fleet record this claim may have written are settled as for any other.
         match mode {
             FailureMode::Allow => {
-                self.count(env, &Decision::Claimed);
+                if claim.as_ref().is_some_and(|claim| claim.local) {
+                    self.count(env, &Decision::Claimed);
+                }
                 Ok(())
             }
             FailureMode::Deny => {
@@ -430,7 +433,7 @@ impl Idempotency {
 
     /// Frees this Envoy's record of a claim that will not go upstream.
     fn give_back<S: Store>(&self, env: &mut Env<'_, S>, claim: Option<Claim>) {
-        if let Some(claim) = claim {
+        if let Some(claim) = claim.filter(|claim| claim.local) {
             let freed = self.finish(
                 env.store,
                 env.namespace(),

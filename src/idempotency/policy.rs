@@ -50,6 +50,9 @@ pub struct Claim {
     pub capture: Capture,
     /// Its claim in the fleet store, where there is one.
     pub fleet: Option<FleetClaim>,
+    /// It holds this Envoy's slot too. Not so when another live key held that slot: with a
+    /// fleet store the fleet's table decides alone, and this Envoy's stays as it is.
+    pub local: bool,
 }
 
 /// A request the policy covers: where its record lives.
@@ -631,15 +634,29 @@ impl Policy for Idempotency {
         if evicted {
             env.telemetry.increment(self.metrics.evictions);
         }
-        // With a fleet store, a claim counts once etcd has granted it too.
-        if decision != Decision::Claimed || pending.fleet.is_none() {
-            self.count(env, &decision);
-        }
+        let fleet = self.fleet_claim(&env.instance.name, pending.fleet, fingerprint);
+        // With a fleet store, a claim counts once etcd has granted it too, and a slot full
+        // here is no answer yet: the fleet's table may have room, or the stored response.
+        let local = match (&decision, fleet.is_some()) {
+            (Decision::Claimed, true) => true,
+            (Decision::Full { .. }, true) => false,
+            _ => {
+                self.count(env, &decision);
+                decision == Decision::Claimed
+            }
+        };
         match decision {
+            Decision::Claimed | Decision::Full { .. } if fleet.is_some() => Ok(Some(Claim {
+                id,
+                capture: Capture::default(),
+                fleet,
+                local,
+            })),
             Decision::Claimed => Ok(Some(Claim {
                 id,
                 capture: Capture::default(),
-                fleet: self.fleet_claim(&env.instance.name, pending.fleet, fingerprint),
+                fleet: None,
+                local: true,
             })),
             Decision::Replay(stored) => Err(Reply::replay(
                 stored.status,
@@ -679,7 +696,9 @@ impl Idempotency {
         let fleet = claim.fleet.take();
         let outcome = claim.capture.outcome(completion);
         let write = fleet.and_then(|fleet| self.fleet_finish(fleet, claim.id, &outcome, env.now));
-        self.settle_local(env, claim.id, outcome);
+        if claim.local {
+            self.settle_local(env, claim.id, outcome);
+        }
         write
     }
 

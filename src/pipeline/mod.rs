@@ -493,7 +493,7 @@ impl Exchange {
                 Ok(())
             }
             FleetStep::Decided(decision) => policy.fleet_decided(env, &mut self.claim, decision),
-            FleetStep::Unavailable(err) => policy.fleet_unavailable(env, err),
+            FleetStep::Unavailable(err) => policy.fleet_unavailable(env, &self.claim, err),
         };
         match settled {
             Ok(()) => self.admit_breakers(filter, env),

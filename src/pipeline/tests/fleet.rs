@@ -318,3 +318,38 @@ fn claims_count_once_whichever_tier_decides() {
     assert_eq!(envoys[1].metric("idempotency.claims"), 0);
     assert_eq!(envoys[1].metric("idempotency.replays"), 1);
 }
+
+/// With a fleet store, a key whose slot in this Envoy's table holds another live key is
+/// decided by the fleet's table, where it may have room.
+#[test]
+fn a_slot_full_in_this_envoy_is_decided_by_the_fleet() {
+    let json = r#"{"idempotency": {"required": true, "records": 2, "store": {"etcd": {"cluster": "etcd"}}}}"#;
+    let (_, envoys) = fleet(json, 2);
+    let pending = |key: &str| {
+        let policy = envoys[0].filter.idempotency.as_ref().unwrap();
+        match policy.begin(&keyed(key)) {
+            crate::idempotency::Begin::Check(pending) => pending,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(status(&envoys[0].call(keyed("a"), b"{}", 201)), 200);
+    let a = pending("a");
+    let b = (0..1000)
+        .map(|i| format!("b{i}"))
+        .find(|key| {
+            let b = pending(key);
+            b.slot == a.slot && b.fleet.map(|f| f.slot) != a.fleet.map(|f| f.slot)
+        })
+        .unwrap();
+    assert_eq!(
+        status(&envoys[0].call(keyed(&b), b"{}", 201)),
+        200,
+        "forwarded"
+    );
+    assert!(replayed(&envoys[1].call(keyed(&b), b"{}", 200)));
+    assert!(
+        replayed(&envoys[0].call(keyed("a"), b"{}", 200)),
+        "a still held here"
+    );
+    assert_eq!(envoys[0].metric("idempotency.full"), 0);
+}
