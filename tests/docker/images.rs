@@ -302,9 +302,9 @@ fn both_plugin_forms_go_through_a_registry_and_come_back_byte_for_byte() {
         .iter()
         .find(|l| l["mediaType"] == "application/vnd.module.wasm.content.layer.v1+wasm")
         .expect("the Wasm layer");
-    assert_eq!(
-        std::fs::read(blob(&back, &wasm_layer["digest"])).unwrap(),
-        wasm
+    assert_same_wasm(
+        &std::fs::read(blob(&back, &wasm_layer["digest"])).unwrap(),
+        &wasm,
     );
     assert_eq!(
         manifest["config"]["mediaType"],
@@ -345,7 +345,21 @@ fn both_plugin_forms_go_through_a_registry_and_come_back_byte_for_byte() {
         .arg(blob(&back, &last["digest"]))
         .arg("-C")
         .arg(&extracted));
-    assert_eq!(std::fs::read(extracted.join("plugin.wasm")).unwrap(), wasm);
+    assert_same_wasm(
+        &std::fs::read(extracted.join("plugin.wasm")).unwrap(),
+        &wasm,
+    );
+}
+
+/// Byte for byte, without printing two .wasm files when they differ.
+fn assert_same_wasm(read_back: &[u8], built: &[u8]) {
+    assert!(
+        read_back == built,
+        "the .wasm read back ({} bytes) is not the one built ({} bytes): were the images built \
+         from this build? (`make docker-test` builds them first)",
+        read_back.len(),
+        built.len()
+    );
 }
 
 /// Removes a tag, also when the test fails.
