@@ -48,9 +48,10 @@ pub struct FleetClaim {
     calls: u32,
     /// When the decision started: all its calls together take at most `timeout`.
     started: Instant,
-    /// The last transaction, sent again once if it fails early: whether or not it landed,
-    /// the same transaction then tells (a landed claim reads back as this claim's own).
-    last: Vec<u8>,
+    /// What the last transaction expected to find; with `claimed`, the transaction, sent
+    /// again once if it fails early: whether or not it landed, the same transaction then
+    /// tells (a landed claim reads back as this claim's own).
+    expected: Expected,
 }
 
 /// Where a fleet decision stands after an answer.
@@ -208,7 +209,7 @@ impl Idempotency {
             awaiting: false,
             calls: 0,
             started: Instant::default(),
-            last: Vec::new(),
+            expected: Expected::Absent,
         })
     }
 
@@ -246,7 +247,7 @@ impl Idempotency {
     pub fn fleet_start(&self, fleet: &mut FleetClaim, id: ClaimId, now: Instant) -> FleetStep {
         fleet.started = now;
         fleet.claimed = encode(&self.claimed_record(fleet, id, now));
-        fleet.last = etcd::swap(&fleet.key, &Expected::Absent, &fleet.claimed);
+        fleet.expected = Expected::Absent;
         self.fleet_send(fleet, now)
     }
 
@@ -254,7 +255,8 @@ impl Idempotency {
     fn fleet_send(&self, fleet: &mut FleetClaim, now: Instant) -> FleetStep {
         fleet.calls += 1;
         let left = self.time_left(fleet, now);
-        match self.store_call(fleet.last.clone(), left) {
+        let body = etcd::swap(&fleet.key, &fleet.expected, &fleet.claimed);
+        match self.store_call(body, left) {
             Some(call) if left >= MIN_CALL_TIME => {
                 fleet.awaiting = true;
                 FleetStep::Call(call)
@@ -311,9 +313,8 @@ impl Idempotency {
             None => FleetStep::Decided(decision),
             Some(_) if fleet.calls >= MAX_CALLS => FleetStep::Unavailable(AnswerError::Contended),
             Some(record) => {
-                let expected = found.map_or(Expected::Absent, |f| Expected::Revision(f.revision));
+                fleet.expected = found.map_or(Expected::Absent, |f| Expected::Revision(f.revision));
                 fleet.claimed = encode(&record);
-                fleet.last = etcd::swap(&fleet.key, &expected, &fleet.claimed);
                 self.fleet_send(fleet, now)
             }
         }
