@@ -7,6 +7,7 @@
 //! [`create_absent`]: crate::store::create_absent
 
 use crate::store::{self, DecodeError, Namespace, Reader, Record, Store, StoreError};
+use sha2::{Digest, Sha256};
 use siphasher::sip128::{Hasher128, SipHasher13};
 use std::hash::Hasher;
 
@@ -55,6 +56,22 @@ pub struct Placement {
     pub index: u32,
     /// Tells keys sharing a slot apart (64 bits: a false match is a 2^-64 event).
     pub owner: u64,
+}
+
+/// Where a key lives in a table every Envoy of a fleet shares (in etcd): SHA-256 with no
+/// seed, since Envoys share no secret. A client that aims keys at one slot can only make its
+/// own keys share a bucket or wait for a record, never read another client's.
+pub fn fleet_place(key: &[u8], table_size: u32) -> Placement {
+    let digest = Sha256::digest(key);
+    let word = |i: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&digest[i..i + 8]);
+        u64::from_le_bytes(bytes)
+    };
+    Placement {
+        index: (word(0) % u64::from(table_size.max(1))) as u32,
+        owner: word(8),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

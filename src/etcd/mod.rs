@@ -10,6 +10,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::json;
+use std::time::Duration;
 
 /// The gateway's path for transactions.
 pub const TXN_PATH: &str = "/v3/kv/txn";
@@ -36,6 +37,16 @@ pub fn swap(key: &[u8], expected: &Expected, value: &[u8]) -> Vec<u8> {
     })
     .to_string()
     .into_bytes()
+}
+
+/// A call the host makes to the fleet store's cluster: `POST path` with `body`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreCall {
+    pub cluster: String,
+    pub authority: String,
+    pub path: &'static str,
+    pub body: Vec<u8>,
+    pub timeout: Duration,
 }
 
 /// What a [`swap`] expects to find.
@@ -142,6 +153,8 @@ pub fn swapped(status: u16, body: &[u8]) -> Result<Swapped, AnswerError> {
         revision: revision(kv.mod_revision.as_ref())?,
     })))
 }
+
+pub mod config;
 
 #[cfg(test)]
 pub mod fake;

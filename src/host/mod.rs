@@ -9,8 +9,9 @@ mod abi;
 mod shared_data;
 
 use crate::etcd::AnswerError;
+use crate::etcd::StoreCall;
 use crate::hashing::Seed;
-use crate::idempotency::{FleetWrite, FleetWrites, StoreCall, MAX_WRITES_IN_FLIGHT};
+use crate::idempotency::{FleetWrite, FleetWrites, MAX_WRITES_IN_FLIGHT};
 use crate::pipeline::{Exchange, Filter, ResponseView, Step, Sweeper};
 use crate::policy::{Completion, Env};
 use crate::reply::Reply;
@@ -119,10 +120,14 @@ fn random_u64() -> u64 {
     std::collections::hash_map::RandomState::new().hash_one(abi::now().as_nanos())
 }
 
-/// Streams of this VM waiting for their request body, each until its deadline.
-type Waiting = Rc<RefCell<Vec<(u32, Weak<RefCell<Exchange>>)>>>;
+/// A stream of this VM, by context id, for the root context to act on.
+type StreamRef = (u32, Weak<RefCell<Exchange>>);
 
-/// The most body-timeout replies one tick sends; the rest go at the next ticks. Envoy runs
+/// Streams of this VM polled at each tick: waiting for their request body (each until its
+/// deadline), or for another worker's grant of global tokens.
+type Waiting = Rc<RefCell<Vec<StreamRef>>>;
+
+/// The most waiting streams one tick answers or resumes; the rest go at the next ticks. Envoy runs
 /// the local replies a VM call asked for when the call returns, and each reply's response
 /// callback into this VM runs the next one from inside itself: the stack grows by a level per
 /// reply, and about 300 at once overflowed V8's (seen here). 32 a tick keep it shallow and
@@ -140,6 +145,9 @@ struct Root {
     writes: Writes,
     /// Fleet writes sent and not yet answered, by call token.
     sent: HashMap<u32, FleetWrite>,
+    /// Calls the root sent for a waiting stream (it became the one to ask for a grant at a
+    /// tick), by call token: the answer goes to that stream.
+    calls: HashMap<u32, StreamRef>,
 }
 
 /// Sends a call to the fleet store from the context whose callback is running; its answer
@@ -173,7 +181,67 @@ fn call_answer(num_headers: usize, body_size: usize) -> Option<(u16, Vec<u8>)> {
     Some((status, body))
 }
 
+/// The request body Envoy buffered so far, up to `max` bytes, read in the effective context.
+fn request_body(max: usize) -> Vec<u8> {
+    abi::buffer(Buffer::RequestBody, max).unwrap_or_default()
+}
+
 impl Root {
+    /// Does what a step says for a stream other than the one whose callback runs (from a
+    /// tick, or an answer to a call the root sent for it).
+    fn act_for(&mut self, configured: &Configured, stream: StreamRef, step: Step) {
+        let (id, exchange) = stream;
+        match step {
+            Step::Continue => {
+                if abi::set_effective_context(id).is_ok() {
+                    let _ = abi::continue_request();
+                }
+            }
+            Step::Reply(reply) => {
+                if abi::set_effective_context(id).is_ok() {
+                    send(configured, &reply);
+                }
+            }
+            Step::Pause => {
+                let polls = exchange
+                    .upgrade()
+                    .is_some_and(|e| e.try_borrow().is_ok_and(|e| e.polls()));
+                let mut waiting = self.waiting.borrow_mut();
+                if polls && !waiting.iter().any(|(waiting_id, _)| *waiting_id == id) {
+                    waiting.push((id, exchange));
+                }
+            }
+            Step::Call(call) => match dispatch(self, &call) {
+                Ok(token) => {
+                    self.calls.insert(token, (id, exchange));
+                }
+                Err(_) => self.answer_for(configured, (id, exchange), Err(AnswerError::NotSent)),
+            },
+        }
+    }
+
+    /// Hands a store answer to a stream the root sent the call for.
+    fn answer_for(
+        &mut self,
+        configured: &Configured,
+        stream: StreamRef,
+        answer: Result<(u16, &[u8]), AnswerError>,
+    ) {
+        let Some(exchange) = stream.1.upgrade() else {
+            return;
+        };
+        if abi::set_effective_context(stream.0).is_err() {
+            return;
+        }
+        let Ok(mut borrowed) = exchange.try_borrow_mut() else {
+            return;
+        };
+        let step = configured
+            .run(|filter, env| borrowed.on_store_answer(filter, env, answer, request_body));
+        drop(borrowed);
+        self.act_for(configured, stream, step);
+    }
+
     /// Sends the fleet writes that are due; one that cannot be sent now waits its backoff.
     fn send_writes(&mut self, configured: &Configured) {
         let room = MAX_WRITES_IN_FLIGHT.saturating_sub(self.sent.len());
@@ -201,11 +269,21 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let (Some(configured), Some(mut write)) = (&self.configured, self.sent.remove(&token_id))
-        else {
+        let Some(configured) = self.configured.clone() else {
             return;
         };
         let answer = call_answer(num_headers, body_size);
+        if let Some(stream) = self.calls.remove(&token_id) {
+            let answer = answer
+                .as_ref()
+                .map(|(status, body)| (*status, body.as_slice()))
+                .ok_or(AnswerError::NoAnswer);
+            self.answer_for(&configured, stream, answer);
+            return;
+        }
+        let Some(mut write) = self.sent.remove(&token_id) else {
+            return;
+        };
         configured.run(|filter, env| {
             let answer = answer
                 .as_ref()
@@ -271,39 +349,38 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        if let Some(configured) = self.configured.clone() {
-            self.send_writes(&configured);
-        }
-        let (Some(configured), Some(sweeper)) = (&self.configured, &mut self.sweeper) else {
+        let Some(configured) = self.configured.clone() else {
             return;
         };
+        self.send_writes(&configured);
+        let waiting = Rc::clone(&self.waiting);
         let due = configured.run(|filter, env| {
-            filter.tick(env, sweeper);
-            let mut due: Vec<(u32, Reply)> = Vec::new();
-            self.waiting.borrow_mut().retain(|(id, exchange)| {
-                let Some(exchange) = exchange.upgrade() else {
+            if let Some(sweeper) = &mut self.sweeper {
+                filter.tick(env, sweeper);
+            }
+            let mut due: Vec<(StreamRef, Step)> = Vec::new();
+            waiting.borrow_mut().retain(|(id, exchange)| {
+                let Some(strong) = exchange.upgrade() else {
                     return false;
                 };
-                let Ok(mut exchange) = exchange.try_borrow_mut() else {
+                let Ok(mut borrowed) = strong.try_borrow_mut() else {
                     return true;
                 };
-                if due.len() == REPLIES_PER_TICK {
+                if due.len() == REPLIES_PER_TICK || abi::set_effective_context(*id).is_err() {
                     return true;
                 }
-                match exchange.on_body_timeout(filter, env) {
-                    Some(reply) => {
-                        due.push((*id, reply));
+                match borrowed.on_tick(filter, env, request_body) {
+                    Some(step) => {
+                        due.push(((*id, Weak::clone(exchange)), step));
                         false
                     }
-                    None => exchange.body_deadline().is_some(),
+                    None => borrowed.polls(),
                 }
             });
             due
         });
-        for (id, reply) in due {
-            if abi::set_effective_context(id).is_ok() {
-                send(configured, &reply);
-            }
+        for (stream, step) in due {
+            self.act_for(&configured, stream, step);
         }
     }
 
@@ -358,7 +435,7 @@ impl Context for Stream {
                 .as_ref()
                 .map(|(status, body)| (*status, body.as_slice()))
                 .ok_or(AnswerError::NoAnswer);
-            exchange.on_store_answer(filter, env, answer)
+            exchange.on_store_answer(filter, env, answer, request_body)
         });
         if action == Action::Continue {
             let _ = abi::continue_request();
@@ -381,18 +458,18 @@ impl Stream {
             return Action::Continue;
         };
         let step = configured.run(|filter, env| call(&mut exchange, filter, env));
-        let waiting = exchange.body_deadline().is_some();
+        let waiting = exchange.polls();
         drop(exchange);
         self.act(configured, step, waiting)
     }
 
-    /// Does what a step says; `waiting`: the exchange waits for the rest of the body.
+    /// Does what a step says; `waiting`: the exchange is to be polled at each tick.
     fn act(&self, configured: &Configured, step: Step, waiting: bool) -> Action {
         match step {
             Step::Continue => Action::Continue,
             Step::Pause => {
                 if waiting {
-                    self.watch_body_deadline();
+                    self.watch();
                 }
                 Action::Pause
             }
@@ -403,13 +480,13 @@ impl Stream {
             Step::Call(call) => match dispatch(self, &call) {
                 Ok(_) => Action::Pause,
                 Err(_) => self.step(|exchange, filter, env| {
-                    exchange.on_store_answer(filter, env, Err(AnswerError::NotSent))
+                    exchange.on_store_answer(filter, env, Err(AnswerError::NotSent), request_body)
                 }),
             },
         }
     }
 
-    fn watch_body_deadline(&self) {
+    fn watch(&self) {
         let mut waiting = self.waiting.borrow_mut();
         if !waiting.iter().any(|(id, _)| *id == self.id) {
             waiting.push((self.id, Rc::downgrade(&self.exchange)));

@@ -4,6 +4,7 @@ use crate::config::{
     check_duration, check_header_name, check_methods, check_request_header_name, ConfigError,
     Duration,
 };
+use crate::etcd::config::{FleetStore, RawStore};
 use crate::matcher::{Match, RawMatch};
 use crate::store::FailureMode;
 use serde::Deserialize;
@@ -30,85 +31,6 @@ pub struct RawIdempotency {
     pub records: Option<u32>,
     pub when_full: Option<Overflow>,
     pub store: Option<RawStore>,
-}
-
-/// `store`: a second tier shared by every Envoy of a fleet.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawStore {
-    pub etcd: RawEtcd,
-    pub on_store_error: Option<FailureMode>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawEtcd {
-    pub cluster: String,
-    pub authority: Option<String>,
-    pub prefix: Option<String>,
-    pub timeout: Option<Duration>,
-}
-
-/// etcd, reached through its HTTP/JSON gateway by an Envoy cluster.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FleetStore {
-    /// The Envoy cluster of etcd's client URLs.
-    pub cluster: String,
-    /// `:authority` of the calls.
-    pub authority: String,
-    /// Every key this filter writes starts with it, then the instance's name.
-    pub prefix: String,
-    /// How long one call may take; past it, the call has failed.
-    pub timeout: std::time::Duration,
-    /// What a request gets when etcd gives no answer in time: `deny` refuses it (503),
-    /// `allow` lets it through protected by this Envoy's own table only.
-    pub on_store_error: FailureMode,
-}
-
-pub const MIN_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(10);
-pub const MAX_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-impl FleetStore {
-    fn validate(raw: RawStore, at: &str) -> Result<FleetStore, ConfigError> {
-        let text = |value: &str, name: &str, max: usize| {
-            let ok =
-                (1..=max).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_graphic());
-            if ok {
-                Ok(value.to_owned())
-            } else {
-                Err(ConfigError::at(
-                    &format!("{at}.etcd.{name}"),
-                    format!("must be 1 to {max} visible ASCII characters"),
-                ))
-            }
-        };
-        let cluster = text(&raw.etcd.cluster, "cluster", 255)?;
-        let authority = text(
-            raw.etcd.authority.as_deref().unwrap_or(&cluster),
-            "authority",
-            255,
-        )?;
-        let prefix = text(
-            raw.etcd.prefix.as_deref().unwrap_or("envoy-resilience/"),
-            "prefix",
-            256,
-        )?;
-        let timeout = check_duration(
-            raw.etcd
-                .timeout
-                .map_or(std::time::Duration::from_millis(500), |d| d.0),
-            MIN_STORE_TIMEOUT,
-            MAX_STORE_TIMEOUT,
-            &format!("{at}.etcd.timeout"),
-        )?;
-        Ok(FleetStore {
-            cluster,
-            authority,
-            prefix,
-            timeout,
-            on_store_error: raw.on_store_error.unwrap_or(FailureMode::Deny),
-        })
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -299,7 +221,7 @@ impl IdempotencyConfig {
         }
         let store = raw
             .store
-            .map(|store| FleetStore::validate(store, &format!("{at}.store")))
+            .map(|store| FleetStore::validate(store, &format!("{at}.store"), FailureMode::Deny))
             .transpose()?;
         if let Some(store) = &store {
             // A fleet record must outlive the transactions that write it, or a duplicate on

@@ -11,23 +11,12 @@ use super::policy::{
 };
 use super::record::{Entry, IdempotencyRecord};
 use crate::clock::Instant;
-use crate::etcd::{self, AnswerError, Expected, Swapped};
+use crate::etcd::{self, AnswerError, Expected, StoreCall, Swapped};
 use crate::policy::Env;
 use crate::reply::Reply;
 use crate::store::{decode, encode, FailureMode, Store};
 use crate::telemetry::Level;
-use sha2::{Digest, Sha256};
 use std::time::Duration;
-
-/// A call the host makes to the fleet store's cluster: `POST path` with `body`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoreCall {
-    pub cluster: String,
-    pub authority: String,
-    pub path: &'static str,
-    pub body: Vec<u8>,
-    pub timeout: Duration,
-}
 
 /// A request's claim in the fleet store.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -177,15 +166,10 @@ const MIN_CALL_TIME: Duration = Duration::from_millis(5);
 impl Idempotency {
     /// A key's place in the fleet table, from SHA-256 of the scoped key.
     pub(super) fn fleet_place(&self, scoped: &[u8]) -> Placement {
-        let digest = Sha256::digest(scoped);
-        let word = |i: usize| {
-            let mut bytes = [0u8; 8];
-            bytes.copy_from_slice(&digest[i..i + 8]);
-            u64::from_le_bytes(bytes)
-        };
+        let place = crate::hashing::fleet_place(scoped, self.config().records);
         Placement {
-            slot: u32::try_from(word(0) % u64::from(self.config().records)).unwrap_or(0),
-            owner: word(8),
+            slot: place.index,
+            owner: place.owner,
         }
     }
 

@@ -14,12 +14,10 @@ mod policy;
 mod record;
 
 pub use capture::Capture;
-pub use config::{
-    FleetStore, IdempotencyConfig, IdentityPart, Overflow, RawIdempotency, BODY_TIMER,
-};
+pub use config::{IdempotencyConfig, IdentityPart, Overflow, RawIdempotency, BODY_TIMER};
 pub use fleet::{
-    FleetClaim, FleetStep, FleetWrite, FleetWrites, StoreCall, MAX_PENDING_BYTES,
-    MAX_PENDING_WRITES, MAX_WRITES_IN_FLIGHT,
+    FleetClaim, FleetStep, FleetWrite, FleetWrites, MAX_PENDING_BYTES, MAX_PENDING_WRITES,
+    MAX_WRITES_IN_FLIGHT,
 };
 pub use key::{parse_key, KeyError};
 pub use policy::{

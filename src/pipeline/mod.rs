@@ -18,14 +18,12 @@ pub mod config;
 
 use crate::circuit_breaker::{CircuitBreaker, Permits};
 use crate::clock::Instant;
-use crate::etcd::{self, AnswerError};
+use crate::etcd::{self, AnswerError, StoreCall};
 use crate::hashing::{shared_seed, KeyHasher, Seed};
-use crate::idempotency::{
-    Claim, Decision, FleetStep, FleetWrite, FleetWrites, Idempotency, StoreCall,
-};
+use crate::idempotency::{Claim, Decision, FleetStep, FleetWrite, FleetWrites, Idempotency};
 use crate::load_shedding::{LoadShedding, Slots};
 use crate::policy::{Completion, Env, Instance, Needs, Policy};
-use crate::rate_limit::{RateLimit, ResponseHeaders};
+use crate::rate_limit::{Admission, RateLimit, RateStep};
 use crate::reply::Reply;
 use crate::request::RequestInfo;
 use crate::store::Store;
@@ -46,8 +44,9 @@ pub struct Filter {
 
 /// How often a VM whose filter waits for request bodies checks their deadlines.
 pub const TICK: Duration = crate::idempotency::BODY_TIMER;
-/// With a fleet store, the writes of finished streams go out at the next tick: until one
-/// lands, other Envoys still see its key in flight, so ticks come this often.
+/// With a fleet store, the writes of finished streams go out at the next tick (until one
+/// lands, other Envoys still see its key in flight), and requests waiting for another
+/// worker's grant of global tokens look again: so ticks come this often.
 pub const FLEET_TICK: Duration = Duration::from_millis(10);
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -150,13 +149,21 @@ impl Filter {
         &self.catalog
     }
 
-    /// How often the host should call [`Filter::tick`] and check body deadlines, if at all.
+    /// How often the host should call [`Filter::tick`] and poll waiting streams, if at all.
     pub fn tick_period(&self) -> Option<Duration> {
-        let policy = self.idempotency.as_ref()?;
-        Some(match policy.config().store {
-            Some(_) => FLEET_TICK,
-            None => TICK,
-        })
+        let global = self
+            .rate_limit
+            .as_ref()
+            .is_some_and(|p| p.config().store.is_some());
+        let fleet = self
+            .idempotency
+            .as_ref()
+            .is_some_and(|p| p.config().store.is_some());
+        match (&self.idempotency, global || fleet) {
+            (_, true) => Some(FLEET_TICK),
+            (Some(_), false) => Some(TICK),
+            (None, false) => None,
+        }
     }
 
     /// Where a VM's sweep of expired idempotency records starts: somewhere random, so that
@@ -248,6 +255,8 @@ enum Stage {
     AwaitingBody { deadline: Instant },
     /// Held until the fleet store answers.
     AwaitingStore,
+    /// Held until another worker's grant of global tokens lands, polled at each tick.
+    AwaitingGrant,
     /// Every stage let it through.
     Forwarded,
     /// Answered locally.
@@ -264,7 +273,11 @@ pub struct Exchange {
     stage: Stage,
     /// What the stages lent the request; `None` where there is nothing to give back.
     slots: Option<Slots>,
-    response_headers: Option<ResponseHeaders>,
+    /// Rate limiting's progress, then what the response carries from it.
+    rate: Option<Admission>,
+    /// The request ended (its headers, last body chunk or trailers said so) while a stage
+    /// before the body's was still deciding.
+    request_ended: bool,
     claim: Option<Claim>,
     permits: Option<Permits>,
 }
@@ -286,20 +299,69 @@ impl Exchange {
                 Err(reply) => return self.answer(reply),
             }
         }
+        self.request_ended = end_of_stream;
         if let Some(policy) = &filter.rate_limit {
-            match policy.admit(env, &self.request) {
-                Ok(headers) => self.response_headers = Some(headers),
-                Err(reply) => return self.answer(reply),
+            let (admission, step) = policy.start(env, &self.request);
+            self.rate = Some(admission);
+            return self.on_rate_step(filter, env, step, |_| Vec::new());
+        }
+        self.admit_before_body(filter, env, |_| Vec::new())
+    }
+
+    /// Where rate limiting left the request: decided, or waiting for etcd.
+    fn on_rate_step<S: Store>(
+        &mut self,
+        filter: &Filter,
+        env: &mut Env<'_, S>,
+        step: RateStep,
+        read_body: impl FnOnce(usize) -> Vec<u8>,
+    ) -> Step {
+        match step {
+            RateStep::Done(Ok(())) => self.admit_before_body(filter, env, read_body),
+            RateStep::Done(Err(reply)) => self.answer(reply),
+            RateStep::Call(call) => {
+                self.stage = Stage::AwaitingStore;
+                Step::Call(call)
+            }
+            RateStep::Wait => {
+                self.stage = Stage::AwaitingGrant;
+                Step::Pause
             }
         }
+    }
+
+    /// Idempotency waits for the body, unless it is already all in (it may have arrived while
+    /// rate limiting waited for etcd: Envoy keeps it buffered, and `read_body` reads it).
+    fn admit_before_body<S: Store>(
+        &mut self,
+        filter: &Filter,
+        env: &mut Env<'_, S>,
+        read_body: impl FnOnce(usize) -> Vec<u8>,
+    ) -> Step {
         match &filter.idempotency {
-            Some(policy) if !end_of_stream && policy.awaits_body(&self.request) => {
+            Some(policy) if policy.awaits_body(&self.request) => {
                 let deadline = env.now.saturating_add(policy.config().body_timeout);
-                self.stage = Stage::AwaitingBody { deadline };
-                Step::Pause
+                if !self.request_ended {
+                    self.stage = Stage::AwaitingBody { deadline };
+                    return Step::Pause;
+                }
+                let limit = policy.config().max_body_bytes;
+                let body = read_body(limit.saturating_add(1));
+                if body.len() > limit {
+                    return self.body_too_large(filter, env);
+                }
+                self.request.body = body;
+                self.admit_after_body(filter, env)
             }
             _ => self.admit_after_body(filter, env),
         }
+    }
+
+    /// Whether rate limiting still decides: the body waits, buffered, until it has.
+    fn rate_limiting(&self) -> bool {
+        matches!(self.stage, Stage::AwaitingGrant)
+            || (matches!(self.stage, Stage::AwaitingStore)
+                && self.rate.as_ref().is_some_and(Admission::asks))
     }
 
     /// A chunk of the request body: `size` is all of it so far, which Envoy keeps buffered
@@ -312,6 +374,10 @@ impl Exchange {
         end_of_stream: bool,
         read_body: impl FnOnce(usize) -> Vec<u8>,
     ) -> Step {
+        if self.rate_limiting() {
+            self.request_ended |= end_of_stream;
+            return Step::Pause;
+        }
         let (Stage::AwaitingBody { .. }, Some(policy)) = (&self.stage, &filter.idempotency) else {
             return Step::Continue;
         };
@@ -336,6 +402,10 @@ impl Exchange {
         env: &mut Env<'_, S>,
         read_body: impl FnOnce(usize) -> Vec<u8>,
     ) -> Step {
+        if self.rate_limiting() {
+            self.request_ended = true;
+            return Step::Pause;
+        }
         let (Stage::AwaitingBody { .. }, Some(policy)) = (&self.stage, &filter.idempotency) else {
             return Step::Continue;
         };
@@ -355,6 +425,37 @@ impl Exchange {
     pub fn body_deadline(&self) -> Option<Instant> {
         match self.stage {
             Stage::AwaitingBody { deadline } => Some(deadline),
+            _ => None,
+        }
+    }
+
+    /// Whether the host should hand the exchange its ticks: it waits for its body, or for
+    /// another worker's grant.
+    pub fn polls(&self) -> bool {
+        matches!(
+            self.stage,
+            Stage::AwaitingBody { .. } | Stage::AwaitingGrant
+        )
+    }
+
+    /// A tick: what a waiting exchange does now, if anything (`None`: it waits on).
+    pub fn on_tick<S: Store>(
+        &mut self,
+        filter: &Filter,
+        env: &mut Env<'_, S>,
+        read_body: impl FnOnce(usize) -> Vec<u8>,
+    ) -> Option<Step> {
+        match self.stage {
+            Stage::AwaitingBody { .. } => self.on_body_timeout(filter, env).map(Step::Reply),
+            Stage::AwaitingGrant => {
+                let (Some(policy), Some(admission)) = (&filter.rate_limit, &mut self.rate) else {
+                    return Some(Step::Continue);
+                };
+                match policy.on_tick(env, &self.request, admission) {
+                    RateStep::Wait => None,
+                    step => Some(self.on_rate_step(filter, env, step, read_body)),
+                }
+            }
             _ => None,
         }
     }
@@ -391,7 +492,7 @@ impl Exchange {
                 end_of_stream,
             );
         }
-        self.response_headers.as_deref().unwrap_or_default()
+        self.rate.as_ref().map_or(&[], Admission::headers)
     }
 
     /// Whether the host should hand over response body chunks.
@@ -444,9 +545,6 @@ impl Exchange {
             (Some(claim), Some(policy)) => policy.finish_claim(env, claim, &completion),
             _ => None,
         };
-        if let (Some(headers), Some(policy)) = (self.response_headers.take(), &filter.rate_limit) {
-            policy.release(env, headers, &completion);
-        }
         if let (Some(slots), Some(policy)) = (self.slots.take(), &filter.load_shedding) {
             policy.release(env, slots, &completion);
         }
@@ -454,13 +552,23 @@ impl Exchange {
     }
 
     /// The fleet store's answer to the last [`Step::Call`]: its HTTP status and body, or
-    /// why there is none (`NotSent`: the host could not send it).
+    /// why there is none (`NotSent`: the host could not send it). `read_body` reads the
+    /// request body Envoy buffered meanwhile.
     pub fn on_store_answer<S: Store>(
         &mut self,
         filter: &Filter,
         env: &mut Env<'_, S>,
         answer: Result<(u16, &[u8]), AnswerError>,
+        read_body: impl FnOnce(usize) -> Vec<u8>,
     ) -> Step {
+        if self.rate_limiting() {
+            let (Some(policy), Some(admission)) = (&filter.rate_limit, &mut self.rate) else {
+                return Step::Continue;
+            };
+            let answer = answer.and_then(|(status, body)| etcd::swapped(status, body));
+            let step = policy.on_answer(env, &self.request, admission, answer);
+            return self.on_rate_step(filter, env, step, read_body);
+        }
         let (Stage::AwaitingStore, Some(policy), Some(claim)) =
             (&self.stage, &filter.idempotency, &mut self.claim)
         else {

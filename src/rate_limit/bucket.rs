@@ -44,6 +44,21 @@ pub struct Check {
     pub full_in: Duration,
 }
 
+/// What a [`Bucket::grant`] gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// Tokens granted: none when fewer than `least` were there.
+    pub granted: u64,
+    /// The TAT to store when tokens were granted.
+    pub tat: Tat,
+    /// The granted tokens may be spent before this instant, not at or after it.
+    pub valid_until: Instant,
+    /// How long until `least` tokens are there; zero when granted.
+    pub retry_after: Duration,
+    /// How long until the bucket is full again.
+    pub full_in: Duration,
+}
+
 impl Bucket {
     /// `None` when refilling is faster than one token per nanosecond, or when the parameters
     /// are too large for exact arithmetic (far beyond what the configuration accepts).
@@ -119,6 +134,54 @@ impl Bucket {
                 retry_after: self.duration(next - limit),
                 full_in: self.duration(tat - now),
             }
+        }
+    }
+
+    /// Takes up to `ask` tokens, and at least `least`, out of a bucket whose last `reserve`
+    /// tokens are never handed out: the grant of a global rule, whose tokens an Envoy spends
+    /// later, until [`Grant::valid_until`].
+    ///
+    /// Why that bounds the fleet: a lease's tokens stay valid until `max(TAT before it, now)`
+    /// plus `reserve` tokens' time. At any instant the leases still valid are the latest
+    /// ones, and what they hold sums to at most the TAT moves since the oldest of them, so
+    /// what the bucket shows plus what valid leases hold never exceeds the capacity: the
+    /// tokens spent, wherever and whenever, conform to the bucket as if spent from it.
+    pub fn grant(
+        &self,
+        stored: Option<Tat>,
+        now: Instant,
+        least: u64,
+        ask: u64,
+        reserve: u64,
+    ) -> Grant {
+        let now_ticks = self.ticks(now).0;
+        let tat = stored.map_or(now_ticks, |tat| {
+            tat.0.clamp(now_ticks, now_ticks + self.tolerance)
+        });
+        let held_back = self.emission * u128::from(reserve);
+        let limit = (now_ticks + self.tolerance).saturating_sub(held_back);
+        let available = self.tokens_in(limit.saturating_sub(tat));
+        let valid_until = Instant::from_nanos(
+            u64::try_from((tat + held_back) / u128::from(self.ticks_per_ns)).unwrap_or(u64::MAX),
+        );
+        if available < least {
+            return Grant {
+                granted: 0,
+                tat: Tat(tat),
+                valid_until,
+                retry_after: self
+                    .duration((tat + self.emission * u128::from(least)).saturating_sub(limit)),
+                full_in: self.duration(tat - now_ticks),
+            };
+        }
+        let granted = ask.max(least).min(available);
+        let next = tat + self.emission * u128::from(granted);
+        Grant {
+            granted,
+            tat: Tat(next),
+            valid_until,
+            retry_after: Duration::ZERO,
+            full_in: self.duration(next - now_ticks),
         }
     }
 

@@ -3,8 +3,10 @@
 use super::bucket::Bucket;
 use crate::clock::ceil_secs;
 use crate::config::{check_name, check_request_header_name, ConfigError, Duration};
+use crate::etcd::config::{FleetStore, RawStore};
 use crate::matcher::{Match, RawMatch};
 use crate::reply::{RawResponse, Response};
+use crate::store::FailureMode;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -14,6 +16,7 @@ pub struct RawRateLimit {
     pub trusted_hops: Option<u32>,
     pub limited_response: Option<RawResponse>,
     pub headers_on_allowed: Option<bool>,
+    pub store: Option<RawStore>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -29,6 +32,14 @@ pub struct RawRule {
     pub cost: Option<u64>,
     pub table_size: Option<u32>,
     pub shadow: Option<bool>,
+    pub global: Option<RawGlobal>,
+}
+
+/// `global`: the rule's bucket is one for the whole fleet, kept in the section's `store`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGlobal {
+    pub chunk: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +91,14 @@ pub struct Rule {
     pub shadow: bool,
     /// This rule's item of the `RateLimit-Policy` header, computed once.
     pub policy_item: String,
+    /// `Some`: the bucket is the fleet's, in etcd, taken `chunk` tokens at a time.
+    pub global: Option<Global>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Global {
+    /// The most tokens one grant takes; also the tokens a grant never takes, see `global.rs`.
+    pub chunk: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +107,7 @@ pub struct RateLimitConfig {
     pub trusted_hops: u32,
     pub limited_response: Response,
     pub headers_on_allowed: bool,
+    pub store: Option<FleetStore>,
 }
 
 pub const DEFAULT_TABLE_SIZE: u32 = 10_000;
@@ -128,11 +148,31 @@ impl RateLimitConfig {
             "rate limited
 ",
         )?;
+        let store = raw
+            .store
+            .map(|store| FleetStore::validate(store, &format!("{at}.store"), FailureMode::Allow))
+            .transpose()?;
+        match rules.iter().position(|rule| rule.global.is_some()) {
+            Some(i) if store.is_none() => {
+                return Err(ConfigError::at(
+                    &format!("{at}.rules[{i}].global"),
+                    format!("needs {at}.store, the etcd that keeps the fleet's buckets"),
+                ))
+            }
+            None if store.is_some() => {
+                return Err(ConfigError::at(
+                    &format!("{at}.store"),
+                    "no rule is global: add `global` to a rule, or remove the store",
+                ))
+            }
+            _ => {}
+        }
         Ok(RateLimitConfig {
             rules,
             trusted_hops,
             limited_response,
             headers_on_allowed: raw.headers_on_allowed.unwrap_or(true),
+            store,
         })
     }
 }
@@ -204,6 +244,20 @@ impl Rule {
                 format!("must be between 1 and {MAX_TABLE_SIZE}"),
             ));
         }
+        let global = match raw.global {
+            None => None,
+            Some(global) if (cost..=raw.capacity - cost).contains(&global.chunk) => {
+                Some(Global {
+                    chunk: global.chunk,
+                })
+            }
+            Some(_) => {
+                return Err(ConfigError::at(
+                    &format!("{at}.global.chunk"),
+                    "must be at least the cost and at most the capacity minus the cost (a grant never takes the bucket's last chunk)",
+                ))
+            }
+        };
         let policy_item = format!(
             "\"{}\";q={};w={}",
             raw.name,
@@ -220,6 +274,7 @@ impl Rule {
             table_size,
             shadow: raw.shadow.unwrap_or(false),
             policy_item,
+            global,
         })
     }
 }

@@ -8,10 +8,11 @@
 
 mod bucket;
 mod config;
+mod global;
 mod limiter;
 mod table;
 
-pub use bucket::{Bucket, Check, Tat};
+pub use bucket::{Bucket, Check, Grant, Tat};
 pub use config::{KeyPart, MissingKey, RateLimitConfig, RawRateLimit, Rule};
-pub use limiter::{RateLimit, ResponseHeaders};
+pub use limiter::{Admission, RateLimit, RateStep, ResponseHeaders};
 pub use table::Slot;

@@ -53,15 +53,7 @@ pub fn admit(
     now: Instant,
     cost: u64,
 ) -> (Check, u64, Option<Slot>) {
-    let slot = slot.map(|slot| Slot {
-        tat: bucket.rescale(slot.tat, slot.ticks_per_ns),
-        ..slot
-    });
-    let (holder, tat) = match slot {
-        Some(slot) if slot.owner == owner => (owner, Some(slot.tat)),
-        Some(slot) if slot.tat > bucket.ticks(now) => (slot.owner, Some(slot.tat)),
-        _ => (owner, None),
-    };
+    let (holder, tat) = holding(bucket, slot, owner, now);
     let check = bucket.check(tat, now, cost);
     let repaired = tat.is_some_and(|tat| check.tat < tat);
     let next = (check.admitted || repaired).then_some(Slot {
@@ -70,6 +62,25 @@ pub fn admit(
         ticks_per_ns: bucket.ticks_per_ns(),
     });
     (check, holder, next)
+}
+
+/// Whose bucket a request of `owner` draws from, and its TAT in `bucket`'s ticks (`None`: a
+/// full bucket of its own); see the module's eviction rule.
+pub fn holding(
+    bucket: &Bucket,
+    slot: Option<Slot>,
+    owner: u64,
+    now: Instant,
+) -> (u64, Option<Tat>) {
+    let slot = slot.map(|slot| Slot {
+        tat: bucket.rescale(slot.tat, slot.ticks_per_ns),
+        ..slot
+    });
+    match slot {
+        Some(slot) if slot.owner == owner => (owner, Some(slot.tat)),
+        Some(slot) if slot.tat > bucket.ticks(now) => (slot.owner, Some(slot.tat)),
+        _ => (owner, None),
+    }
 }
 
 /// Gives `cost` back to the bucket `holder` drew from, if the slot still holds it.

@@ -297,7 +297,9 @@ fn a_call_never_sent_leaves_no_write() {
     assert!(matches!(step, Step::Call(_)));
     for _ in 0..2 {
         let step = envoys[0].run(&envoys[0].store, |filter, env| {
-            exchange.on_store_answer(filter, env, Err(crate::etcd::AnswerError::NotSent))
+            exchange.on_store_answer(filter, env, Err(crate::etcd::AnswerError::NotSent), |_| {
+                Vec::new()
+            })
         });
         if let Step::Reply(reply) = step {
             assert_eq!(reply.status, 503);

@@ -109,7 +109,7 @@ impl Proxy {
                     .as_ref()
                     .map(|(status, body)| (*status, body.as_slice()))
                     .ok_or(crate::etcd::AnswerError::NoAnswer);
-                exchange.on_store_answer(filter, env, answer)
+                exchange.on_store_answer(filter, env, answer, |_| Vec::new())
             });
         }
         step

@@ -39,9 +39,18 @@ fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a str> {
         .and_then(|(_, v)| std::str::from_utf8(v).ok())
 }
 
+/// A decision no rule had to wait for.
+fn decided((admission, step): (Admission, RateStep)) -> Result<ResponseHeaders, Reply> {
+    match step {
+        RateStep::Done(Ok(())) => Ok(admission.headers().to_vec()),
+        RateStep::Done(Err(reply)) => Err(reply),
+        other => panic!("a local rule waited: {other:?}"),
+    }
+}
+
 impl Bench<RateLimit> {
     fn decide(&self, request: &RequestInfo, now: Instant) -> Result<ResponseHeaders, Reply> {
-        self.run(now, |policy, env| policy.admit(env, request))
+        self.run(now, |policy, env| decided(policy.start(env, request)))
     }
 
     fn admitted(&self, request: &RequestInfo, n: usize) -> usize {
@@ -262,7 +271,7 @@ fn colliding_keys_never_exceed_the_limit() {
 fn store_failures_follow_the_failure_mode() {
     let open = bench(ONE_RULE);
     let admitted = open.run_on(&BrokenStore, NOW, |policy, env| {
-        policy.admit(env, &request(&[]))
+        decided(policy.start(env, &request(&[])))
     });
     assert_eq!(admitted, Ok(Vec::new()));
     assert_eq!(open.metric("shared_data.errors"), 1);
@@ -272,7 +281,7 @@ fn store_failures_follow_the_failure_mode() {
         ..closed.instance.settings
     };
     let refused = closed.run_on(&BrokenStore, NOW, |policy, env| {
-        policy.admit(env, &request(&[]))
+        decided(policy.start(env, &request(&[])))
     });
     assert_eq!(
         refused.map_err(|r| (r.status, r.details)),
@@ -319,8 +328,9 @@ fn eight_workers_admit_exactly_the_capacity() {
                     // its "r" token is taken and refunded under contention.
                     let odd = (worker + i) % 2 == 1;
                     let request = request(if odd { &[("x-odd", "1")] } else { &[] });
-                    let result =
-                        bench.run_on(&*store, NOW, |policy, env| policy.admit(env, &request));
+                    let result = bench.run_on(&*store, NOW, |policy, env| {
+                        decided(policy.start(env, &request))
+                    });
                     if result.is_ok() {
                         admitted.fetch_add(1, Ordering::SeqCst);
                     }
