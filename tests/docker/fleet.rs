@@ -1,5 +1,6 @@
-//! The fleet (envoy/fleet/docker-compose.yaml): three Envoys sharing idempotency keys
-//! through a three-member etcd cluster, each asserting what the upstream saw.
+//! The fleet (envoy/fleet/docker-compose.yaml): three Envoys sharing idempotency keys and
+//! global rate-limit buckets through a three-member etcd cluster, each test asserting what
+//! the upstream saw.
 
 use crate::compose::{stat, Project};
 use crate::{fresh_connections, join_all};
@@ -77,9 +78,13 @@ impl Fleet {
     }
 
     async fn metric(&self, envoy: usize, name: &str) -> u64 {
+        self.metric_of(envoy, "fleet", name).await
+    }
+
+    async fn metric_of(&self, envoy: usize, instance: &str, name: &str) -> u64 {
         stat(
             &self.admins[envoy],
-            &format!("wasmcustom.resilience.fleet.{name}"),
+            &format!("wasmcustom.resilience.{instance}.{name}"),
         )
         .await
     }
@@ -286,8 +291,154 @@ async fn the_leader_killed_under_concurrent_duplicates_never_yields_two_executio
     assert!(after >= 28, "{after} of 30 new keys executed");
 }
 
+/// A GET under /quota for `tenant`, numbered so the upstream's log tells them apart: its
+/// status and RateLimit headers.
+async fn quota(front: &str, tenant: &str, i: usize) -> (u16, Option<String>, Option<String>) {
+    let response = fresh_connections()
+        .get(format!("{front}/quota/{tenant}/{i}"))
+        .header("x-tenant", tenant)
+        .send()
+        .await
+        .unwrap();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let (ratelimit, retry_after) = (header("ratelimit"), header("retry-after"));
+    (response.status().as_u16(), ratelimit, retry_after)
+}
+
+/// 300 requests of one tenant, 100 through each Envoy, 30 at a time.
+async fn quota_wave(
+    fleet: &Fleet,
+    tenant: &'static str,
+) -> Vec<(u16, Option<String>, Option<String>)> {
+    let mut answers = Vec::new();
+    for batch in 0..10 {
+        let requests: Vec<_> = (0..30)
+            .map(|j| {
+                let i = batch * 30 + j;
+                let front = fleet.fronts[i % 3].clone();
+                async move { quota(&front, tenant, i).await }
+            })
+            .collect();
+        answers.extend(join_all(requests).await);
+    }
+    answers
+}
+
+/// A tenant's global limit of 200 over three Envoys, each taking 10 tokens at a time, under
+/// 300 requests: the fleet admits at most 200 and at least 200 − 10 × 4 (the grant never
+/// takes the last chunk; each Envoy's last lease may go unspent), the upstream sees exactly
+/// those, and etcd sees about one transaction per chunk. Then again for a new tenant with
+/// etcd's leader killed at the start: the limit still holds (a grant etcd cannot give is
+/// refused, `on_store_error: deny`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_global_limit_over_three_envoys_holds_even_with_the_leader_killed() {
+    let fleet = Fleet::up("fleet-quota").await;
+    let mut transactions = 0;
+    for envoy in 0..3 {
+        transactions += fleet
+            .metric_of(envoy, "quota", "rate_limit.tenant.store_calls")
+            .await;
+    }
+    let answers = quota_wave(&fleet, "t1").await;
+    let admitted = answers.iter().filter(|a| a.0 == 200).count();
+    let limited: Vec<_> = answers.iter().filter(|a| a.0 == 429).collect();
+    assert_eq!(admitted + limited.len(), 300, "{answers:?}");
+    assert!((160..=200).contains(&admitted), "{admitted} admitted");
+    for (_, ratelimit, retry_after) in &limited {
+        let ratelimit = ratelimit.as_deref().unwrap_or_default();
+        assert!(ratelimit.starts_with("\"tenant\";r=0;t="), "{ratelimit}");
+        let wait: u64 = retry_after.as_deref().unwrap_or("0").parse().unwrap();
+        assert!((1..=3600).contains(&wait), "retry-after {wait}");
+    }
+    let admitted_headers = answers
+        .iter()
+        .find(|a| a.0 == 200)
+        .and_then(|a| a.1.clone());
+    assert!(admitted_headers.is_some_and(|h| h.starts_with("\"tenant\";r=")));
+    let mut after = 0;
+    for envoy in 0..3 {
+        after += fleet
+            .metric_of(envoy, "quota", "rate_limit.tenant.store_calls")
+            .await;
+    }
+    let calls = after - transactions;
+    eprintln!("global limit 200, chunk 10: {admitted} of 300 admitted, {calls} etcd transactions");
+    assert!(calls <= 60, "{calls} transactions for 300 requests");
+    let seen = fleet.project.upstream_saw(admitted).await;
+    let t1 = seen
+        .iter()
+        .filter(|s| s.path.starts_with("/quota/t1/"))
+        .count();
+    assert_eq!(t1, admitted, "the upstream saw {t1}");
+
+    // The leader killed: until the other two elect a new one and the Envoys' health
+    // checks drop the dead member, grants fail and requests are refused (503); then the
+    // quota is served again by the two left, and still holds.
+    let leader = fleet.leader().await;
+    fleet.project.compose(&["kill", leader]);
+    let killed = Instant::now();
+    let mut answers = Vec::new();
+    let mut served_again = None;
+    for batch in 0..100 {
+        let requests: Vec<_> = (0..30)
+            .map(|j| {
+                let i = batch * 30 + j;
+                let front = fleet.fronts[i % 3].clone();
+                async move { quota(&front, "t2", i).await }
+            })
+            .collect();
+        let batch_answers = join_all(requests).await;
+        if served_again.is_none() && batch_answers.iter().any(|a| a.0 == 200) {
+            served_again = Some(killed.elapsed());
+        }
+        answers.extend(batch_answers);
+        let limited = answers.iter().any(|a| a.0 == 429);
+        if limited || killed.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A few more once the quota is spent: still refused.
+    let more: Vec<_> = (0..30)
+        .map(|i| {
+            let front = fleet.fronts[i % 3].clone();
+            async move { quota(&front, "t2", 10_000 + i).await }
+        })
+        .collect();
+    answers.extend(join_all(more).await);
+    fleet.project.compose(&["start", leader]);
+    let count = |status: u16| answers.iter().filter(|a| a.0 == status).count();
+    let admitted = count(200);
+    eprintln!(
+        "leader killed: served again after {served_again:?}; {admitted} admitted, {} limited, {} refused (503) of {}",
+        count(429),
+        count(503),
+        answers.len()
+    );
+    assert_eq!(
+        admitted + count(429) + count(503),
+        answers.len(),
+        "{answers:?}"
+    );
+    assert!(served_again.is_some(), "no grant with two members of three");
+    assert!(admitted <= 200, "{admitted} admitted");
+    assert!(count(429) > 0, "the quota was never reached");
+    let seen = fleet.project.upstream_saw(admitted).await;
+    let t2 = seen
+        .iter()
+        .filter(|s| s.path.starts_with("/quota/t2/"))
+        .count();
+    assert_eq!(t2, admitted, "the upstream saw {t2}");
+}
+
 /// With etcd stopped, a covered request is refused (deny) within the timeout and never
 /// reaches the upstream; once etcd is back, the same request is served, without a restart.
+/// A global rate limit with `on_store_error: deny` refuses as quickly, and serves again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_etcd_stopped_requests_are_refused_within_the_timeout_then_served() {
     let fleet = Fleet::up("fleet-down").await;
@@ -304,6 +455,13 @@ async fn with_etcd_stopped_requests_are_refused_within_the_timeout_then_served()
         assert!(took < Duration::from_millis(800), "refused after {took:?}");
     }
     assert!(fleet.metric(0, "idempotency.store_unavailable").await >= 1);
+    for front in &fleet.fronts {
+        let started = Instant::now();
+        let (status, _, retry_after) = quota(front, "t-down", 0).await;
+        let took = started.elapsed();
+        assert_eq!((status, retry_after.as_deref()), (503, Some("1")));
+        assert!(took < Duration::from_millis(800), "refused after {took:?}");
+    }
     fleet.project.compose(&["start", "etcd1", "etcd2", "etcd3"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     let served = loop {
@@ -321,6 +479,18 @@ async fn with_etcd_stopped_requests_are_refused_within_the_timeout_then_served()
         .filter(|s| s.idempotency_key.as_deref() == Some("while-down"))
         .count();
     assert_eq!(executions, 1);
+    // Etcd answers again; the quota's second of remembering the outage has passed.
+    assert_eq!(quota(&fleet.fronts[0], "t-down", 1).await.0, 200);
+    assert_eq!(
+        seen_quota(&fleet, "/quota/t-down/").await,
+        1,
+        "only the request served after the restart reached the upstream"
+    );
+}
+
+async fn seen_quota(fleet: &Fleet, prefix: &str) -> usize {
+    let seen = fleet.project.upstream_saw(1).await;
+    seen.iter().filter(|s| s.path.starts_with(prefix)).count()
 }
 
 /// What the fleet costs per covered request, against the same request kept by one Envoy
