@@ -572,4 +572,32 @@ async fn the_fleet_costs_one_transaction_per_claim_and_one_write_per_result() {
     for (instance, p50, p99) in &latencies {
         eprintln!("{instance}: p50 {p50:?}, p99 {p99:?} per covered POST ({N} sequential)");
     }
+    // A global rate limit: one grant (one or two transactions) per chunk of 10 requests.
+    let quota_calls = || {
+        stat(
+            admin,
+            "wasmcustom.resilience.quota.rate_limit.tenant.store_calls",
+        )
+    };
+    let before = quota_calls().await;
+    let mut took = Vec::new();
+    for i in 0..180 {
+        let started = Instant::now();
+        let (status, _, _) = quota(front, "cost", i).await;
+        assert_eq!(status, 200);
+        took.push(started.elapsed());
+    }
+    let transactions = quota_calls().await - before;
+    assert!(
+        (18..=36).contains(&transactions),
+        "{transactions} transactions for 180"
+    );
+    took.sort();
+    let percentile = |p: usize| took[(took.len() * p / 100).min(took.len() - 1)];
+    eprintln!(
+        "quota: p50 {:?}, p90 {:?}, p99 {:?} per GET (180 sequential), {transactions} etcd transactions",
+        percentile(50),
+        percentile(90),
+        percentile(99)
+    );
 }
