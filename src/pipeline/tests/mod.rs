@@ -877,3 +877,4 @@ fn a_breaker_refusal_leaves_the_rate_limit_token_spent() {
 }
 
 mod fleet;
+mod global;

@@ -1,0 +1,177 @@
+//! Global rate limiting in the pipeline: workers of one Envoy sharing a lease, waits at the
+//! tick, the body held while rate limiting asks etcd, and etcd failing.
+
+use super::*;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+fn global(on_store_error: &str) -> String {
+    format!(
+        r#""rate_limit": {{"rules": [{{"name": "g", "capacity": 100, "refill": {{"tokens": 1, "interval": "1h"}}, "global": {{"chunk": 10}}}}],
+            "store": {{"etcd": {{"cluster": "etcd", "timeout": "500ms"}}, "on_store_error": "{on_store_error}"}}}}"#
+    )
+}
+
+impl Proxy {
+    /// etcd's answer to `call`, handed to the exchange with `body` as what Envoy buffered.
+    fn answer(&self, exchange: &mut Exchange, call: &StoreCall, body: &[u8]) -> Step {
+        let answer = self.etcd.as_ref().and_then(|etcd| etcd.answer(&call.body));
+        self.run(&self.store, |filter, env| {
+            let answer = answer
+                .as_ref()
+                .map(|(status, body)| (*status, body.as_slice()))
+                .ok_or(AnswerError::NoAnswer);
+            exchange.on_store_answer(filter, env, answer, |max| {
+                body[..body.len().min(max)].to_vec()
+            })
+        })
+    }
+
+    fn tick_exchange(&self, exchange: &mut Exchange) -> Option<Step> {
+        self.run(&self.store, |filter, env| {
+            exchange.on_tick(filter, env, |_| Vec::new())
+        })
+    }
+}
+
+fn asked(step: Step) -> StoreCall {
+    match step {
+        Step::Call(call) => call,
+        other => panic!("expected a call to etcd, got {other:?}"),
+    }
+}
+
+#[test]
+fn one_grant_serves_a_chunk_and_a_second_request_waits_for_it() {
+    let etcd = Rc::new(FakeEtcd::default());
+    let proxy = Proxy::in_fleet(&config(&[&global("deny")]), 1, &etcd);
+    let mut first = Exchange::default();
+    let call = asked(proxy.headers(&mut first, post("/", &[]), true));
+    let mut second = Exchange::default();
+    assert_eq!(
+        proxy.headers(&mut second, post("/", &[]), true),
+        Step::Pause
+    );
+    assert!(second.polls());
+    assert_eq!(
+        proxy.tick_exchange(&mut second),
+        None,
+        "the grant is not in yet"
+    );
+    assert_eq!(proxy.answer(&mut first, &call, b""), Step::Continue);
+    assert_eq!(proxy.tick_exchange(&mut second), Some(Step::Continue));
+    assert!(!second.polls());
+    for _ in 0..8 {
+        assert_eq!(status(&proxy.call(post("/", &[]), b"", 200)), 200);
+    }
+    assert_eq!(etcd.calls.get(), 1, "ten requests, one transaction");
+    assert_eq!(proxy.metric("rate_limit.g.store_calls"), 1);
+    assert_eq!(proxy.metric("rate_limit.g.allowed"), 10);
+}
+
+#[test]
+fn the_body_that_arrives_while_rate_limiting_asks_is_held_then_read_by_idempotency() {
+    let etcd = Rc::new(FakeEtcd::default());
+    let proxy = Proxy::in_fleet(&config(&[&global("deny"), IDEMPOTENCY]), 1, &etcd);
+    let mut exchange = Exchange::default();
+    let call = asked(proxy.headers(&mut exchange, keyed("k"), false));
+    assert_eq!(
+        proxy.body(&mut exchange, b"{\"qty\": 1}", true),
+        Step::Pause,
+        "nothing goes upstream before rate limiting decides"
+    );
+    assert_eq!(
+        proxy.answer(&mut exchange, &call, b"{\"qty\": 1}"),
+        Step::Continue
+    );
+    proxy.respond(&mut exchange, &Upstream::answering(201), b"done");
+    proxy.finish(&mut exchange, answered(201));
+    // The claim was made over the body that was held: the same body replays, another
+    // conflicts.
+    let replay = proxy.call(keyed("k"), b"{\"qty\": 1}", 200);
+    assert_eq!(status(&replay), 201);
+    assert_eq!(status(&proxy.call(keyed("k"), b"{\"qty\": 2}", 200)), 422);
+}
+
+#[test]
+fn trailers_while_rate_limiting_asks_are_held_too() {
+    let etcd = Rc::new(FakeEtcd::default());
+    let proxy = Proxy::in_fleet(&config(&[&global("deny"), IDEMPOTENCY]), 1, &etcd);
+    let mut exchange = Exchange::default();
+    let call = asked(proxy.headers(&mut exchange, keyed("t"), false));
+    assert_eq!(proxy.body(&mut exchange, b"{}", false), Step::Pause);
+    let trailers = proxy.run(&proxy.store, |filter, env| {
+        exchange.on_request_trailers(filter, env, |_| b"{}".to_vec())
+    });
+    assert_eq!(trailers, Step::Pause);
+    assert_eq!(proxy.answer(&mut exchange, &call, b"{}"), Step::Continue);
+}
+
+#[test]
+fn a_wait_past_the_timeout_follows_on_store_error() {
+    let etcd = Rc::new(FakeEtcd::default());
+    let proxy = Proxy::in_fleet(&config(&[&global("deny")]), 1, &etcd);
+    let mut first = Exchange::default();
+    let _lost = asked(proxy.headers(&mut first, post("/", &[]), true));
+    let mut second = Exchange::default();
+    assert_eq!(
+        proxy.headers(&mut second, post("/", &[]), true),
+        Step::Pause
+    );
+    proxy.advance(490);
+    assert_eq!(proxy.tick_exchange(&mut second), None);
+    // Less than 5 ms left is not worth waiting for.
+    proxy.advance(6);
+    let Some(Step::Reply(reply)) = proxy.tick_exchange(&mut second) else {
+        panic!("still waiting past the timeout")
+    };
+    assert_eq!(reply.status, 503);
+    assert_eq!(proxy.metric("rate_limit.g.store_unavailable"), 1);
+}
+
+#[test]
+fn etcd_down_with_allow_lets_requests_through_without_asking_for_a_second() {
+    let etcd = Rc::new(FakeEtcd::default());
+    etcd.down.set(true);
+    let proxy = Proxy::in_fleet(&config(&[&global("allow")]), 1, &etcd);
+    assert_eq!(status(&proxy.call(post("/", &[]), b"", 200)), 200);
+    assert_eq!(proxy.metric("rate_limit.g.store_unavailable"), 1);
+    // Sent once, and again at once to another member: both failed.
+    let sent = proxy.metric("rate_limit.g.store_calls");
+    assert_eq!(sent, 2);
+    for _ in 0..5 {
+        assert_eq!(status(&proxy.call(post("/", &[]), b"", 200)), 200);
+    }
+    assert_eq!(proxy.metric("rate_limit.g.store_calls"), sent, "remembered");
+    assert_eq!(proxy.metric("rate_limit.g.allowed"), 0, "uncounted");
+    etcd.down.set(false);
+    proxy.advance(1_000);
+    assert_eq!(status(&proxy.call(post("/", &[]), b"", 200)), 200);
+    assert_eq!(proxy.metric("rate_limit.g.allowed"), 1);
+}
+
+#[test]
+fn three_envoys_share_one_global_bucket() {
+    let etcd = Rc::new(FakeEtcd::default());
+    let envoys: Vec<Proxy> = (1..=3)
+        .map(|seed| Proxy::in_fleet(&config(&[&global("deny")]), seed, &etcd))
+        .collect();
+    let admitted = (0..300)
+        .filter(|i| status(&envoys[i % 3].call(post("/", &[]), b"", 200)) == 200)
+        .count();
+    assert!((100 - 10 * 4..=100).contains(&admitted), "{admitted}");
+    let refused = envoys[0].call(post("/", &[]), b"", 200);
+    let Err(reply) = refused else {
+        panic!("admitted past the limit")
+    };
+    let header = |name: &str| {
+        reply
+            .headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(reply.status, 429);
+    assert_eq!(header("retry-after").as_deref(), Some("3600"));
+    assert!(header("ratelimit").is_some_and(|h| h.starts_with("\"g\";r=0;t=")));
+}
