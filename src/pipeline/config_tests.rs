@@ -252,3 +252,41 @@ fn request_headers_envoy_never_passes_are_refused() {
     );
     assert!(Config::parse(br#"{"idempotency": {"stored_headers": ["location"]}}"#).is_ok());
 }
+
+#[test]
+fn global_rules_need_a_store_and_a_chunk_that_leaves_room() {
+    let rule = |capacity: u64, cost: u64, chunk: u64| {
+        format!(
+            r#"{{"rate_limit": {{"rules": [{{"name": "g", "capacity": {capacity}, "cost": {cost},
+                "refill": {{"tokens": 1, "interval": "1s"}}, "global": {{"chunk": {chunk}}}}}],
+                "store": {{"etcd": {{"cluster": "etcd"}}}}}}}}"#
+        )
+    };
+    assert!(error_path(&rule(100, 1, 99)).starts_with("accepted"));
+    assert!(error_path(&rule(100, 5, 5)).starts_with("accepted"));
+    assert!(error_path(&rule(1_000_000_000, 1, 999_999_999)).starts_with("accepted"));
+    for (capacity, cost, chunk) in [
+        (100, 1, 0),
+        (100, 1, 100),
+        (100, 5, 4),
+        (100, 5, 96),
+        (1, 1, 1),
+    ] {
+        assert_eq!(
+            error_path(&rule(capacity, cost, chunk)),
+            "rate_limit.rules[0].global.chunk",
+            "capacity {capacity}, cost {cost}, chunk {chunk}"
+        );
+    }
+    let without_store = r#"{"rate_limit": {"rules": [{"name": "g", "capacity": 10,
+        "refill": {"tokens": 1, "interval": "1s"}, "global": {"chunk": 2}}]}}"#;
+    assert_eq!(error_path(without_store), "rate_limit.rules[0].global");
+    let store_unused = r#"{"rate_limit": {"rules": [{"name": "l", "capacity": 10,
+        "refill": {"tokens": 1, "interval": "1s"}}], "store": {"etcd": {"cluster": "etcd"}}}}"#;
+    assert_eq!(error_path(store_unused), "rate_limit.store");
+    let bad_timeout = rule(100, 1, 10).replace(
+        r#"{"cluster": "etcd"}"#,
+        r#"{"cluster": "etcd", "timeout": "5ms"}"#,
+    );
+    assert_eq!(error_path(&bad_timeout), "rate_limit.store.etcd.timeout");
+}
