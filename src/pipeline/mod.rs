@@ -514,7 +514,10 @@ impl Exchange {
 
     /// Whether the stream holds anything to give back, so the host reads how it ended.
     pub fn holds_loans(&self) -> bool {
-        self.slots.is_some() || self.claim.is_some() || self.permits.is_some()
+        self.slots.is_some()
+            || self.claim.is_some()
+            || self.permits.is_some()
+            || self.rate.as_ref().is_some_and(Admission::asks)
     }
 
     /// The stream ended holding nothing: nothing to give back, nothing to read.
@@ -545,6 +548,9 @@ impl Exchange {
             (Some(claim), Some(policy)) => policy.finish_claim(env, claim, &completion),
             _ => None,
         };
+        if let (Some(admission), Some(policy)) = (&mut self.rate, &filter.rate_limit) {
+            policy.abandon(env, admission);
+        }
         if let (Some(slots), Some(policy)) = (self.slots.take(), &filter.load_shedding) {
             policy.release(env, slots, &completion);
         }

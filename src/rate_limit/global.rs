@@ -49,9 +49,17 @@ pub struct Lease {
     pub unavailable_until: Instant,
     /// When the global bucket is full again, as of etcd's last answer.
     pub full_at: Instant,
+    /// The ask whose grant the tokens came from: a token given back goes only to its grant.
+    pub grant: u64,
+    /// The latest time a request wrote the lease: a clock found well before it stepped back.
+    pub stamp: Instant,
     /// The bucket as etcd last showed it, so that the next grant needs no read.
     pub seen: Option<Seen>,
 }
+
+/// How far before the lease's stamp a request's clock may read (workers read the clock at
+/// slightly different moments) before it counts as a step back, which voids the lease.
+const CLOCK_SLACK: Duration = Duration::from_secs(1);
 
 /// A bucket as etcd showed it: its slot and the revision that wrote it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +81,8 @@ impl Record for Lease {
             self.refused_until.as_nanos(),
             self.unavailable_until.as_nanos(),
             self.full_at.as_nanos(),
+            self.grant,
+            self.stamp.as_nanos(),
         ] {
             out.extend_from_slice(&word.to_le_bytes());
         }
@@ -101,6 +111,8 @@ impl Record for Lease {
         let refused_until = instant()?;
         let unavailable_until = instant()?;
         let full_at = instant()?;
+        let grant = instant()?.as_nanos();
+        let stamp = instant()?;
         let revision = i64::from_le_bytes(fields.bytes()?);
         let slot = Slot {
             owner: fields.u64()?,
@@ -119,6 +131,8 @@ impl Record for Lease {
             refused_until,
             unavailable_until,
             full_at,
+            grant,
+            stamp,
             seen: (revision > 0).then_some(Seen { revision, slot }),
         })
     }
@@ -127,8 +141,12 @@ impl Record for Lease {
 /// What a request found in its lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Taking {
-    /// Spent from the lease, which holds `left` more.
-    Spent { left: u64, full_in: Duration },
+    /// Spent from the lease (of grant `grant`), which holds `left` more.
+    Spent {
+        left: u64,
+        full_in: Duration,
+        grant: u64,
+    },
     /// etcd's bucket was empty lately: refused without asking.
     Refused {
         retry_after: Duration,
@@ -156,6 +174,20 @@ fn live(lease: &Lease, now: Instant) -> bool {
         || now < lease.unavailable_until
 }
 
+/// The lease, unless the clock stepped back from the time it was last written: then its
+/// tokens (valid for a time that has not come back yet) and its waits and memories (that
+/// would last as long as the step) are void.
+fn steady(lease: Lease, now: Instant) -> Lease {
+    if now.saturating_add(CLOCK_SLACK) < lease.stamp {
+        return Lease {
+            owner: lease.owner,
+            seen: lease.seen,
+            ..Lease::default()
+        };
+    }
+    lease
+}
+
 /// Decides a request of `cost` against this Envoy's lease of `owner`'s bucket: the outcome,
 /// and the lease to write (with compare-and-swap) when it changed.
 pub fn take(
@@ -166,6 +198,7 @@ pub fn take(
     chunk: u64,
     timeout: Duration,
 ) -> (Taking, Option<Lease>) {
+    let lease = lease.map(|lease| steady(lease, now));
     let mine = match lease {
         Some(lease) if lease.owner == owner => lease,
         Some(lease) if live(&lease, now) => {
@@ -188,12 +221,14 @@ pub fn take(
         let next = Lease {
             tokens: mine.tokens - cost,
             spent: mine.spent.saturating_add(cost),
+            stamp: mine.stamp.max(now),
             ..mine
         };
         return (
             Taking::Spent {
                 left: next.tokens,
                 full_in,
+                grant: mine.grant,
             },
             Some(next),
         );
@@ -222,6 +257,7 @@ pub fn take(
     };
     let next = Lease {
         asking_until: now.saturating_add(timeout),
+        stamp: mine.stamp.max(now),
         ..mine
     };
     (
@@ -237,12 +273,20 @@ pub fn take(
 /// What etcd's bucket decided for an ask.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Granted {
-    /// `grant.granted` tokens (at least the request's cost), and the bucket now as `seen`.
-    Tokens { grant: Grant, seen: Seen },
+    /// `grant.granted` tokens (at least the request's cost), and the bucket now as `seen`;
+    /// `writer` tags the grant.
+    Tokens {
+        grant: Grant,
+        seen: Seen,
+        writer: u64,
+    },
     /// Too few tokens: the request is refused.
     Empty { grant: Grant, seen: Option<Seen> },
-    /// No usable answer in time.
+    /// No usable answer: etcd is down or failing, remembered for [`STORE_RETRY_AFTER`].
     Unavailable(AnswerError),
+    /// etcd answers, but not in time for this request: it lost every race for the bucket,
+    /// its time ran out, or its grant landed after the tokens' validity. Not an outage.
+    TooLate,
 }
 
 /// Writes what a grant brought into the lease that asked for it: the request's own `cost`
@@ -258,8 +302,13 @@ pub fn settle(
         return (0, None);
     };
     lease.asking_until = Instant::default();
+    lease.stamp = lease.stamp.max(now);
     match granted {
-        Granted::Tokens { grant, seen } => {
+        Granted::Tokens {
+            grant,
+            seen,
+            writer,
+        } => {
             let kept = if now < lease.valid_until {
                 lease.tokens
             } else {
@@ -276,6 +325,7 @@ pub fn settle(
             lease.refused_until = Instant::default();
             lease.unavailable_until = Instant::default();
             lease.full_at = now.saturating_add(grant.full_in);
+            lease.grant = *writer;
             lease.seen = Some(*seen);
         }
         Granted::Empty { grant, seen } => {
@@ -286,14 +336,22 @@ pub fn settle(
         Granted::Unavailable(_) => {
             lease.unavailable_until = now.saturating_add(STORE_RETRY_AFTER);
         }
+        Granted::TooLate => {}
     }
     (lease.tokens, Some(lease))
 }
 
-/// Gives a spent token back to the lease it came from, while that lease is still valid.
-pub fn refund(lease: Option<Lease>, owner: u64, now: Instant, cost: u64) -> Option<Lease> {
+/// Gives a spent token back to the grant it came from, while that grant is still valid:
+/// into a later grant it would outlive the validity it was taken under.
+pub fn refund(
+    lease: Option<Lease>,
+    owner: u64,
+    grant: u64,
+    now: Instant,
+    cost: u64,
+) -> Option<Lease> {
     lease
-        .filter(|lease| lease.owner == owner && now < lease.valid_until)
+        .filter(|lease| lease.owner == owner && lease.grant == grant && now < lease.valid_until)
         .map(|lease| Lease {
             tokens: lease.tokens.saturating_add(cost),
             spent: lease.spent.saturating_sub(cost),
@@ -399,12 +457,17 @@ impl Asking {
         let landed = |this: &Asking, revision: i64| {
             let remote = decode::<Remote>(&this.value).ok();
             match (this.grant, remote) {
+                // Landed too late to spend: its tokens are gone, and nobody may use them.
+                (Some(grant), Some(_)) if now >= grant.valid_until => {
+                    AskStep::Done(Granted::TooLate)
+                }
                 (Some(grant), Some(remote)) => AskStep::Done(Granted::Tokens {
                     grant,
                     seen: Seen {
                         revision,
                         slot: remote.slot,
                     },
+                    writer: this.writer,
                 }),
                 _ => AskStep::Done(Granted::Unavailable(AnswerError::Malformed)),
             }
@@ -450,7 +513,7 @@ impl Asking {
         });
         match self.compute(bucket, seen, now) {
             AskStep::Send if self.calls >= MAX_CALLS || time_left < MIN_CALL_TIME => {
-                AskStep::Done(Granted::Unavailable(AnswerError::Contended))
+                AskStep::Done(Granted::TooLate)
             }
             step => step,
         }

@@ -91,8 +91,8 @@ struct Taken {
 enum Source {
     /// A local rule's slot, drawn as `holder`'s bucket.
     Slot { key: String, holder: u64 },
-    /// This Envoy's lease of a global bucket.
-    Lease { key: String, owner: u64 },
+    /// This Envoy's lease of a global bucket, from the grant `grant`.
+    Lease { key: String, owner: u64, grant: u64 },
     /// A grant for this request alone: what is not spent of it goes back to nobody.
     Grant,
 }
@@ -239,14 +239,30 @@ impl RateLimit {
         match asking.answer(&rule.bucket, answer, env.now, left) {
             AskStep::Send => match self.send(env, index, asking, left) {
                 Some(call) => RateStep::Call(call),
-                None => self.resolve(
-                    env,
-                    request,
-                    admission,
-                    Granted::Unavailable(AnswerError::NoAnswer),
-                ),
+                None => self.resolve(env, request, admission, Granted::TooLate),
             },
             AskStep::Done(granted) => self.resolve(env, request, admission, granted),
+        }
+    }
+
+    /// The stream ended while its grant was on its way: the lease is no longer marked as
+    /// asking, so the next request asks rather than waits out the timeout. (Should the
+    /// grant land, its tokens are lost: fewer admitted, never more.)
+    pub fn abandon<S: Store>(&self, env: &mut Env<'_, S>, admission: &mut Admission) {
+        let Some(pending) = admission.pending.take() else {
+            return;
+        };
+        if !matches!(pending.kind, Kind::Ask { lease: true, .. }) {
+            return;
+        }
+        let rule = &self.config.rules[admission.next];
+        let now = env.now;
+        let settled =
+            store::settle::<Lease, _>(env.store, env.namespace(), &pending.lease_key, |current| {
+                global::settle(current, pending.owner, now, rule.cost, &Granted::TooLate)
+            });
+        if let Err(err) = settled {
+            env.store_failed(&format!("rate limit rule {:?} lease", rule.name), err);
         }
     }
 
@@ -411,12 +427,17 @@ impl RateLimit {
             kind: Kind::Wait,
         };
         match taking {
-            Taking::Spent { left, full_in } => Flow::Decided(Outcome::Admitted {
+            Taking::Spent {
+                left,
+                full_in,
+                grant,
+            } => Flow::Decided(Outcome::Admitted {
                 remaining: left,
                 full_in,
                 from: Source::Lease {
                     key: pending.lease_key,
                     owner: pending.owner,
+                    grant,
                 },
             }),
             Taking::Refused {
@@ -471,7 +492,7 @@ impl RateLimit {
                         }
                         None => {
                             admission.pending = None;
-                            let granted = Granted::Unavailable(AnswerError::NoAnswer);
+                            let granted = Granted::TooLate;
                             Flow::Decided(self.granted(env, index, &pending, lease, granted))
                         }
                     },
@@ -549,13 +570,14 @@ impl RateLimit {
             }
         };
         match granted {
-            Granted::Tokens { grant, .. } => Outcome::Admitted {
+            Granted::Tokens { grant, writer, .. } => Outcome::Admitted {
                 remaining: left,
                 full_in: grant.full_in,
                 from: if lease {
                     Source::Lease {
                         key: pending.lease_key.clone(),
                         owner: pending.owner,
+                        grant: writer,
                     }
                 } else {
                     Source::Grant
@@ -567,6 +589,7 @@ impl RateLimit {
                 retry_after: grant.retry_after,
             },
             Granted::Unavailable(err) => self.unavailable(env, index, err),
+            Granted::TooLate => self.unavailable(env, index, AnswerError::Contended),
         }
     }
 
@@ -580,6 +603,9 @@ impl RateLimit {
         let rule = &self.config.rules[index];
         if let Some(unavailable) = self.metrics[index].store_unavailable {
             env.telemetry.increment(unavailable);
+        }
+        if rule.shadow {
+            return Outcome::Skipped;
         }
         env.telemetry.log(
             Level::Warn,
@@ -626,6 +652,7 @@ impl RateLimit {
         admission: &mut Admission,
         outcome: Outcome,
     ) -> Result<(), Reply> {
+        admission.pending = None;
         let index = admission.next;
         let rule = &self.config.rules[index];
         let metrics = &self.metrics[index];
@@ -722,9 +749,9 @@ impl RateLimit {
                         ((), refund(&rule.bucket, slot, *holder, rule.cost))
                     })
                 }
-                Source::Lease { key, owner } => {
+                Source::Lease { key, owner, grant } => {
                     store::settle::<Lease, _>(env.store, env.namespace(), key, |lease| {
-                        ((), global::refund(lease, *owner, now, rule.cost))
+                        ((), global::refund(lease, *owner, *grant, now, rule.cost))
                     })
                 }
                 Source::Grant => continue,

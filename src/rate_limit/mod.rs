@@ -14,5 +14,6 @@ mod table;
 
 pub use bucket::{Bucket, Check, Grant, Tat};
 pub use config::{KeyPart, MissingKey, RateLimitConfig, RawRateLimit, Rule};
+pub use global::Lease;
 pub use limiter::{Admission, RateLimit, RateStep, ResponseHeaders};
 pub use table::Slot;

@@ -175,3 +175,54 @@ fn three_envoys_share_one_global_bucket() {
     assert_eq!(header("retry-after").as_deref(), Some("3600"));
     assert!(header("ratelimit").is_some_and(|h| h.starts_with("\"g\";r=0;t=")));
 }
+
+/// Review finds: a shadow rule refuses nothing, even when etcd is down and `deny` is set;
+/// a request that leaves while its grant is on its way does not make the next wait it out.
+#[test]
+fn a_shadow_global_rule_refuses_nothing_when_etcd_is_down() {
+    let etcd = Rc::new(FakeEtcd::default());
+    etcd.down.set(true);
+    let shadow = global("deny").replace(r#""global""#, r#""shadow": true, "global""#);
+    let proxy = Proxy::in_fleet(&config(&[&shadow]), 1, &etcd);
+    assert_eq!(status(&proxy.call(post("/", &[]), b"", 200)), 200);
+}
+
+#[test]
+fn a_request_that_leaves_while_asking_hands_the_ask_to_the_next() {
+    let etcd = Rc::new(FakeEtcd::default());
+    let proxy = Proxy::in_fleet(&config(&[&global("deny")]), 1, &etcd);
+    let mut left = Exchange::default();
+    let _never_answered = asked(proxy.headers(&mut left, post("/", &[]), true));
+    proxy.finish(&mut left, Completion::default());
+    let mut next = Exchange::default();
+    let call = asked(proxy.headers(&mut next, post("/", &[]), true));
+    assert_eq!(proxy.answer(&mut next, &call, b""), Step::Continue);
+}
+
+#[test]
+fn losing_every_race_is_not_remembered_as_an_outage() {
+    let etcd = Rc::new(FakeEtcd::default());
+    let proxy = Proxy::in_fleet(&config(&[&global("deny")]), 1, &etcd);
+    let lease_key = "resilience/t/rlg/g/0";
+    let mut exchange = Exchange::default();
+    let call = asked(proxy.headers(&mut exchange, post("/", &[]), true));
+    // Another Envoy writes the bucket before each of this ask's four transactions.
+    let mut step = Step::Call(call);
+    let mut rival = 0;
+    while let Step::Call(call) = step {
+        rival += 1;
+        let other = Proxy::in_fleet(&config(&[&global("deny")]), 100 + rival, &etcd);
+        assert_eq!(status(&other.call(post("/", &[]), b"", 200)), 200);
+        step = proxy.answer(&mut exchange, &call, b"");
+    }
+    assert!(
+        matches!(step, Step::Reply(ref reply) if reply.status == 503),
+        "{step:?}"
+    );
+    let lease = state::read::<crate::rate_limit::Lease>(&proxy.store, lease_key);
+    assert!(
+        lease.is_ok_and(|l| l.is_some_and(|l| l.unavailable_until == Instant::default())),
+        "contention is not an outage"
+    );
+    assert_eq!(status(&proxy.call(post("/", &[]), b"", 200)), 200);
+}

@@ -68,7 +68,17 @@ fn a_lease_is_spent_locally_then_refilled_by_one_ask() {
             ticks_per_ns: 1,
         },
     };
-    let (left, lease) = settle(lease, owner, T0, 1, &Granted::Tokens { grant, seen });
+    let (left, lease) = settle(
+        lease,
+        owner,
+        T0,
+        1,
+        &Granted::Tokens {
+            grant,
+            seen,
+            writer: 3,
+        },
+    );
     assert_eq!(left, 9, "the asking request took its token first");
     let mut lease = lease;
     for expected in (0..9).rev() {
@@ -176,6 +186,8 @@ fn leases_decode_what_they_encode_and_refuse_other_bytes() {
         refused_until: after(6),
         unavailable_until: after(7),
         full_at: after(8),
+        grant: 13,
+        stamp: after(14),
         seen: Some(Seen {
             revision: 9,
             slot: crate::rate_limit::Slot {
@@ -325,7 +337,7 @@ fn a_fleet_of_leases_never_admits_what_one_bucket_would_refuse() {
                 match granted {
                     Granted::Tokens { .. } => admitted_at.push(now),
                     Granted::Empty { .. } => refused += 1,
-                    Granted::Unavailable(err) => panic!("etcd failed: {err:?}"),
+                    other => panic!("etcd failed: {other:?}"),
                 }
             }
             other => panic!("unexpected {other:?}"),
@@ -379,4 +391,75 @@ fn a_burst_over_three_envoys_admits_between_n_minus_the_chunks_and_n() {
         assert!(admitted <= n, "chunk {chunk}: {admitted}");
         assert!(admitted >= n - chunk * 4, "chunk {chunk}: {admitted}");
     }
+}
+
+/// Review finds: a grant whose answer comes after its validity admits nobody, and a token
+/// given back never goes into a later grant.
+#[test]
+fn a_late_grant_admits_nobody_and_refunds_stay_with_their_grant() {
+    let etcd = FakeEtcd::default();
+    let b = bucket(100, 1, Duration::from_millis(1)); // a token a millisecond
+    let mut asking = Asking {
+        key: b"k".to_vec(),
+        owner: 1,
+        ask: 10,
+        cost: 1,
+        reserve: 10,
+        started: T0,
+        calls: 1,
+        writer: 99,
+        in_doubt: false,
+        expected: Expected::Absent,
+        value: Vec::new(),
+        grant: None,
+    };
+    assert_eq!(asking.start(&b, None, T0), AskStep::Send);
+    let body = etcd::swap(&asking.key, &asking.expected, &asking.value);
+    let answer = etcd
+        .answer(&body)
+        .ok_or(AnswerError::NoAnswer)
+        .and_then(|(status, body)| etcd::swapped(status, &body));
+    // The reserve of 10 refills in 10 ms: an answer 10 ms late is too late.
+    assert_eq!(
+        asking.answer(&b, answer, after(10), TIMEOUT),
+        AskStep::Done(Granted::TooLate)
+    );
+    let lease = Lease {
+        owner: 1,
+        tokens: 5,
+        grant: 7,
+        valid_until: after(100),
+        ..Lease::default()
+    };
+    assert_eq!(
+        refund(Some(lease), 1, 6, T0, 1),
+        None,
+        "another grant's lease"
+    );
+    assert_eq!(refund(Some(lease), 1, 7, T0, 1).map(|l| l.tokens), Some(6));
+}
+
+#[test]
+fn a_clock_step_back_voids_the_lease_and_what_it_remembers() {
+    let owner = 7;
+    let lease = Lease {
+        owner,
+        tokens: 9,
+        valid_until: after(3_600_000),
+        refused_until: Instant::default(),
+        asking_until: after(3_600_000),
+        stamp: after(3_600_000),
+        ..Lease::default()
+    };
+    let (taking, _) = take(Some(lease), owner, T0, 1, 10, TIMEOUT);
+    assert!(matches!(taking, Taking::Ask { .. }), "{taking:?}");
+    let refused = Lease {
+        refused_until: after(3_600_000),
+        ..lease
+    };
+    let (taking, _) = take(Some(refused), owner, T0, 1, 10, TIMEOUT);
+    assert!(
+        matches!(taking, Taking::Ask { .. }),
+        "a refusal does not last the step: {taking:?}"
+    );
 }
