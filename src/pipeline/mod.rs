@@ -345,13 +345,7 @@ impl Exchange {
                     self.stage = Stage::AwaitingBody { deadline };
                     return Step::Pause;
                 }
-                let limit = policy.config().max_body_bytes;
-                let body = read_body(limit.saturating_add(1));
-                if body.len() > limit {
-                    return self.body_too_large(filter, env);
-                }
-                self.request.body = body;
-                self.admit_after_body(filter, env)
+                self.admit_whole_body(filter, env, policy.config().max_body_bytes, read_body)
             }
             _ => self.admit_after_body(filter, env),
         }
@@ -412,7 +406,18 @@ impl Exchange {
         if let Some(reply) = self.on_body_timeout(filter, env) {
             return Step::Reply(reply);
         }
-        let limit = policy.config().max_body_bytes;
+        self.admit_whole_body(filter, env, policy.config().max_body_bytes, read_body)
+    }
+
+    /// The whole body is in Envoy's buffer (no chunk said it was the last): reads it, at
+    /// most one byte past `limit` to tell a body too large, and admits the request with it.
+    fn admit_whole_body<S: Store>(
+        &mut self,
+        filter: &Filter,
+        env: &mut Env<'_, S>,
+        limit: usize,
+        read_body: impl FnOnce(usize) -> Vec<u8>,
+    ) -> Step {
         let body = read_body(limit.saturating_add(1));
         if body.len() > limit {
             return self.body_too_large(filter, env);

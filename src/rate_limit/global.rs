@@ -398,7 +398,6 @@ pub struct Asking {
     pub ask: u64,
     pub cost: u64,
     pub reserve: u64,
-    pub started: Instant,
     pub calls: u32,
     /// A random tag this ask's writes carry.
     pub writer: u64,
@@ -423,7 +422,6 @@ impl Asking {
     /// tokens is right without asking (tokens only leave a bucket faster than time refills it
     /// as seen), one that shows enough is checked by the compare.
     pub fn start(&mut self, bucket: &Bucket, seen: Option<Seen>, now: Instant) -> AskStep {
-        self.started = now;
         self.compute(bucket, seen, now)
     }
 

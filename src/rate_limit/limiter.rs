@@ -470,7 +470,6 @@ impl RateLimit {
                     ask,
                     cost: rule.cost,
                     reserve: global.chunk,
-                    started: now,
                     calls: 0,
                     writer: (env.random)(),
                     in_doubt: false,

@@ -229,7 +229,6 @@ fn ask_through(
         ask,
         cost: 1,
         reserve,
-        started: now,
         calls: 0,
         writer: WRITER.with(|w| {
             w.set(w.get() + 1);
@@ -405,7 +404,6 @@ fn a_late_grant_admits_nobody_and_refunds_stay_with_their_grant() {
         ask: 10,
         cost: 1,
         reserve: 10,
-        started: T0,
         calls: 1,
         writer: 99,
         in_doubt: false,
