@@ -44,6 +44,34 @@ impl Project {
         run(&mut command)
     }
 
+    /// Cuts a service's container off from one of the project's networks, as a partition
+    /// would: its connections there fail and its peers' names stop resolving.
+    pub fn disconnect(&self, service: &str, network: &str) {
+        self.network("disconnect", service, network);
+    }
+
+    /// Joins a service's container to one of the project's networks again.
+    pub fn connect(&self, service: &str, network: &str) {
+        self.network("connect", service, network);
+    }
+
+    fn network(&self, action: &str, service: &str, network: &str) {
+        let container = self.compose(&["ps", "-q", service]);
+        // Compose v1 and v2 spell the network's name differently; both label it.
+        let project = format!("label=com.docker.compose.project={}", self.name);
+        let label = format!("label=com.docker.compose.network={network}");
+        let id = run(&mut command(
+            "docker",
+            &[
+                "network", "ls", "-q", "--filter", &project, "--filter", &label,
+            ],
+        ));
+        run(&mut command(
+            "docker",
+            &["network", action, id.trim(), container.trim()],
+        ));
+    }
+
     /// `http://127.0.0.1:<port>` where Docker published a service's port.
     pub fn url(&self, service: &str, port: u16) -> String {
         let address = self.compose(&["port", service, &port.to_string()]);
