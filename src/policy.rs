@@ -7,6 +7,7 @@
 //! randomness, where to report) comes in an [`Env`].
 
 use crate::clock::Instant;
+use crate::grpc::GrpcStatus;
 use crate::reply::Reply;
 use crate::request::RequestInfo;
 use crate::store::{FailureMode, Namespace, SharedDataSettings, Store, StoreError};
@@ -146,6 +147,10 @@ pub struct Completion {
     pub upstream_host: bool,
     /// From the request's headers to the end of the stream.
     pub duration: Duration,
+    /// A gRPC call's status, as Envoy reports it (`response.grpc_status`): from its trailers,
+    /// or the headers of a trailers-only answer, else derived from `:status`. `None` for a
+    /// request that is not a gRPC call, and for a call that got no answer.
+    pub grpc_status: Option<GrpcStatus>,
 }
 
 /// Response flags meaning Envoy could not get an answer from the upstream: no healthy upstream

@@ -3,6 +3,7 @@
 //! shared data fails under `on_error: deny`.
 
 use crate::config::{check_header_name, ConfigError};
+use crate::grpc::GrpcStatus;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -17,6 +18,19 @@ pub struct Reply {
     /// answered. Never `via_upstream`, so chained instances tell these replies from the
     /// upstream's.
     pub details: &'static str,
+    /// How a gRPC call is refused instead; `None` sends the reply as it is (a replay).
+    pub grpc: Option<GrpcAnswer>,
+    /// Set once the reply is made for a gRPC call ([`Reply::for_grpc_call`]): Envoy answers
+    /// trailers-only with this `grpc-status`, and `body` as `grpc-message`.
+    pub grpc_status: Option<GrpcStatus>,
+}
+
+/// A trailers-only gRPC answer: the code a gRPC client acts on (`UNAVAILABLE` is retried by
+/// default, `RESOURCE_EXHAUSTED` is not), and a message saying which policy refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrpcAnswer {
+    pub status: GrpcStatus,
+    pub message: String,
 }
 
 /// Where a problem's `type` URI starts; each type is listed in the policy's README.
@@ -24,10 +38,12 @@ pub const PROBLEM_TYPE_BASE: &str = "urn:envoy-resilience:";
 
 impl Reply {
     /// A policy's configured refusal, with the policy's own headers first.
+    /// `grpc_message` says which policy and rule refused, unless the response configures one.
     pub fn configured(
         response: &Response,
         own_headers: Vec<(String, String)>,
         details: &'static str,
+        grpc_message: impl FnOnce() -> String,
     ) -> Reply {
         let headers = own_headers
             .into_iter()
@@ -39,6 +55,11 @@ impl Reply {
             headers,
             body: response.body.clone().into_bytes(),
             details,
+            grpc: Some(GrpcAnswer {
+                status: response.grpc_status,
+                message: response.grpc_message.clone().unwrap_or_else(grpc_message),
+            }),
+            grpc_status: None,
         }
     }
 
@@ -49,6 +70,11 @@ impl Reply {
             headers: vec![("content-type".to_owned(), b"text/plain".to_vec())],
             body: format!("{policy} state unavailable\n").into_bytes(),
             details: "resilience_state_unavailable",
+            grpc: Some(GrpcAnswer {
+                status: GrpcStatus::UNAVAILABLE,
+                message: format!("{policy} state unavailable"),
+            }),
+            grpc_status: None,
         }
     }
 
@@ -61,6 +87,7 @@ impl Reply {
         detail: &str,
         retry_after_secs: Option<u64>,
         details: &'static str,
+        grpc_status: GrpcStatus,
     ) -> Reply {
         let mut headers = vec![(
             "content-type".to_owned(),
@@ -80,6 +107,11 @@ impl Reply {
             headers,
             body: body.to_string().into_bytes(),
             details,
+            grpc: Some(GrpcAnswer {
+                status: grpc_status,
+                message: format!("{kind}: {detail}"),
+            }),
+            grpc_status: None,
         }
     }
 
@@ -96,7 +128,33 @@ impl Reply {
             headers,
             body,
             details: "resilience_idempotency_replay",
+            grpc: None,
+            grpc_status: None,
         }
+    }
+
+    /// The reply as a gRPC call gets it: Envoy makes a trailers-only answer of it, with
+    /// `grpc-status` and the body as `grpc-message`, and keeps the other headers. The wait of
+    /// `Retry-After` becomes `grpc-retry-pushback-ms` (gRFC A6), which gRPC clients honour.
+    pub fn for_grpc_call(mut self) -> Reply {
+        let Some(grpc) = self.grpc.take() else {
+            return self;
+        };
+        let pushback_ms = self
+            .header("retry-after")
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
+            .and_then(|secs| secs.checked_mul(1000));
+        self.headers
+            .retain(|(name, _)| name != "content-type" && name != "content-length");
+        if let Some(ms) = pushback_ms {
+            self.headers.push((
+                "grpc-retry-pushback-ms".to_owned(),
+                ms.to_string().into_bytes(),
+            ));
+        }
+        self.body = grpc.message.into_bytes();
+        self.grpc_status = Some(grpc.status);
+        self
     }
 
     pub fn header(&self, name: &str) -> Option<&[u8]> {
@@ -113,6 +171,8 @@ pub struct RawResponse {
     pub status: Option<u16>,
     pub body: Option<String>,
     pub headers: Option<BTreeMap<String, String>>,
+    pub grpc_status: Option<String>,
+    pub grpc_message: Option<String>,
 }
 
 /// A policy's configurable refusal: status, body, extra headers.
@@ -122,6 +182,9 @@ pub struct Response {
     pub body: String,
     /// Lower-case names; `content-type: text/plain` unless configured otherwise.
     pub headers: Vec<(String, String)>,
+    /// What a gRPC call gets instead: its code, and its message when configured.
+    pub grpc_status: GrpcStatus,
+    pub grpc_message: Option<String>,
 }
 
 impl Response {
@@ -131,6 +194,7 @@ impl Response {
         at: &str,
         status: u16,
         body: &str,
+        grpc_status: GrpcStatus,
     ) -> Result<Response, ConfigError> {
         let raw = raw.unwrap_or_default();
         let status = raw.status.unwrap_or(status);
@@ -155,10 +219,23 @@ impl Response {
         if !headers.iter().any(|(name, _)| name == "content-type") {
             headers.push(("content-type".to_owned(), "text/plain".to_owned()));
         }
+        let grpc_status = match raw.grpc_status {
+            Some(name) => GrpcStatus::parse(&name, &format!("{at}.grpc_status"))?,
+            None => grpc_status,
+        };
+        if grpc_status == GrpcStatus::OK {
+            // A trailers-only OK to a unary call is an error of its own in every client.
+            return Err(ConfigError::at(
+                &format!("{at}.grpc_status"),
+                "a refusal cannot be OK",
+            ));
+        }
         Ok(Response {
             status,
             body: raw.body.unwrap_or_else(|| body.to_owned()),
             headers,
+            grpc_status,
+            grpc_message: raw.grpc_message,
         })
     }
 }

@@ -24,6 +24,9 @@ pub struct RequestInfo {
     pub peer: Option<IpAddr>,
     /// The whole body, once a stage waited for it (idempotency fingerprints it); else empty.
     pub body: Vec<u8>,
+    /// A gRPC call ([`crate::grpc::is_grpc`]): its outcome is its `grpc-status`, and it is
+    /// refused with a gRPC answer.
+    pub grpc: bool,
 }
 
 /// A header as a policy sees it.
@@ -58,6 +61,7 @@ impl RequestInfo {
                 .map_or(&[][..], |(_, v)| v.as_slice())
         };
         let mut request = RequestInfo::new(pseudo(":method"), pseudo(":path"));
+        request.grpc = crate::grpc::is_grpc(pseudo("content-type"));
         request.headers = map
             .into_iter()
             .filter(|(name, _)| names.contains(name))

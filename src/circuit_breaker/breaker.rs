@@ -156,10 +156,15 @@ impl BreakerConfig {
         if completion.downstream_gone() || !completion.via_upstream {
             return Outcome::Ignored;
         }
-        match completion.status {
-            Some(status) if self.failure_statuses.contains(status) => Outcome::Failure { slow },
-            Some(_) => Outcome::Success { slow },
-            None => Outcome::Ignored,
+        let failed = match (completion.grpc_status, completion.status) {
+            (Some(grpc), _) => self.failure_grpc_statuses.contains(grpc),
+            (None, Some(status)) => self.failure_statuses.contains(status),
+            (None, None) => return Outcome::Ignored,
+        };
+        if failed {
+            Outcome::Failure { slow }
+        } else {
+            Outcome::Success { slow }
         }
     }
 

@@ -4,6 +4,7 @@
 use super::window::{WindowSpec, MAX_CALLS, TIME_BUCKETS};
 use crate::clock::nanos_saturating;
 use crate::config::{check_name, check_range as range, ConfigError, Duration};
+use crate::grpc::{GrpcStatus, GrpcStatusSet};
 use crate::matcher::{RawScope, Scope};
 use crate::reply::{RawResponse, Response};
 use serde::Deserialize;
@@ -30,6 +31,7 @@ pub struct RawBreaker {
 #[serde(deny_unknown_fields)]
 pub struct RawFailure {
     pub statuses: Option<Vec<RawStatus>>,
+    pub grpc_statuses: Option<Vec<String>>,
     pub local_failures: Option<bool>,
     pub slow_call: Option<Duration>,
 }
@@ -100,6 +102,8 @@ pub struct BreakerConfig {
     pub name: String,
     pub scope: Scope,
     pub failure_statuses: StatusSet,
+    /// A gRPC call's outcome is its `grpc-status`, judged by this set instead.
+    pub failure_grpc_statuses: GrpcStatusSet,
     pub local_failures: bool,
     pub slow_call: Option<std::time::Duration>,
     pub consecutive_failures: Option<u32>,
@@ -123,6 +127,15 @@ pub struct CircuitBreakerConfig {
 }
 
 pub const MAX_BREAKERS: usize = 64;
+
+/// The gRPC codes that say the server failed, not the call: as the HTTP 5xx are.
+const DEFAULT_FAILURE_GRPC_STATUSES: [GrpcStatus; 5] = [
+    GrpcStatus::UNAVAILABLE,
+    GrpcStatus::DEADLINE_EXCEEDED,
+    GrpcStatus::INTERNAL,
+    GrpcStatus::UNKNOWN,
+    GrpcStatus::DATA_LOSS,
+];
 
 impl CircuitBreakerConfig {
     pub fn validate(raw: RawCircuitBreaker, at: &str) -> Result<CircuitBreakerConfig, ConfigError> {
@@ -180,6 +193,17 @@ impl BreakerConfig {
                 }
             }
         }
+        let failure_grpc_statuses = match failure.grpc_statuses {
+            None => GrpcStatusSet::of(&DEFAULT_FAILURE_GRPC_STATUSES),
+            Some(names) => {
+                let mut set = GrpcStatusSet::default();
+                for (i, name) in names.iter().enumerate() {
+                    let status_at = format!("{at}.failure.grpc_statuses[{i}]");
+                    set.insert(GrpcStatus::parse(name, &status_at)?);
+                }
+                set
+            }
+        };
         let slow_call = failure.slow_call.map(|d| d.0);
         if slow_call.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::at(
@@ -328,11 +352,13 @@ impl BreakerConfig {
             503,
             "circuit open
 ",
+            GrpcStatus::UNAVAILABLE,
         )?;
         Ok(BreakerConfig {
             name: raw.name,
             scope,
             failure_statuses,
+            failure_grpc_statuses,
             local_failures: failure.local_failures.unwrap_or(true),
             slow_call,
             consecutive_failures,

@@ -163,6 +163,7 @@ impl Policy for CircuitBreaker {
                         &breaker.response,
                         own,
                         "resilience_circuit_open",
+                        || format!("circuit breaker {} is open", breaker.name),
                     ));
                 }
                 Err(err) => {

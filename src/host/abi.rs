@@ -289,8 +289,10 @@ pub fn send_local_response(reply: &Reply) -> Result<(), Status> {
             reply.body.len(),
             headers.as_ptr(),
             headers.len(),
-            // No gRPC status of our own: Envoy derives one from the HTTP status for gRPC calls.
-            -1,
+            // Without one, Envoy derives a gRPC call's status from the HTTP status.
+            reply
+                .grpc_status
+                .map_or(-1, |status| i32::from(status.code())),
         )
     })
 }

@@ -10,6 +10,7 @@ mod shared_data;
 
 use crate::etcd::AnswerError;
 use crate::etcd::StoreCall;
+use crate::grpc::GrpcStatus;
 use crate::hashing::Seed;
 use crate::idempotency::{FleetWrite, FleetWrites, MAX_WRITES_IN_FLIGHT};
 use crate::pipeline::{Exchange, Filter, ResponseView, Step, Sweeper};
@@ -589,8 +590,13 @@ impl HttpContext for Stream {
             exchange.end();
             return;
         }
+        let grpc_call = exchange.grpc_call();
         configured.run(|filter, env| {
             let write = exchange.finish(filter, env, || Completion {
+                grpc_status: grpc_call
+                    .then(|| abi::int_property(&["response", "grpc_status"]))
+                    .flatten()
+                    .and_then(|code| GrpcStatus::from_code(i64::try_from(code).ok()?)),
                 status: abi::int_property(&["response", "code"])
                     .and_then(|code| u16::try_from(code).ok())
                     .filter(|&code| code > 0),

@@ -12,6 +12,7 @@ use super::policy::{
 use super::record::{Entry, IdempotencyRecord};
 use crate::clock::Instant;
 use crate::etcd::{self, AnswerError, Expected, StoreCall, Swapped};
+use crate::grpc::GrpcStatus;
 use crate::policy::Env;
 use crate::reply::Reply;
 use crate::store::{decode, encode, FailureMode, Store};
@@ -395,6 +396,7 @@ impl Idempotency {
                     ..Problem::new(
                         503,
                         "store-unavailable",
+                        GrpcStatus::UNAVAILABLE,
                         "Idempotency store unavailable",
                         format!(
                             "The store that keeps idempotency keys across proxies did not answer ({error:?}). Retry with the same key."

@@ -7,6 +7,7 @@ use super::fleet::{FleetClaim, FleetWrite};
 use super::key::{parse_key, KeyError};
 use super::record::{Entry, IdempotencyRecord, StoredResponse};
 use crate::clock::{retry_after_secs, Instant};
+use crate::grpc::GrpcStatus;
 use crate::hashing::KeyHasher;
 use crate::policy::{Completion, Env, Needs, Policy};
 use crate::reply::Reply;
@@ -142,6 +143,8 @@ pub struct Problem {
     pub title: &'static str,
     pub detail: String,
     pub retry_after_secs: Option<u64>,
+    /// What a gRPC call gets instead.
+    pub grpc: GrpcStatus,
 }
 
 /// Marks a replayed response, as Stripe's `Idempotent-Replayed` does.
@@ -158,12 +161,14 @@ impl Problem {
             &self.detail,
             self.retry_after_secs,
             "resilience_idempotency",
+            self.grpc,
         )
     }
 
     pub(super) fn new(
         status: u16,
         kind: &'static str,
+        grpc: GrpcStatus,
         title: &'static str,
         detail: String,
     ) -> Problem {
@@ -173,6 +178,7 @@ impl Problem {
             title,
             detail,
             retry_after_secs: None,
+            grpc,
         }
     }
 }
@@ -218,6 +224,7 @@ impl Idempotency {
             Problem::new(
                 400,
                 "key-invalid",
+                GrpcStatus::INVALID_ARGUMENT,
                 "Invalid idempotency key",
                 format!("The `{header}` header {why}."),
             )
@@ -230,6 +237,7 @@ impl Idempotency {
                 return Err(Problem::new(
                     400,
                     "key-missing",
+                    GrpcStatus::INVALID_ARGUMENT,
                     "Idempotency key required",
                     format!("Send a unique `{header}` header with this {} request, and the same one when you retry it.", request.method),
                 ))
@@ -312,6 +320,7 @@ impl Idempotency {
             Problem::new(
                 413,
                 "body-too-large",
+                GrpcStatus::RESOURCE_EXHAUSTED,
                 "Request too large for an idempotent request",
                 format!(
                     "Requests with an idempotency key may carry at most {} bytes of body.",
@@ -328,24 +337,26 @@ impl Idempotency {
             Decision::Claimed | Decision::Replay(_) => return None,
             Decision::InFlight { retry_after_secs } => Problem {
                 retry_after_secs: Some(*retry_after_secs),
-                ..Problem::new(409, "in-flight", "Request in progress", format!("A request with this `{header}` is still being processed. Retry it later with the same key to get its response."))
+                ..Problem::new(409, "in-flight", GrpcStatus::ABORTED, "Request in progress", format!("A request with this `{header}` is still being processed. Retry it later with the same key to get its response."))
             },
             Decision::Mismatch => Problem::new(
                 422,
                 "key-reused",
+                GrpcStatus::INVALID_ARGUMENT,
                 "Idempotency key reused",
                 format!("This `{header}` was used for a different request (method, path, query or body). Use a new key for a new request."),
             ),
             Decision::Unreplayable { status } => Problem::new(
                 409,
                 "not-replayable",
+                GrpcStatus::ALREADY_EXISTS,
                 "Request already executed",
                 format!("The request with this `{header}` was executed and answered {status}, but its response could not be stored (too large, cut short, or not replayable). It will not be executed again."),
             ),
             Decision::Full { .. } if self.config.when_full == Overflow::Pass => return None,
             Decision::Full { retry_after_secs } => Problem {
                 retry_after_secs: Some(*retry_after_secs),
-                ..Problem::new(503, "store-full", "Idempotency store full", "The idempotency store has no room for this key right now. Retry later.".to_owned())
+                ..Problem::new(503, "store-full", GrpcStatus::RESOURCE_EXHAUSTED, "Idempotency store full", "The idempotency store has no room for this key right now. Retry later.".to_owned())
             },
         })
     }
@@ -539,6 +550,7 @@ impl Idempotency {
         Problem::new(
             408,
             "body-timeout",
+            GrpcStatus::DEADLINE_EXCEEDED,
             "Request body too slow",
             format!(
                 "The body of a request with an idempotency key must arrive within {}. Retry with the same key.",

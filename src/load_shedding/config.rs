@@ -2,6 +2,7 @@
 
 use crate::clock::nanos_saturating;
 use crate::config::{check_duration, check_name, check_request_header_name, ConfigError, Duration};
+use crate::grpc::GrpcStatus;
 use crate::matcher::{Match, RawMatch, RawScope, Scope};
 use crate::reply::{RawResponse, Response};
 use crate::request::Cidr;
@@ -245,6 +246,7 @@ impl LoadSheddingConfig {
                 &format!("{at}.response"),
                 503,
                 "overloaded\n",
+                GrpcStatus::UNAVAILABLE,
             )?,
             retry_after,
         })

@@ -244,6 +244,13 @@ impl Policy for LoadShedding {
                         &self.config.response,
                         own,
                         "resilience_load_shed",
+                        || {
+                            format!(
+                                "shed by load shedding pool {}, class {}",
+                                pool.name,
+                                class.name()
+                            )
+                        },
                     ));
                 }
                 Err(err) => {

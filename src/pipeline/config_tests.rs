@@ -290,3 +290,34 @@ fn global_rules_need_a_store_and_a_chunk_that_leaves_room() {
     );
     assert_eq!(error_path(&bad_timeout), "rate_limit.store.etcd.timeout");
 }
+
+#[test]
+fn grpc_fields_are_checked_by_name() {
+    let limited = |response: &str| {
+        error_path(&format!(
+            r#"{{"rate_limit": {{"rules": [{{"name": "r", "capacity": 1, "refill": {{"tokens": 1, "interval": "1s"}}}}],
+                "limited_response": {response}}}}}"#
+        ))
+    };
+    assert!(
+        limited(r#"{"grpc_status": "UNAVAILABLE", "grpc_message": "m"}"#).starts_with("accepted")
+    );
+    for wrong in [r#""OK""#, r#""unavailable""#, r#""14""#, "14"] {
+        assert_eq!(
+            limited(&format!(r#"{{"grpc_status": {wrong}}}"#)),
+            "rate_limit.limited_response.grpc_status",
+            "{wrong}"
+        );
+    }
+    let breaker = |failure: &str| {
+        error_path(&format!(
+            r#"{{"circuit_breaker": {{"breakers": [{{"name": "b", "scope": {{"match": {{}}}},
+                "failure": {failure}, "trip": {{"consecutive_failures": 1}}}}]}}}}"#
+        ))
+    };
+    assert!(breaker(r#"{"grpc_statuses": ["INTERNAL", "OK"]}"#).starts_with("accepted"));
+    assert_eq!(
+        breaker(r#"{"grpc_statuses": ["INTERNAL", "BROKEN"]}"#),
+        "circuit_breaker.breakers[0].failure.grpc_statuses[1]"
+    );
+}

@@ -377,7 +377,7 @@ impl Exchange {
         };
         policy.saw_body();
         if let Some(reply) = self.on_body_timeout(filter, env) {
-            return Step::Reply(reply);
+            return self.answer(reply);
         }
         if size > policy.config().max_body_bytes {
             return self.body_too_large(filter, env);
@@ -404,7 +404,7 @@ impl Exchange {
             return Step::Continue;
         };
         if let Some(reply) = self.on_body_timeout(filter, env) {
-            return Step::Reply(reply);
+            return self.answer(reply);
         }
         self.admit_whole_body(filter, env, policy.config().max_body_bytes, read_body)
     }
@@ -451,7 +451,9 @@ impl Exchange {
         read_body: impl FnOnce(usize) -> Vec<u8>,
     ) -> Option<Step> {
         match self.stage {
-            Stage::AwaitingBody { .. } => self.on_body_timeout(filter, env).map(Step::Reply),
+            Stage::AwaitingBody { .. } => self
+                .on_body_timeout(filter, env)
+                .map(|reply| self.answer(reply)),
             Stage::AwaitingGrant => {
                 let (Some(policy), Some(admission)) = (&filter.rate_limit, &mut self.rate) else {
                     return Some(Step::Continue);
@@ -467,7 +469,7 @@ impl Exchange {
 
     /// The answer for a request whose body did not arrive in time, once its deadline passed:
     /// from the host's timer, or when the rest of the body arrives too late.
-    pub fn on_body_timeout<S: Store>(
+    fn on_body_timeout<S: Store>(
         &mut self,
         filter: &Filter,
         env: &mut Env<'_, S>,
@@ -477,7 +479,6 @@ impl Exchange {
         if env.now < deadline {
             return None;
         }
-        self.stage = Stage::Answered;
         Some(policy.body_timed_out(env))
     }
 
@@ -498,6 +499,11 @@ impl Exchange {
             );
         }
         self.rate.as_ref().map_or(&[], Admission::headers)
+    }
+
+    /// A gRPC call: the host reads its `grpc-status` when it ends.
+    pub fn grpc_call(&self) -> bool {
+        self.request.grpc
     }
 
     /// Whether the host should hand over response body chunks.
@@ -660,9 +666,14 @@ impl Exchange {
         }
     }
 
+    /// Every local reply goes out through here: a gRPC call gets it as a gRPC answer.
     fn answer(&mut self, reply: Reply) -> Step {
         self.stage = Stage::Answered;
-        Step::Reply(reply)
+        Step::Reply(if self.request.grpc {
+            reply.for_grpc_call()
+        } else {
+            reply
+        })
     }
 }
 

@@ -4,6 +4,7 @@ use super::bucket::Bucket;
 use crate::clock::ceil_secs;
 use crate::config::{check_name, check_request_header_name, ConfigError, Duration};
 use crate::etcd::config::{FleetStore, RawStore};
+use crate::grpc::GrpcStatus;
 use crate::matcher::{Match, RawMatch};
 use crate::reply::{RawResponse, Response};
 use crate::store::FailureMode;
@@ -147,6 +148,7 @@ impl RateLimitConfig {
             429,
             "rate limited
 ",
+            GrpcStatus::RESOURCE_EXHAUSTED,
         )?;
         let store = raw
             .store

@@ -705,6 +705,7 @@ impl RateLimit {
                     &self.config.limited_response,
                     own,
                     "resilience_rate_limited",
+                    || format!("rate limited by rule {}", rule.name),
                 ))
             }
             Outcome::Failed(reply) => {

@@ -24,6 +24,7 @@ pub struct EnvoyBuilder {
     concurrency: usize,
     direct_response: bool,
     stop_iteration: bool,
+    grpc_port: Option<u16>,
 }
 
 pub fn envoy() -> EnvoyBuilder {
@@ -32,6 +33,7 @@ pub fn envoy() -> EnvoyBuilder {
         concurrency: 2,
         direct_response: false,
         stop_iteration: true,
+        grpc_port: None,
     }
 }
 
@@ -49,6 +51,13 @@ impl EnvoyBuilder {
     /// and a load test measures Envoy alone.
     pub fn direct_response(mut self) -> Self {
         self.direct_response = true;
+        self
+    }
+
+    /// Routes gRPC calls (`content-type: application/grpc`) over HTTP/2 to a gRPC server on
+    /// this port (cluster `grpc`).
+    pub fn grpc_upstream(mut self, port: u16) -> Self {
+        self.grpc_port = Some(port);
         self
     }
 
@@ -191,6 +200,8 @@ static_resources:
                 route: {{cluster: upstream, timeout: 30s, idle_timeout: 0.5s}}
               - match: {{prefix: "/", headers: [{{name: x-upstream-protocol, string_match: {{exact: h2}}}}]}}
                 route: {{cluster: upstream_h2, timeout: 30s}}
+              - match: {{prefix: "/", grpc: {{}}}}
+                route: {{cluster: grpc, timeout: 30s}}
               - match: {{prefix: "/"}}
                 {route}
           http_filters:{filters}
@@ -221,6 +232,20 @@ static_resources:
       - lb_endpoints:
         - endpoint:
             address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream_port}}}}}
+  # The gRPC server of a test, when it has one.
+  - name: grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: grpc
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{socket_address: {{address: 127.0.0.1, port_value: {grpc_port}}}}}
   # Nothing listens here: requests under /dead/ fail to connect (response flag UF).
   - name: dead
     type: STATIC
@@ -233,6 +258,7 @@ static_resources:
             address: {{socket_address: {{address: 127.0.0.1, port_value: {dead_port}}}}}
 "#,
             dead_port = free_port(),
+            grpc_port = self.grpc_port.unwrap_or_else(free_port),
             upstream_port = upstream.addr.port(),
             route = if self.direct_response {
                 r#"direct_response: {status: 200, body: {inline_string: "direct\n"}}"#
@@ -338,6 +364,11 @@ impl Drop for Envoy {
 
 fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The project's virtualenv's Python, which has grpcio (`make setup`).
+pub fn venv_python() -> PathBuf {
+    repo_root().join(".venv/bin/python")
 }
 
 fn envoy_binary() -> PathBuf {

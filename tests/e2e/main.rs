@@ -8,6 +8,7 @@
 
 mod circuit_breaker;
 mod envoy;
+mod grpc;
 mod hostile;
 mod idempotency;
 mod load_shed;

@@ -1,5 +1,6 @@
 use super::*;
 use crate::circuit_breaker::CircuitBreakerConfig;
+use crate::grpc::GrpcStatus;
 use crate::pipeline::config::Config;
 use crate::store::MemoryStore;
 use crate::testing::{at, config, T0};
@@ -359,6 +360,7 @@ fn completions_are_classified_by_flags_then_status() {
         via_upstream: flags == 0,
         upstream_host: true,
         duration: Duration::from_millis(ms),
+        grpc_status: None,
     };
     assert_eq!(b.classify(&done(Some(200), 0, 10)), OK);
     assert_eq!(
@@ -405,6 +407,44 @@ fn completions_are_classified_by_flags_then_status() {
     );
 }
 
+/// A gRPC call's `:status` is 200 whether it failed or not: its `grpc-status` decides, by the
+/// breaker's gRPC set (by default the codes that say the server failed), and HTTP statuses
+/// decide only for calls that are not gRPC.
+#[test]
+fn grpc_calls_are_classified_by_their_grpc_status() {
+    let (b, _) = breaker(r#""trip": {"consecutive_failures": 1}"#);
+    let call = |code: i64| Completion {
+        status: Some(200),
+        via_upstream: true,
+        upstream_host: true,
+        grpc_status: GrpcStatus::from_code(code),
+        ..Completion::default()
+    };
+    for code in 0..=16 {
+        let expected = if [2, 4, 13, 14, 15].contains(&code) {
+            FAIL
+        } else {
+            OK
+        };
+        assert_eq!(b.classify(&call(code)), expected, "{code}");
+    }
+    let (own, _) = breaker(
+        r#""failure": {"grpc_statuses": ["RESOURCE_EXHAUSTED"], "statuses": [200]}, "trip": {"consecutive_failures": 1}"#,
+    );
+    assert_eq!(own.classify(&call(8)), FAIL);
+    assert_eq!(own.classify(&call(14)), OK, "the set replaces the default");
+    assert_eq!(own.classify(&call(0)), OK, "the HTTP 200 does not count");
+    let local = Completion {
+        via_upstream: false,
+        ..call(14)
+    };
+    assert_eq!(
+        b.classify(&local),
+        Outcome::Ignored,
+        "another filter's answer"
+    );
+}
+
 /// Issue 15, defect 4: a 503 that another filter answered locally (a chained instance
 /// shedding load, a rate limit, an auth filter) said nothing about the upstream, yet opened
 /// the breaker.
@@ -417,6 +457,7 @@ fn local_replies_say_nothing_about_the_upstream() {
         via_upstream: false,
         upstream_host: false,
         duration: Duration::from_millis(1),
+        grpc_status: None,
     };
     for status in [503, 429, 500, 401, 200] {
         assert_eq!(b.classify(&local(status)), Outcome::Ignored, "{status}");

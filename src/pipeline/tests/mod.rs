@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::etcd::fake::FakeEtcd;
+use crate::grpc::GrpcStatus;
 use crate::idempotency::FleetWrites;
 use crate::store::{self as state, MemoryStore};
 use crate::testing::{at, counter_random, record, BrokenStore, T0};
@@ -578,7 +579,7 @@ fn a_slow_body_is_waited_for_and_a_stalled_one_gets_408() {
     assert_eq!(proxy.headers(&mut slow, keyed("k"), false), Step::Pause);
     proxy.advance(1_500);
     assert_eq!(
-        proxy.run(&proxy.store, |f, env| slow.on_body_timeout(f, env)),
+        proxy.run(&proxy.store, |f, env| slow.on_tick(f, env, |_| Vec::new())),
         None
     );
     let Step::Reply(replay) = proxy.body(&mut slow, b"{}", true) else {
@@ -595,12 +596,18 @@ fn a_slow_body_is_waited_for_and_a_stalled_one_gets_408() {
     assert_eq!(proxy.body(&mut stalled, b"{", false), Step::Pause);
     proxy.advance(1_999);
     assert_eq!(
-        proxy.run(&proxy.store, |f, env| stalled.on_body_timeout(f, env)),
+        proxy.run(&proxy.store, |f, env| stalled.on_tick(
+            f,
+            env,
+            |_| Vec::new()
+        )),
         None
     );
     proxy.advance(1);
-    let timed_out = proxy.run(&proxy.store, |f, env| stalled.on_body_timeout(f, env));
-    let Some(reply) = timed_out else {
+    let timed_out = proxy.run(&proxy.store, |f, env| {
+        stalled.on_tick(f, env, |_| Vec::new())
+    });
+    let Some(Step::Reply(reply)) = timed_out else {
         panic!("no 408 at the deadline")
     };
     assert_eq!(
@@ -634,7 +641,8 @@ fn without_any_body_reaching_the_filter_the_timeout_names_the_setting_once() {
         assert_eq!(proxy.headers(&mut exchange, keyed(key), false), Step::Pause);
         proxy.advance(1_000);
         assert!(proxy
-            .run(&proxy.store, |f, env| exchange.on_body_timeout(f, env))
+            .run(&proxy.store, |f, env| exchange
+                .on_tick(f, env, |_| Vec::new()))
             .is_some());
     }
     let hints = proxy
@@ -878,3 +886,91 @@ fn a_breaker_refusal_leaves_the_rate_limit_token_spent() {
 
 mod fleet;
 mod global;
+
+fn grpc_call(key: Option<&str>) -> RequestInfo {
+    let mut headers = vec![("content-type", "application/grpc")];
+    headers.extend(key.map(|key| ("idempotency-key", key)));
+    RequestInfo {
+        grpc: true,
+        ..post("/demo.Orders/Create", &headers)
+    }
+}
+
+fn grpc_refusal(reply: &Reply) -> (Option<GrpcStatus>, String, Option<String>) {
+    let pushback = reply
+        .header("grpc-retry-pushback-ms")
+        .map(|v| String::from_utf8_lossy(v).into_owned());
+    (
+        reply.grpc_status,
+        String::from_utf8_lossy(&reply.body).into_owned(),
+        pushback,
+    )
+}
+
+/// A gRPC call is refused with the code a gRPC client acts on, a message naming the policy
+/// and rule, and the wait as `grpc-retry-pushback-ms`; other requests get HTTP refusals.
+#[test]
+fn grpc_calls_are_refused_with_grpc_statuses() {
+    let proxy = Proxy::new(&config(&[LIMIT_ONE]));
+    assert_eq!(status(&proxy.call(grpc_call(None), b"", 200)), 200);
+    let refusal = proxy.call(grpc_call(None), b"", 200).unwrap_err();
+    assert_eq!(
+        grpc_refusal(&refusal),
+        (
+            Some(GrpcStatus::RESOURCE_EXHAUSTED),
+            "rate limited by rule one".to_owned(),
+            Some("3600000".to_owned())
+        )
+    );
+    assert_eq!(
+        refusal.header("content-type"),
+        None,
+        "Envoy sets application/grpc"
+    );
+    assert_eq!(refusal.header("retry-after"), Some(&b"3600"[..]));
+    assert!(refusal.header("ratelimit").is_some());
+    let http = proxy.call(post("/", &[]), b"", 200).unwrap_err();
+    assert_eq!((http.status, http.grpc_status), (429, None));
+    assert_eq!(http.body, b"rate limited\n");
+
+    let configured = Proxy::new(
+        r#"{"rate_limit": {"rules": [{"name": "one", "capacity": 1, "refill": {"tokens": 1, "interval": "1s"}}],
+            "limited_response": {"grpc_status": "UNAVAILABLE", "grpc_message": "slow down"}}}"#,
+    );
+    assert_eq!(status(&configured.call(grpc_call(None), b"", 200)), 200);
+    let refusal = configured.call(grpc_call(None), b"", 200).unwrap_err();
+    assert_eq!(
+        grpc_refusal(&refusal),
+        (
+            Some(GrpcStatus::UNAVAILABLE),
+            "slow down".to_owned(),
+            Some("1000".to_owned())
+        )
+    );
+
+    let proxy = Proxy::new(&config(&[POOL, IDEMPOTENCY, BREAKER]));
+    let missing = proxy.call(grpc_call(None), b"", 200).unwrap_err();
+    assert_eq!(missing.grpc_status, Some(GrpcStatus::INVALID_ARGUMENT));
+    assert!(String::from_utf8_lossy(&missing.body).starts_with("idempotency:key-missing: "));
+    let mut first = Exchange::default();
+    assert_eq!(
+        proxy.send(&mut first, grpc_call(Some("k")), b"m"),
+        Step::Continue
+    );
+    let in_flight = proxy.call(grpc_call(Some("k")), b"m", 200).unwrap_err();
+    assert_eq!(
+        (
+            in_flight.grpc_status,
+            in_flight.header("grpc-retry-pushback-ms")
+        ),
+        (Some(GrpcStatus::ABORTED), Some(&b"30000"[..]))
+    );
+    proxy.respond(&mut first, &Upstream::answering(503), b"");
+    proxy.finish(&mut first, answered(503));
+    let open = proxy.call(grpc_call(Some("k2")), b"m", 200).unwrap_err();
+    assert_eq!(open.grpc_status, Some(GrpcStatus::UNAVAILABLE));
+    assert_eq!(
+        String::from_utf8_lossy(&open.body),
+        "circuit breaker b is open"
+    );
+}

@@ -1,0 +1,184 @@
+//! gRPC calls through Envoy, from a real gRPC client to a real gRPC server (grpcio, in the
+//! project's virtualenv; see `grpc_peer.py`): outcomes come from `grpc-status`, refusals are
+//! gRPC answers a gRPC client acts on.
+
+use super::envoy::{envoy, venv_python, Envoy};
+use super::upstream::Upstream;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+fn peer_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/grpc_peer.py")
+}
+
+/// The gRPC server, and every call it received, in order.
+struct GrpcServer {
+    port: u16,
+    calls: Arc<Mutex<Vec<Value>>>,
+    _child: Child,
+}
+
+impl GrpcServer {
+    async fn start() -> GrpcServer {
+        let mut child = Command::new(venv_python())
+            .arg(peer_script())
+            .arg("serve")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the gRPC server (run `make setup` for grpcio)");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next_line().await.unwrap().expect("the server's port");
+        let port = serde_json::from_str::<Value>(&first).unwrap()["port"]
+            .as_u64()
+            .unwrap() as u16;
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                seen.lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&line).unwrap());
+            }
+        });
+        GrpcServer {
+            port,
+            calls,
+            _child: child,
+        }
+    }
+
+    /// How many calls of `method` the server received.
+    fn received(&self, method: &str) -> usize {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c["method"] == method)
+            .count()
+    }
+}
+
+/// One call through Envoy by grpcio's client; `retries`: attempts its retry policy allows on
+/// `UNAVAILABLE` (0: none).
+async fn call(envoy: &Envoy, method: &str, metadata: &[(&str, &str)], retries: u32) -> Value {
+    let mut command = Command::new(venv_python());
+    command
+        .arg(peer_script())
+        .arg("call")
+        .arg(
+            envoy
+                .url("")
+                .trim_start_matches("http://")
+                .trim_end_matches('/'),
+        )
+        .arg(method)
+        .args(["--body", "order", "--retries", &retries.to_string()]);
+    for (name, value) in metadata {
+        command.args(["--metadata", &format!("{name}={value}")]);
+    }
+    let output = command.output().await.unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+async fn start(config: &str) -> (Envoy, GrpcServer, Upstream) {
+    let server = GrpcServer::start().await;
+    let upstream = Upstream::start().await;
+    let envoy = envoy()
+        .filter("grpc", config)
+        .grpc_upstream(server.port)
+        .start(&upstream)
+        .await;
+    (envoy, server, upstream)
+}
+
+/// Issue 17: six `UNAVAILABLE` answers (HTTP 200 every one) left a breaker closed. Now the
+/// breaker reads `grpc-status`: codes outside its set (here `NOT_FOUND`) are successes, three
+/// `UNAVAILABLE` in a row open it, and the open breaker answers `UNAVAILABLE` itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grpc_service_failing_with_unavailable_trips_the_breaker() {
+    let (envoy, server, _upstream) = start(
+        r#"{"circuit_breaker": {"breakers": [{"name": "orders", "scope": {"match": {}},
+            "trip": {"consecutive_failures": 3}, "open": {"duration": "30s"}}]}}"#,
+    )
+    .await;
+    for _ in 0..4 {
+        let answer = call(&envoy, "Create", &[("fail", "NOT_FOUND")], 0).await;
+        assert_eq!(answer["code"], "NOT_FOUND", "{answer}");
+    }
+    assert_eq!(call(&envoy, "Create", &[], 0).await["code"], "OK");
+    for _ in 0..3 {
+        let answer = call(&envoy, "Create", &[("fail", "UNAVAILABLE")], 0).await;
+        assert_eq!(answer["details"], "failed on purpose", "{answer}");
+    }
+    let refused = call(&envoy, "Create", &[], 0).await;
+    assert_eq!(
+        (&refused["code"], &refused["details"]),
+        (
+            &Value::from("UNAVAILABLE"),
+            &Value::from("circuit breaker orders is open")
+        ),
+        "{refused}"
+    );
+    assert_eq!(refused["trailing"]["x-circuit-breaker"], "orders");
+    assert_eq!(refused["trailing"]["grpc-retry-pushback-ms"], "30000");
+    assert_eq!(
+        server.received("Create"),
+        8,
+        "the refused call never reached it"
+    );
+}
+
+/// A rate-limited gRPC call gets `RESOURCE_EXHAUSTED`, which gRPC clients do not retry, with
+/// the wait in `grpc-retry-pushback-ms`; the same refusal configured as `UNAVAILABLE` is
+/// retried by the same client after the pushback, and then admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limited_grpc_call_gets_resource_exhausted_and_is_not_retried() {
+    let rule =
+        r#""rules": [{"name": "calls", "capacity": 1, "refill": {"tokens": 1, "interval": "1s"}}]"#;
+    let (envoy, server, _upstream) = start(&format!(r#"{{"rate_limit": {{{rule}}}}}"#)).await;
+    assert_eq!(call(&envoy, "Create", &[], 5).await["code"], "OK");
+    let refused = call(&envoy, "Create", &[], 5).await;
+    assert_eq!(
+        (&refused["code"], &refused["details"]),
+        (
+            &Value::from("RESOURCE_EXHAUSTED"),
+            &Value::from("rate limited by rule calls")
+        ),
+        "{refused}"
+    );
+    assert_eq!(refused["trailing"]["grpc-retry-pushback-ms"], "1000");
+    assert!(refused["trailing"]["ratelimit"].is_string(), "{refused}");
+    assert!(refused["elapsed_ms"].as_u64().unwrap() < 900, "{refused}");
+    assert_eq!(server.received("Create"), 1);
+    let limited = envoy
+        .stat("wasmcustom.resilience.grpc.rate_limit.calls.limited")
+        .await;
+    assert_eq!(limited, Some(1), "one attempt: the client did not retry");
+
+    let (envoy, server, _upstream) = start(&format!(
+        r#"{{"rate_limit": {{{rule}, "limited_response": {{"grpc_status": "UNAVAILABLE"}}}}}}"#
+    ))
+    .await;
+    assert_eq!(call(&envoy, "Create", &[], 5).await["code"], "OK");
+    let retried = call(&envoy, "Create", &[], 5).await;
+    assert_eq!(retried["code"], "OK", "{retried}");
+    assert!(
+        retried["elapsed_ms"].as_u64().unwrap() >= 900,
+        "retried after the pushback: {retried}"
+    );
+    let limited = envoy
+        .stat("wasmcustom.resilience.grpc.rate_limit.calls.limited")
+        .await;
+    assert_eq!(limited, Some(1));
+    assert_eq!(server.received("Create"), 2);
+}
