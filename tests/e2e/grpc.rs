@@ -182,3 +182,53 @@ async fn a_rate_limited_grpc_call_gets_resource_exhausted_and_is_not_retried() {
     assert_eq!(limited, Some(1));
     assert_eq!(server.received("Create"), 2);
 }
+
+/// A unary call retried with the same `idempotency-key` metadata reaches the server once.
+/// Its response cannot be replayed (a Wasm filter's local reply to a gRPC call is
+/// trailers-only: no message), so the retry gets `ALREADY_EXISTS`; a retry while the first
+/// is still running gets `ABORTED`, with the wait as pushback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_unary_call_with_an_idempotency_key_executes_once() {
+    let (envoy, server, _upstream) =
+        start(r#"{"idempotency": {"match": {"path_prefix": "/demo.Orders/Create"}}}"#).await;
+    let slow = {
+        let envoy_url = envoy.url("");
+        tokio::spawn(async move {
+            let mut command = Command::new(venv_python());
+            command
+                .arg(peer_script())
+                .arg("call")
+                .arg(envoy_url.trim_start_matches("http://").trim_end_matches('/'))
+                .args(["Create", "--body", "order"])
+                .args(["--metadata", "idempotency-key=o-1", "--metadata", "delay-ms=1500"]);
+            let output = command.output().await.unwrap();
+            serde_json::from_slice::<Value>(&output.stdout).unwrap()
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server.received("Create") == 0 {
+        assert!(std::time::Instant::now() < deadline, "the first call never arrived");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let in_flight = call(&envoy, "Create", &[("idempotency-key", "o-1")], 0).await;
+    assert_eq!(in_flight["code"], "ABORTED", "{in_flight}");
+    assert!(in_flight["trailing"]["grpc-retry-pushback-ms"].is_string());
+    let first = slow.await.unwrap();
+    assert_eq!(
+        (&first["code"], &first["messages"][0]),
+        (&Value::from("OK"), &Value::from("created:order")),
+        "{first}"
+    );
+    let again = call(&envoy, "Create", &[("idempotency-key", "o-1")], 0).await;
+    assert_eq!(again["code"], "ALREADY_EXISTS", "{again}");
+    assert!(
+        again["details"]
+            .as_str()
+            .unwrap()
+            .starts_with("idempotency:not-replayable"),
+        "{again}"
+    );
+    assert_eq!(server.received("Create"), 1);
+    let missing = call(&envoy, "Create", &[], 0).await;
+    assert_eq!(missing["code"], "OK", "a key is not required unless configured");
+}
