@@ -72,6 +72,15 @@ impl GrpcStatus {
     pub fn name(self) -> &'static str {
         NAMES[usize::from(self.0)]
     }
+
+    /// The HTTP status of the same meaning (gRPC's own mapping, as Envoy's
+    /// `grpcToHttpStatus`): what the idempotency policy's status rules judge a gRPC call by.
+    pub fn http_status(self) -> u16 {
+        const HTTP: [u16; 17] = [
+            200, 499, 500, 400, 504, 404, 409, 403, 429, 400, 409, 400, 501, 500, 503, 500, 401,
+        ];
+        HTTP[usize::from(self.0)]
+    }
 }
 
 /// A set of gRPC status codes.
@@ -96,12 +105,13 @@ impl GrpcStatusSet {
 
 /// Whether a request with this `content-type` is a gRPC call, as Envoy decides it (and so
 /// whether Envoy turns a local reply to it into a trailers-only gRPC answer):
-/// `application/grpc`, alone or followed by `+` or `;`. gRPC-Web requests count once Envoy's
-/// `grpc_web` filter, placed before this one, has turned them into gRPC.
+/// `application/grpc`, alone or followed by `+` (`application/grpc+proto`). gRPC-Web
+/// requests count once Envoy's `grpc_web` filter, placed before this one, has turned them into
+/// gRPC.
 pub fn is_grpc(content_type: &[u8]) -> bool {
     content_type
         .strip_prefix(b"application/grpc")
-        .is_some_and(|rest| matches!(rest.first(), None | Some(b'+' | b';')))
+        .is_some_and(|rest| matches!(rest.first(), None | Some(b'+')))
 }
 
 #[cfg(test)]
@@ -121,6 +131,10 @@ mod tests {
         assert_eq!(GrpcStatus::from_code(-1), None);
         assert_eq!(GrpcStatus::from_code(i64::MAX), None);
         assert_eq!(GrpcStatus::UNAVAILABLE.name(), "UNAVAILABLE");
+        assert_eq!(GrpcStatus::OK.http_status(), 200);
+        assert_eq!(GrpcStatus::UNAVAILABLE.http_status(), 503);
+        assert_eq!(GrpcStatus::INVALID_ARGUMENT.http_status(), 400);
+        assert_eq!(GrpcStatus::from_code(16).unwrap().http_status(), 401);
         let err = GrpcStatus::parse("unavailable", "failure.grpc_statuses[0]").unwrap_err();
         assert_eq!(err.path, "failure.grpc_statuses[0]");
         assert!(GrpcStatus::parse("14", "x").is_err());
@@ -137,16 +151,14 @@ mod tests {
 
     #[test]
     fn grpc_calls_are_told_by_content_type_as_envoy_does() {
-        for yes in [
-            &b"application/grpc"[..],
-            b"application/grpc+proto",
-            b"application/grpc;charset=utf-8",
-        ] {
+        for yes in [&b"application/grpc"[..], b"application/grpc+proto"] {
             assert!(is_grpc(yes), "{}", String::from_utf8_lossy(yes));
         }
         for no in [
             &b"application/grpc-web"[..],
             b"application/grpc-web-text+proto",
+            // Envoy's local reply to it is not a gRPC answer.
+            b"application/grpc;charset=utf-8",
             b"application/grpcx",
             b"application/json",
             b"",

@@ -25,8 +25,8 @@ pub struct Reply {
     pub grpc_status: Option<GrpcStatus>,
 }
 
-/// A trailers-only gRPC answer: the code a gRPC client acts on (`UNAVAILABLE` is retried by
-/// default, `RESOURCE_EXHAUSTED` is not), and a message saying which policy refused.
+/// A trailers-only gRPC answer: the code a gRPC client acts on (retry policies name
+/// `UNAVAILABLE`, not `RESOURCE_EXHAUSTED`), and a message saying which policy refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GrpcAnswer {
     pub status: GrpcStatus,
@@ -143,7 +143,9 @@ impl Reply {
         let pushback_ms = self
             .header("retry-after")
             .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
-            .and_then(|secs| secs.checked_mul(1000));
+            .and_then(|secs| secs.checked_mul(1000))
+            // gRFC A6: a pushback that is not a non-negative int32 means "do not retry".
+            .map(|ms| ms.min(i32::MAX as u64));
         self.headers
             .retain(|(name, _)| name != "content-type" && name != "content-length");
         if let Some(ms) = pushback_ms {
@@ -174,6 +176,9 @@ pub struct RawResponse {
     pub grpc_status: Option<String>,
     pub grpc_message: Option<String>,
 }
+
+/// `grpc-message` travels in a header, percent-encoded: kept well under clients' header limits.
+const MAX_GRPC_MESSAGE_BYTES: usize = 1024;
 
 /// A policy's configurable refusal: status, body, extra headers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -208,6 +213,10 @@ impl Response {
         for (name, value) in raw.headers.unwrap_or_default() {
             let name_at = format!("{at}.headers.{name}");
             let name = check_header_name(&name, &name_at)?;
+            if name.starts_with("grpc-") || name == "content-length" {
+                // They would rewrite the gRPC answer (a grpc-status: 0 included).
+                return Err(ConfigError::at(&name_at, "is set by the filter"));
+            }
             if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
                 return Err(ConfigError::at(
                     &name_at,
@@ -230,6 +239,16 @@ impl Response {
                 "a refusal cannot be OK",
             ));
         }
+        if raw
+            .grpc_message
+            .as_ref()
+            .is_some_and(|m| m.len() > MAX_GRPC_MESSAGE_BYTES)
+        {
+            return Err(ConfigError::at(
+                &format!("{at}.grpc_message"),
+                format!("must be at most {MAX_GRPC_MESSAGE_BYTES} bytes"),
+            ));
+        }
         Ok(Response {
             status,
             body: raw.body.unwrap_or_else(|| body.to_owned()),
@@ -237,5 +256,28 @@ impl Response {
             grpc_status,
             grpc_message: raw.grpc_message,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn a_grpc_pushback_is_the_retry_after_wait_and_an_int32() {
+        let response = Response::compile(None, "r", 503, "no\n", GrpcStatus::UNAVAILABLE).unwrap();
+        let pushback = |retry_after: &str| {
+            let own = vec![("retry-after".to_owned(), retry_after.to_owned())];
+            let reply = Reply::configured(&response, own, "d", || "m".to_owned()).for_grpc_call();
+            reply
+                .header("grpc-retry-pushback-ms")
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(pushback("30").as_deref(), Some("30000"));
+        assert_eq!(pushback("2147484").as_deref(), Some("2147483647"));
+        assert_eq!(pushback("18446744073709551615").as_deref(), None);
+        assert_eq!(pushback("soon"), None);
     }
 }

@@ -511,6 +511,10 @@ impl ResponseView for EnvoyResponse {
     fn headers(&self) -> Vec<(String, Vec<u8>)> {
         abi::headers(Map::Response).unwrap_or_default()
     }
+
+    fn content_type(&self) -> Option<Vec<u8>> {
+        abi::header(Map::Response, "content-type").ok()?
+    }
 }
 
 fn via_upstream() -> bool {
@@ -590,13 +594,16 @@ impl HttpContext for Stream {
             exchange.end();
             return;
         }
-        let grpc_call = exchange.grpc_call();
+        let grpc_response = exchange.grpc_response();
         configured.run(|filter, env| {
             let write = exchange.finish(filter, env, || Completion {
-                grpc_status: grpc_call
-                    .then(|| abi::int_property(&["response", "grpc_status"]))
-                    .flatten()
-                    .and_then(|code| GrpcStatus::from_code(i64::try_from(code).ok()?)),
+                // Envoy reports a grpc-status that is missing or not a code as -1; a gRPC
+                // client takes it as UNKNOWN.
+                grpc_status: grpc_response.then(|| {
+                    abi::int_property(&["response", "grpc_status"])
+                        .and_then(|code| GrpcStatus::from_code(i64::try_from(code).ok()?))
+                        .unwrap_or(GrpcStatus::UNKNOWN)
+                }),
                 status: abi::int_property(&["response", "code"])
                     .and_then(|code| u16::try_from(code).ok())
                     .filter(|&code| code > 0),

@@ -71,7 +71,11 @@ impl Capture {
 
     /// How the claimed request ended, for the record.
     pub fn outcome(self, completion: &Completion) -> Outcome {
-        match self.status.filter(|_| self.from_upstream) {
+        // A gRPC call's status is 200 whatever happened: judge it by its grpc-status.
+        let status = self
+            .status
+            .map(|status| completion.grpc_status.map_or(status, |g| g.http_status()));
+        match status.filter(|_| self.from_upstream) {
             None if completion.may_have_reached_upstream() => Outcome::Unanswered,
             None => Outcome::NotSent,
             Some(status) if self.unstorable || !self.complete => {

@@ -321,3 +321,30 @@ fn grpc_fields_are_checked_by_name() {
         "circuit_breaker.breakers[0].failure.grpc_statuses[1]"
     );
 }
+
+#[test]
+fn a_response_cannot_set_what_makes_the_grpc_answer() {
+    let shed = |response: &str| {
+        error_path(&format!(
+            r#"{{"load_shedding": {{"pools": [{{"name": "p", "max_in_flight": 1}}], "response": {response}}}}}"#
+        ))
+    };
+    for name in [
+        "grpc-status",
+        "grpc-message",
+        "grpc-retry-pushback-ms",
+        "content-length",
+    ] {
+        assert_eq!(
+            shed(&format!(r#"{{"headers": {{"{name}": "0"}}}}"#)),
+            format!("load_shedding.response.headers.{name}")
+        );
+    }
+    assert!(shed(r#"{"headers": {"x-grpc": "1"}}"#).starts_with("accepted"));
+    let long = "m".repeat(1025);
+    assert_eq!(
+        shed(&format!(r#"{{"grpc_message": "{long}"}}"#)),
+        "load_shedding.response.grpc_message"
+    );
+    assert!(shed(&format!(r#"{{"grpc_message": "{}"}}"#, &long[1..])).starts_with("accepted"));
+}

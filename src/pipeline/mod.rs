@@ -19,6 +19,7 @@ pub mod config;
 use crate::circuit_breaker::{CircuitBreaker, Permits};
 use crate::clock::Instant;
 use crate::etcd::{self, AnswerError, StoreCall};
+use crate::grpc;
 use crate::hashing::{shared_seed, KeyHasher, Seed};
 use crate::idempotency::{Claim, Decision, FleetStep, FleetWrite, FleetWrites, Idempotency};
 use crate::load_shedding::{LoadShedding, Slots};
@@ -245,6 +246,8 @@ pub trait ResponseView {
     fn via_upstream(&self) -> bool;
     /// Every header, values as bytes.
     fn headers(&self) -> Vec<(String, Vec<u8>)>;
+    /// `content-type`.
+    fn content_type(&self) -> Option<Vec<u8>>;
 }
 
 #[derive(Debug, Default)]
@@ -280,6 +283,8 @@ pub struct Exchange {
     request_ended: bool,
     claim: Option<Claim>,
     permits: Option<Permits>,
+    /// The request is a gRPC call and its response is a gRPC answer.
+    grpc_response: bool,
 }
 
 impl Exchange {
@@ -489,6 +494,10 @@ impl Exchange {
         response: &impl ResponseView,
         end_of_stream: bool,
     ) -> &[(String, String)] {
+        // Only a gRPC answer has a grpc-status: a client claiming gRPC to an HTTP service
+        // must not make its 200s and 400s count as UNKNOWN and INTERNAL.
+        self.grpc_response =
+            self.request.grpc && response.content_type().is_some_and(|t| grpc::is_grpc(&t));
         if let (Some(claim), Some(policy)) = (&mut self.claim, &filter.idempotency) {
             claim.capture.headers(
                 policy.config(),
@@ -501,9 +510,9 @@ impl Exchange {
         self.rate.as_ref().map_or(&[], Admission::headers)
     }
 
-    /// A gRPC call: the host reads its `grpc-status` when it ends.
-    pub fn grpc_call(&self) -> bool {
-        self.request.grpc
+    /// A gRPC call answered as one: the host reads its `grpc-status` when it ends.
+    pub fn grpc_response(&self) -> bool {
+        self.grpc_response
     }
 
     /// Whether the host should hand over response body chunks.

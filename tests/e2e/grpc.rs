@@ -66,6 +66,17 @@ impl GrpcServer {
 /// One call through Envoy by grpcio's client; `retries`: attempts its retry policy allows on
 /// `UNAVAILABLE` (0: none).
 async fn call(envoy: &Envoy, method: &str, metadata: &[(&str, &str)], retries: u32) -> Value {
+    calls(envoy, method, metadata, retries, 1).await.remove(0)
+}
+
+/// `count` calls one after another from one client, milliseconds apart.
+async fn calls(
+    envoy: &Envoy,
+    method: &str,
+    metadata: &[(&str, &str)],
+    retries: u32,
+    count: usize,
+) -> Vec<Value> {
     let mut command = Command::new(venv_python());
     command
         .arg(peer_script())
@@ -77,7 +88,8 @@ async fn call(envoy: &Envoy, method: &str, metadata: &[(&str, &str)], retries: u
                 .trim_end_matches('/'),
         )
         .arg(method)
-        .args(["--body", "order", "--retries", &retries.to_string()]);
+        .args(["--body", "order", "--retries", &retries.to_string()])
+        .args(["--count", &count.to_string()]);
     for (name, value) in metadata {
         command.args(["--metadata", &format!("{name}={value}")]);
     }
@@ -87,7 +99,12 @@ async fn call(envoy: &Envoy, method: &str, metadata: &[(&str, &str)], retries: u
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_json::from_slice(&output.stdout).unwrap()
+    output
+        .stdout
+        .split(|b| *b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| serde_json::from_slice(line).unwrap())
+        .collect()
 }
 
 async fn start(config: &str) -> (Envoy, GrpcServer, Upstream) {
@@ -130,7 +147,12 @@ async fn a_grpc_service_failing_with_unavailable_trips_the_breaker() {
         "{refused}"
     );
     assert_eq!(refused["trailing"]["x-circuit-breaker"], "orders");
-    assert_eq!(refused["trailing"]["grpc-retry-pushback-ms"], "30000");
+    let pushback: u64 = refused["trailing"]["grpc-retry-pushback-ms"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((20_000..=30_000).contains(&pushback), "{refused}");
     assert_eq!(
         server.received("Create"),
         8,
@@ -140,14 +162,16 @@ async fn a_grpc_service_failing_with_unavailable_trips_the_breaker() {
 
 /// A rate-limited gRPC call gets `RESOURCE_EXHAUSTED`, which gRPC clients do not retry, with
 /// the wait in `grpc-retry-pushback-ms`; the same refusal configured as `UNAVAILABLE` is
-/// retried by the same client after the pushback, and then admitted.
+/// retried by the same client (its retry policy names `UNAVAILABLE`) after the pushback, and
+/// then admitted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rate_limited_grpc_call_gets_resource_exhausted_and_is_not_retried() {
     let rule =
-        r#""rules": [{"name": "calls", "capacity": 1, "refill": {"tokens": 1, "interval": "1s"}}]"#;
+        r#""rules": [{"name": "calls", "capacity": 1, "refill": {"tokens": 1, "interval": "3s"}}]"#;
     let (envoy, server, _upstream) = start(&format!(r#"{{"rate_limit": {{{rule}}}}}"#)).await;
-    assert_eq!(call(&envoy, "Create", &[], 5).await["code"], "OK");
-    let refused = call(&envoy, "Create", &[], 5).await;
+    let answers = calls(&envoy, "Create", &[], 5, 2).await;
+    assert_eq!(answers[0]["code"], "OK");
+    let refused = &answers[1];
     assert_eq!(
         (&refused["code"], &refused["details"]),
         (
@@ -156,9 +180,9 @@ async fn a_rate_limited_grpc_call_gets_resource_exhausted_and_is_not_retried() {
         ),
         "{refused}"
     );
-    assert_eq!(refused["trailing"]["grpc-retry-pushback-ms"], "1000");
+    assert_eq!(refused["trailing"]["grpc-retry-pushback-ms"], "3000");
     assert!(refused["trailing"]["ratelimit"].is_string(), "{refused}");
-    assert!(refused["elapsed_ms"].as_u64().unwrap() < 900, "{refused}");
+    assert!(refused["elapsed_ms"].as_u64().unwrap() < 1000, "{refused}");
     assert_eq!(server.received("Create"), 1);
     let limited = envoy
         .stat("wasmcustom.resilience.grpc.rate_limit.calls.limited")
@@ -169,11 +193,12 @@ async fn a_rate_limited_grpc_call_gets_resource_exhausted_and_is_not_retried() {
         r#"{{"rate_limit": {{{rule}, "limited_response": {{"grpc_status": "UNAVAILABLE"}}}}}}"#
     ))
     .await;
-    assert_eq!(call(&envoy, "Create", &[], 5).await["code"], "OK");
-    let retried = call(&envoy, "Create", &[], 5).await;
+    let answers = calls(&envoy, "Create", &[], 5, 2).await;
+    assert_eq!(answers[0]["code"], "OK");
+    let retried = &answers[1];
     assert_eq!(retried["code"], "OK", "{retried}");
     assert!(
-        retried["elapsed_ms"].as_u64().unwrap() >= 900,
+        retried["elapsed_ms"].as_u64().unwrap() >= 2500,
         "retried after the pushback: {retried}"
     );
     let limited = envoy
@@ -186,7 +211,8 @@ async fn a_rate_limited_grpc_call_gets_resource_exhausted_and_is_not_retried() {
 /// A unary call retried with the same `idempotency-key` metadata reaches the server once.
 /// Its response cannot be replayed (a Wasm filter's local reply to a gRPC call is
 /// trailers-only: no message), so the retry gets `ALREADY_EXISTS`; a retry while the first
-/// is still running gets `ABORTED`, with the wait as pushback.
+/// is still running gets `ABORTED`, with the wait as pushback. A call that failed
+/// (`UNAVAILABLE`) frees its key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_unary_call_with_an_idempotency_key_executes_once() {
     let (envoy, server, _upstream) =
@@ -198,16 +224,28 @@ async fn a_unary_call_with_an_idempotency_key_executes_once() {
             command
                 .arg(peer_script())
                 .arg("call")
-                .arg(envoy_url.trim_start_matches("http://").trim_end_matches('/'))
+                .arg(
+                    envoy_url
+                        .trim_start_matches("http://")
+                        .trim_end_matches('/'),
+                )
                 .args(["Create", "--body", "order"])
-                .args(["--metadata", "idempotency-key=o-1", "--metadata", "delay-ms=1500"]);
+                .args([
+                    "--metadata",
+                    "idempotency-key=o-1",
+                    "--metadata",
+                    "delay-ms=3000",
+                ]);
             let output = command.output().await.unwrap();
             serde_json::from_slice::<Value>(&output.stdout).unwrap()
         })
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while server.received("Create") == 0 {
-        assert!(std::time::Instant::now() < deadline, "the first call never arrived");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first call never arrived"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let in_flight = call(&envoy, "Create", &[("idempotency-key", "o-1")], 0).await;
@@ -229,6 +267,16 @@ async fn a_unary_call_with_an_idempotency_key_executes_once() {
         "{again}"
     );
     assert_eq!(server.received("Create"), 1);
+    // A call the server failed frees its key, as a 5xx does: the retry executes.
+    let key = ("idempotency-key", "o-2");
+    let failed = call(&envoy, "Create", &[key, ("fail", "UNAVAILABLE")], 0).await;
+    assert_eq!(failed["code"], "UNAVAILABLE", "{failed}");
+    let retried = call(&envoy, "Create", &[key], 0).await;
+    assert_eq!(retried["code"], "OK", "{retried}");
+    assert_eq!(server.received("Create"), 3);
     let missing = call(&envoy, "Create", &[], 0).await;
-    assert_eq!(missing["code"], "OK", "a key is not required unless configured");
+    assert_eq!(
+        missing["code"], "OK",
+        "a key is not required unless configured"
+    );
 }

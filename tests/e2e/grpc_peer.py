@@ -4,8 +4,9 @@ serve: a server on 127.0.0.1 that prints its port, then one JSON line per call i
   /demo.Orders/Create   unary: answers b"created:" + the request, or fails with the code in
                         metadata `fail` (a name, e.g. UNAVAILABLE) after `delay-ms`.
   /demo.Orders/Watch    server streaming: `messages` messages, `interval-ms` apart.
-call TARGET METHOD [--metadata k=v]... [--body B] [--retries N]: one call; prints one JSON
-  line: its code, details, trailing metadata, and the messages received. With --retries,
+call TARGET METHOD [--metadata k=v]... [--body B] [--retries N] [--count N]: calls, one
+  after another on one channel; prints a JSON line for each: its code, details, trailing
+  metadata, and the messages received. With --retries,
   the channel's service config retries UNAVAILABLE up to N attempts, as gRPC clients are
   commonly set up, honouring grpc-retry-pushback-ms.
 """
@@ -68,6 +69,11 @@ def call(args):
     channel = grpc.insecure_channel(args.target, options=options)
     metadata = [tuple(m.split("=", 1)) for m in args.metadata]
     path = "/demo.Orders/" + args.method
+    for _ in range(args.count):
+        one_call(args, channel, path, metadata)
+
+
+def one_call(args, channel, path, metadata):
     started = time.monotonic()
     result = {"code": "OK", "details": "", "trailing": {}, "initial": {}, "messages": []}
     try:
@@ -102,6 +108,7 @@ def main():
     c.add_argument("--body", default="")
     c.add_argument("--retries", type=int, default=0)
     c.add_argument("--timeout", type=float, default=20)
+    c.add_argument("--count", type=int, default=1)
     args = parser.parse_args()
     if args.command == "serve":
         serve()

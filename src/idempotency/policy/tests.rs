@@ -1,4 +1,5 @@
 use super::*;
+use crate::grpc::GrpcStatus;
 use crate::hashing::Seed;
 use crate::pipeline::config::Config;
 use crate::policy::Completion;
@@ -600,6 +601,19 @@ fn a_response_ending_in_trailers_is_complete_and_grpc_is_never_stored() {
         Outcome::ResponseNotStored { status: 200 },
         "its grpc-status lives in trailers, which a replay cannot send"
     );
+    // A call the server failed is judged by its grpc-status, as a 503: released by default,
+    // so the client's retry executes; not kept for `ttl` as a 200 would be.
+    let mut failed = Capture::default();
+    failed.headers(config, Some(200), true, &content_type, true);
+    let unavailable = Completion {
+        grpc_status: GrpcStatus::from_code(14),
+        ..answered()
+    };
+    assert_eq!(
+        failed.outcome(&unavailable),
+        Outcome::ResponseNotStored { status: 503 }
+    );
+    assert_eq!(p.config().keep_for(503), None, "released");
 
     let mut cut = Capture::default();
     cut.headers(config, Some(200), true, &[], false);

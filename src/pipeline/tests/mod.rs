@@ -234,6 +234,12 @@ impl ResponseView for Upstream {
     fn headers(&self) -> Vec<(String, Vec<u8>)> {
         self.headers.clone()
     }
+    fn content_type(&self) -> Option<Vec<u8>> {
+        self.headers
+            .iter()
+            .find(|(name, _)| name == "content-type")
+            .map(|(_, value)| value.clone())
+    }
 }
 
 /// A local reply passing back through the filter (this one's, or another filter's).
@@ -248,6 +254,9 @@ impl ResponseView for Local {
     }
     fn headers(&self) -> Vec<(String, Vec<u8>)> {
         Vec::new()
+    }
+    fn content_type(&self) -> Option<Vec<u8>> {
+        None
     }
 }
 
@@ -947,6 +956,28 @@ fn grpc_calls_are_refused_with_grpc_statuses() {
             Some("1000".to_owned())
         )
     );
+
+    // Only a gRPC answer has a grpc-status to read.
+    let proxy = Proxy::new(&config(&[BREAKER]));
+    for (content_type, grpc_response) in [(&b"text/html"[..], false), (b"application/grpc", true)] {
+        let mut exchange = Exchange::default();
+        assert_eq!(
+            proxy.send(&mut exchange, grpc_call(None), b""),
+            Step::Continue
+        );
+        let upstream = Upstream {
+            status: 200,
+            headers: vec![("content-type".to_owned(), content_type.to_vec())],
+        };
+        proxy.respond(&mut exchange, &upstream, b"");
+        assert_eq!(exchange.grpc_response(), grpc_response);
+        proxy.finish(&mut exchange, answered(200));
+    }
+    let mut http = Exchange::default();
+    assert_eq!(proxy.send(&mut http, post("/", &[]), b""), Step::Continue);
+    proxy.respond(&mut http, &Upstream::answering(200), b"");
+    assert!(!http.grpc_response(), "not a gRPC call");
+    proxy.finish(&mut http, answered(200));
 
     let proxy = Proxy::new(&config(&[POOL, IDEMPOTENCY, BREAKER]));
     let missing = proxy.call(grpc_call(None), b"", 200).unwrap_err();
