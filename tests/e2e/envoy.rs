@@ -219,33 +219,9 @@ static_resources:
         - endpoint:
             address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream_port}}}}}
   # The same upstream over HTTP/2, which carries trailers both ways.
-  - name: upstream_h2
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: upstream_h2
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream_port}}}}}
+{upstream_h2}
   # The gRPC server of a test, when it has one.
-  - name: grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: grpc
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address: {{socket_address: {{address: 127.0.0.1, port_value: {grpc_port}}}}}
+{grpc}
   # Nothing listens here: requests under /dead/ fail to connect (response flag UF).
   - name: dead
     type: STATIC
@@ -258,7 +234,8 @@ static_resources:
             address: {{socket_address: {{address: 127.0.0.1, port_value: {dead_port}}}}}
 "#,
             dead_port = free_port(),
-            grpc_port = self.grpc_port.unwrap_or_else(free_port),
+            upstream_h2 = h2_cluster("upstream_h2", upstream.addr.port()),
+            grpc = h2_cluster("grpc", self.grpc_port.unwrap_or_else(free_port)),
             upstream_port = upstream.addr.port(),
             route = if self.direct_response {
                 r#"direct_response: {status: 200, body: {inline_string: "direct\n"}}"#
@@ -364,6 +341,25 @@ impl Drop for Envoy {
 
 fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A cluster of one local endpoint that Envoy speaks HTTP/2 to.
+fn h2_cluster(name: &str, port: u16) -> String {
+    format!(
+        r#"  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}"#
+    )
 }
 
 /// The project's virtualenv's Python, which has grpcio (`make setup`).

@@ -66,12 +66,22 @@ impl GrpcServer {
 /// One call through Envoy by grpcio's client; `retries`: attempts its retry policy allows on
 /// `UNAVAILABLE` (0: none).
 async fn call(envoy: &Envoy, method: &str, metadata: &[(&str, &str)], retries: u32) -> Value {
-    calls(envoy, method, metadata, retries, 1).await.remove(0)
+    calls(&target(envoy), method, metadata, retries, 1)
+        .await
+        .remove(0)
+}
+
+/// Envoy's listener as grpcio's client names it: `host:port`.
+fn target(envoy: &Envoy) -> String {
+    let url = envoy.url("");
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned()
 }
 
 /// `count` calls one after another from one client, milliseconds apart.
 async fn calls(
-    envoy: &Envoy,
+    target: &str,
     method: &str,
     metadata: &[(&str, &str)],
     retries: u32,
@@ -81,12 +91,7 @@ async fn calls(
     command
         .arg(peer_script())
         .arg("call")
-        .arg(
-            envoy
-                .url("")
-                .trim_start_matches("http://")
-                .trim_end_matches('/'),
-        )
+        .arg(target)
         .arg(method)
         .args(["--body", "order", "--retries", &retries.to_string()])
         .args(["--count", &count.to_string()]);
@@ -169,7 +174,7 @@ async fn a_rate_limited_grpc_call_gets_resource_exhausted_and_is_not_retried() {
     let rule =
         r#""rules": [{"name": "calls", "capacity": 1, "refill": {"tokens": 1, "interval": "3s"}}]"#;
     let (envoy, server, _upstream) = start(&format!(r#"{{"rate_limit": {{{rule}}}}}"#)).await;
-    let answers = calls(&envoy, "Create", &[], 5, 2).await;
+    let answers = calls(&target(&envoy), "Create", &[], 5, 2).await;
     assert_eq!(answers[0]["code"], "OK");
     let refused = &answers[1];
     assert_eq!(
@@ -193,7 +198,7 @@ async fn a_rate_limited_grpc_call_gets_resource_exhausted_and_is_not_retried() {
         r#"{{"rate_limit": {{{rule}, "limited_response": {{"grpc_status": "UNAVAILABLE"}}}}}}"#
     ))
     .await;
-    let answers = calls(&envoy, "Create", &[], 5, 2).await;
+    let answers = calls(&target(&envoy), "Create", &[], 5, 2).await;
     assert_eq!(answers[0]["code"], "OK");
     let retried = &answers[1];
     assert_eq!(retried["code"], "OK", "{retried}");
@@ -218,26 +223,10 @@ async fn a_unary_call_with_an_idempotency_key_executes_once() {
     let (envoy, server, _upstream) =
         start(r#"{"idempotency": {"match": {"path_prefix": "/demo.Orders/Create"}}}"#).await;
     let slow = {
-        let envoy_url = envoy.url("");
+        let target = target(&envoy);
         tokio::spawn(async move {
-            let mut command = Command::new(venv_python());
-            command
-                .arg(peer_script())
-                .arg("call")
-                .arg(
-                    envoy_url
-                        .trim_start_matches("http://")
-                        .trim_end_matches('/'),
-                )
-                .args(["Create", "--body", "order"])
-                .args([
-                    "--metadata",
-                    "idempotency-key=o-1",
-                    "--metadata",
-                    "delay-ms=3000",
-                ]);
-            let output = command.output().await.unwrap();
-            serde_json::from_slice::<Value>(&output.stdout).unwrap()
+            let metadata = [("idempotency-key", "o-1"), ("delay-ms", "3000")];
+            calls(&target, "Create", &metadata, 0, 1).await.remove(0)
         })
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
