@@ -151,6 +151,9 @@ pub struct Completion {
     /// or the headers of a trailers-only answer, else derived from `:status`. `None` for a
     /// request that is not a gRPC call, and for a call that got no answer.
     pub grpc_status: Option<GrpcStatus>,
+    /// The request was long-lived ([`crate::request::RequestInfo::long_lived`]): its
+    /// duration is its life, never a measure of the upstream's speed.
+    pub long_lived: bool,
 }
 
 /// Response flags meaning Envoy could not get an answer from the upstream: no healthy upstream
@@ -193,9 +196,10 @@ impl Completion {
         self.reached_upstream() || (self.upstream_host && self.flags & NEVER_CONNECTED_FLAGS == 0)
     }
 
-    /// The request's duration, if it measures the upstream: it reached the upstream and the
-    /// client waited for the end.
+    /// The request's duration, if it measures the upstream: a short request that reached the
+    /// upstream, whose client waited for the end.
     pub fn latency_sample(&self) -> Option<Duration> {
-        (self.reached_upstream() && !self.downstream_gone()).then_some(self.duration)
+        (self.reached_upstream() && !self.downstream_gone() && !self.long_lived)
+            .then_some(self.duration)
     }
 }

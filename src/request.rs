@@ -27,6 +27,10 @@ pub struct RequestInfo {
     /// A gRPC call ([`crate::grpc::is_grpc`]): its outcome is its `grpc-status`, and it is
     /// refused with a gRPC answer.
     pub grpc: bool,
+    /// A long-lived request: an upgrade (WebSocket), a `CONNECT`, or a request the
+    /// `long_lived` section names (streaming RPCs). Its duration is its life, not the
+    /// upstream's speed, so pools and breakers count it as they are told to.
+    pub long_lived: bool,
 }
 
 /// A header as a policy sees it.
@@ -62,6 +66,10 @@ impl RequestInfo {
         };
         let mut request = RequestInfo::new(pseudo(":method"), pseudo(":path"));
         request.grpc = crate::grpc::is_grpc(pseudo("content-type"));
+        // Envoy hands an HTTP/2 or HTTP/3 extended CONNECT (WebSocket) to filters as an
+        // HTTP/1.1 upgrade, so the `upgrade` header covers every protocol.
+        request.long_lived =
+            request.method == "CONNECT" || map.iter().any(|(name, _)| name == "upgrade");
         request.headers = map
             .into_iter()
             .filter(|(name, _)| names.contains(name))

@@ -143,9 +143,12 @@ impl BreakerConfig {
     /// Envoy's failures to get one count; a local reply (from this filter, a chained instance,
     /// or any other filter) and a request the client abandoned say nothing about it.
     pub fn classify(&self, completion: &Completion) -> Outcome {
-        let slow = self
-            .slow_call
-            .is_some_and(|limit| completion.duration > limit);
+        let limit = if completion.long_lived {
+            self.long_lived_slow_call
+        } else {
+            self.slow_call
+        };
+        let slow = limit.is_some_and(|limit| completion.duration > limit);
         if completion.upstream_failed() {
             return if self.local_failures {
                 Outcome::Failure { slow }

@@ -25,6 +25,14 @@ pub struct RawBreaker {
     pub open: Option<RawOpen>,
     pub half_open: Option<RawHalfOpen>,
     pub response: Option<RawResponse>,
+    pub long_lived: Option<RawLongLived>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLongLived {
+    pub counted: Option<bool>,
+    pub slow_call: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +127,12 @@ pub struct BreakerConfig {
     /// How long probe slots may stay taken before they are presumed lost.
     pub probe_timeout: std::time::Duration,
     pub response: Response,
+    /// Whether long-lived requests count: each is judged once, when its response headers
+    /// arrive (a stream that started is a success), not when it ends.
+    pub long_lived_counted: bool,
+    /// A long-lived request whose response headers took longer than this is slow; without
+    /// it, none is.
+    pub long_lived_slow_call: Option<std::time::Duration>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -346,6 +360,26 @@ impl BreakerConfig {
             ));
         }
 
+        let long_lived = raw.long_lived.unwrap_or_default();
+        let long_lived_counted = long_lived.counted.unwrap_or(true);
+        let long_lived_slow_call = long_lived.slow_call.map(|d| d.0);
+        let slow_at = format!("{at}.long_lived.slow_call");
+        if long_lived_slow_call.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::at(&slow_at, "must be longer than zero"));
+        }
+        if long_lived_slow_call.is_some() && !long_lived_counted {
+            return Err(ConfigError::at(
+                &slow_at,
+                "long-lived requests are not counted (`counted: false`)",
+            ));
+        }
+        if long_lived_slow_call.is_some() && slow_call_rate_percent.is_none() {
+            return Err(ConfigError::at(
+                &slow_at,
+                "needs `trip.slow_call_rate_percent`, or slow calls trip nothing",
+            ));
+        }
+
         let response = Response::compile(
             raw.response,
             &format!("{at}.response"),
@@ -373,6 +407,8 @@ impl BreakerConfig {
             successes_to_close,
             probe_timeout,
             response,
+            long_lived_counted,
+            long_lived_slow_call,
         })
     }
 }

@@ -141,10 +141,18 @@ impl Policy for CircuitBreaker {
             match admitted {
                 Ok((Admission::Pass(permit), effects)) => {
                     self.apply(env, index, effects);
-                    held.push(Held {
+                    let held_permit = Held {
                         breaker: index,
                         permit,
-                    });
+                    };
+                    if request.long_lived && !breaker.long_lived_counted {
+                        // Gated, never counted: a probe slot it took goes back at once.
+                        if matches!(permit, Permit::Probe { .. }) {
+                            self.record(env, held_permit, Outcome::Ignored);
+                        }
+                    } else {
+                        held.push(held_permit);
+                    }
                 }
                 Ok((Admission::Reject { retry_after }, effects)) => {
                     self.apply(env, index, effects);

@@ -512,8 +512,8 @@ impl ResponseView for EnvoyResponse {
         abi::headers(Map::Response).unwrap_or_default()
     }
 
-    fn content_type(&self) -> Option<Vec<u8>> {
-        abi::header(Map::Response, "content-type").ok()?
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        abi::header(Map::Response, name).ok()?
     }
 }
 
@@ -557,11 +557,13 @@ impl HttpContext for Stream {
         else {
             return Action::Continue;
         };
-        for (name, value) in
-            exchange.on_response_headers(&configured.filter, &EnvoyResponse, end_of_stream)
-        {
-            let _ = abi::add_header(Map::Response, name, value.as_bytes());
-        }
+        configured.run(|filter, env| {
+            for (name, value) in
+                exchange.on_response_headers(filter, env, &EnvoyResponse, end_of_stream)
+            {
+                let _ = abi::add_header(Map::Response, name, value.as_bytes());
+            }
+        });
         Action::Continue
     }
 

@@ -5,7 +5,7 @@ use crate::config::{check_duration, check_name, check_request_header_name, Confi
 use crate::grpc::GrpcStatus;
 use crate::matcher::{Match, RawMatch, RawScope, Scope};
 use crate::reply::{RawResponse, Response};
-use crate::request::Cidr;
+use crate::request::{Cidr, RequestInfo};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -26,6 +26,21 @@ pub struct RawPool {
     pub scope: Option<RawScope>,
     pub max_in_flight: u32,
     pub adaptive: Option<RawAdaptive>,
+    pub long_lived: Option<LongLived>,
+}
+
+/// Whether a pool counts long-lived requests (upgrades, `CONNECT`, the streaming RPCs the
+/// `long_lived` section names), which hold a slot for their whole life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LongLived {
+    /// Not counted, never shed by the pool: a pool of short calls stays a measure of them.
+    #[default]
+    Exclude,
+    /// Counted like any request.
+    Include,
+    /// Only long-lived requests are counted: a pool that caps open streams.
+    Only,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +131,7 @@ pub struct PoolConfig {
     /// The cap; for an adaptive pool, the ceiling and the starting limit.
     pub max_in_flight: u32,
     pub adaptive: Option<Adaptive>,
+    pub long_lived: LongLived,
     /// A third of `slot_lease`: slots are counted by epochs of this length.
     pub epoch_ns: u64,
 }
@@ -254,6 +270,19 @@ impl LoadSheddingConfig {
 }
 
 impl PoolConfig {
+    /// Whether the request takes a slot in this pool.
+    pub fn counts(&self, request: &RequestInfo) -> bool {
+        let kind = match self.long_lived {
+            LongLived::Exclude => !request.long_lived,
+            LongLived::Include => true,
+            LongLived::Only => request.long_lived,
+        };
+        kind && self
+            .scope
+            .as_ref()
+            .is_none_or(|scope| scope.contains(request))
+    }
+
     fn validate(raw: RawPool, epoch_ns: u64, at: &str) -> Result<PoolConfig, ConfigError> {
         check_name(&raw.name, &format!("{at}.name"))?;
         let scope = raw
@@ -309,11 +338,19 @@ impl PoolConfig {
                 })
             }
         };
+        let long_lived = raw.long_lived.unwrap_or_default();
+        if long_lived == LongLived::Only && adaptive.is_some() {
+            return Err(ConfigError::at(
+                &format!("{at}.adaptive"),
+                "an adaptive limit learns from latencies, and a pool of long-lived requests has none: set `max_in_flight` alone",
+            ));
+        }
         Ok(PoolConfig {
             name: raw.name,
             scope,
             max_in_flight: raw.max_in_flight,
             adaptive,
+            long_lived,
             epoch_ns,
         })
     }

@@ -199,11 +199,7 @@ impl Policy for LoadShedding {
         let now = env.now;
         let mut held = Vec::new();
         for (index, (pool, metrics)) in self.config.pools.iter().zip(&self.metrics).enumerate() {
-            if pool
-                .scope
-                .as_ref()
-                .is_some_and(|scope| !scope.contains(request))
-            {
+            if !pool.counts(request) {
                 continue;
             }
             let admitted = store::update::<PoolState, _>(

@@ -10,6 +10,7 @@ use crate::circuit_breaker::{CircuitBreakerConfig, RawCircuitBreaker};
 use crate::config::ConfigError;
 use crate::idempotency::{IdempotencyConfig, RawIdempotency};
 use crate::load_shedding::{LoadSheddingConfig, RawLoadShedding};
+use crate::matcher::{Match, RawMatch};
 use crate::rate_limit::{RateLimitConfig, RawRateLimit};
 use crate::store::{RawSharedData, SharedDataSettings};
 use serde::Deserialize;
@@ -24,7 +25,19 @@ pub struct RawConfig {
     pub circuit_breaker: Option<RawCircuitBreaker>,
     pub load_shedding: Option<RawLoadShedding>,
     pub idempotency: Option<RawIdempotency>,
+    pub long_lived: Option<RawLongLived>,
 }
+
+/// Which requests, besides upgrades and `CONNECT`, are long-lived: streaming RPCs cannot be
+/// told from a unary call on the wire, so the operator names them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLongLived {
+    #[serde(rename = "match")]
+    pub matches: Vec<RawMatch>,
+}
+
+pub const MAX_LONG_LIVED_MATCHES: usize = 64;
 
 /// Validated settings, ready for the data path.
 #[derive(Clone, Debug, PartialEq)]
@@ -34,6 +47,8 @@ pub struct Config {
     pub circuit_breaker: Option<CircuitBreakerConfig>,
     pub load_shedding: Option<LoadSheddingConfig>,
     pub idempotency: Option<IdempotencyConfig>,
+    /// Requests that are long-lived besides upgrades and `CONNECT`.
+    pub long_lived: Vec<Match>,
 }
 
 impl Config {
@@ -75,7 +90,20 @@ impl Config {
             circuit_breaker,
             load_shedding,
             idempotency,
+            long_lived,
         } = raw;
+        let mut long_lived_matches = Vec::new();
+        if let Some(raw) = long_lived {
+            if raw.matches.is_empty() || raw.matches.len() > MAX_LONG_LIVED_MATCHES {
+                return Err(ConfigError::at(
+                    "long_lived.match",
+                    format!("must hold 1 to {MAX_LONG_LIVED_MATCHES} matches"),
+                ));
+            }
+            for (i, m) in raw.matches.into_iter().enumerate() {
+                long_lived_matches.push(Match::compile(m, &format!("long_lived.match[{i}]"))?);
+            }
+        }
         Ok(Config {
             shared_data: SharedDataSettings::validate(shared_data, "shared_data")?,
             rate_limit: rate_limit
@@ -90,6 +118,7 @@ impl Config {
             idempotency: idempotency
                 .map(|raw| IdempotencyConfig::validate(raw, "idempotency"))
                 .transpose()?,
+            long_lived: long_lived_matches,
         })
     }
 }

@@ -22,6 +22,7 @@ fn empty_configuration_runs_with_defaults() {
         circuit_breaker: None,
         load_shedding: None,
         idempotency: None,
+        long_lived: Vec::new(),
     };
     assert_eq!(Config::parse(b""), Ok(defaults.clone()));
     assert_eq!(Config::parse(b" \n"), Ok(defaults.clone()));
@@ -347,4 +348,61 @@ fn a_response_cannot_set_what_makes_the_grpc_answer() {
         "load_shedding.response.grpc_message"
     );
     assert!(shed(&format!(r#"{{"grpc_message": "{}"}}"#, &long[1..])).starts_with("accepted"));
+}
+
+#[test]
+fn long_lived_settings_are_checked_where_they_are_written() {
+    let section =
+        |matches: &str| error_path(&format!(r#"{{"long_lived": {{"match": {matches}}}}}"#));
+    assert!(section(r#"[{"path_prefix": "/feed.Feed/"}]"#).starts_with("accepted"));
+    assert_eq!(section("[]"), "long_lived.match");
+    assert_eq!(
+        section(r#"[{}, {"path": "no-slash"}]"#),
+        "long_lived.match[1].path"
+    );
+
+    let pool = |setting: &str| {
+        error_path(&format!(
+            r#"{{"load_shedding": {{"pools": [{{"name": "p", "max_in_flight": 5, {setting}}}]}}}}"#
+        ))
+    };
+    for accepted in [r#""exclude""#, r#""include""#, r#""only""#] {
+        assert!(pool(&format!(r#""long_lived": {accepted}"#)).starts_with("accepted"));
+    }
+    assert_eq!(
+        pool(r#""long_lived": "separate""#),
+        "load_shedding.pools[0].long_lived"
+    );
+    assert_eq!(
+        pool(r#""long_lived": "only", "adaptive": {}"#),
+        "load_shedding.pools[0].adaptive",
+        "a pool of streams has no latencies to learn from"
+    );
+    assert!(pool(r#""long_lived": "include", "adaptive": {}"#).starts_with("accepted"));
+
+    let breaker = |long_lived: &str, trip: &str| {
+        error_path(&format!(
+            r#"{{"circuit_breaker": {{"breakers": [{{"name": "b", "scope": {{"match": {{}}}},
+                "failure": {{"slow_call": "1s"}}, "trip": {trip}, "long_lived": {long_lived}}}]}}}}"#
+        ))
+    };
+    let rates = r#"{"slow_call_rate_percent": 50, "window": {"calls": 10}}"#;
+    let consecutive = r#"{"consecutive_failures": 1}"#;
+    assert!(breaker(r#"{"slow_call": "2s"}"#, rates).starts_with("accepted"));
+    assert!(breaker(r#"{"counted": false}"#, consecutive).starts_with("accepted"));
+    for (long_lived, trip) in [
+        (r#"{"slow_call": "0s"}"#, rates),
+        (r#"{"slow_call": "2s", "counted": false}"#, rates),
+        (r#"{"slow_call": "2s"}"#, consecutive),
+    ] {
+        assert_eq!(
+            breaker(long_lived, trip),
+            "circuit_breaker.breakers[0].long_lived.slow_call",
+            "{long_lived} {trip}"
+        );
+    }
+    assert_eq!(
+        breaker(r#"{"count": true}"#, consecutive),
+        "circuit_breaker.breakers[0].long_lived.count"
+    );
 }

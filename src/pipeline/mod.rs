@@ -19,10 +19,11 @@ pub mod config;
 use crate::circuit_breaker::{CircuitBreaker, Permits};
 use crate::clock::Instant;
 use crate::etcd::{self, AnswerError, StoreCall};
-use crate::grpc;
+use crate::grpc::{self, GrpcStatus};
 use crate::hashing::{shared_seed, KeyHasher, Seed};
 use crate::idempotency::{Claim, Decision, FleetStep, FleetWrite, FleetWrites, Idempotency};
 use crate::load_shedding::{LoadShedding, Slots};
+use crate::matcher::Match;
 use crate::policy::{Completion, Env, Instance, Needs, Policy};
 use crate::rate_limit::{Admission, RateLimit, RateStep};
 use crate::reply::Reply;
@@ -41,6 +42,8 @@ pub struct Filter {
     rate_limit: Option<RateLimit>,
     idempotency: Option<Idempotency>,
     circuit_breaker: Option<CircuitBreaker>,
+    /// Requests that are long-lived besides upgrades and `CONNECT`.
+    long_lived: Vec<Match>,
 }
 
 /// How often a VM whose filter waits for request bodies checks their deadlines.
@@ -69,6 +72,7 @@ impl Filter {
             circuit_breaker,
             load_shedding,
             idempotency,
+            long_lived,
         } = config;
         let mut catalog = Catalog::new(name);
         let instance = Instance::new(name, shared_data, &mut catalog);
@@ -105,6 +109,7 @@ impl Filter {
             rate_limit,
             idempotency,
             circuit_breaker,
+            long_lived,
         };
         filter.needs = filter.count_needs();
         if let Some(policy) = &filter.load_shedding {
@@ -131,12 +136,23 @@ impl Filter {
             rate_limit,
             idempotency,
             circuit_breaker,
+            long_lived,
         } = self;
         let mut needs = Needs::default();
         load_shedding.iter().for_each(|p| needs.merge(p.needs()));
         rate_limit.iter().for_each(|p| needs.merge(p.needs()));
         idempotency.iter().for_each(|p| needs.merge(p.needs()));
         circuit_breaker.iter().for_each(|p| needs.merge(p.needs()));
+        if needs.request {
+            needs.merge(Needs {
+                headers: long_lived
+                    .iter()
+                    .flat_map(Match::header_names)
+                    .map(str::to_owned)
+                    .collect(),
+                ..Needs::default()
+            });
+        }
         needs.headers.sort();
         needs
     }
@@ -246,8 +262,8 @@ pub trait ResponseView {
     fn via_upstream(&self) -> bool;
     /// Every header, values as bytes.
     fn headers(&self) -> Vec<(String, Vec<u8>)>;
-    /// `content-type`.
-    fn content_type(&self) -> Option<Vec<u8>>;
+    /// One header's value (its first line).
+    fn header(&self, name: &str) -> Option<Vec<u8>>;
 }
 
 #[derive(Debug, Default)]
@@ -297,6 +313,7 @@ impl Exchange {
     ) -> Step {
         env.telemetry.increment(filter.instance.requests);
         self.request = request;
+        self.request.long_lived |= filter.long_lived.iter().any(|m| m.matches(&self.request));
         self.started = env.now;
         if let Some(policy) = &filter.load_shedding {
             match policy.admit(env, &self.request) {
@@ -344,7 +361,7 @@ impl Exchange {
         read_body: impl FnOnce(usize) -> Vec<u8>,
     ) -> Step {
         match &filter.idempotency {
-            Some(policy) if policy.awaits_body(&self.request) => {
+            Some(policy) if !self.request.long_lived && policy.awaits_body(&self.request) => {
                 let deadline = env.now.saturating_add(policy.config().body_timeout);
                 if !self.request_ended {
                     self.stage = Stage::AwaitingBody { deadline };
@@ -487,17 +504,24 @@ impl Exchange {
         Some(policy.body_timed_out(env))
     }
 
-    /// The headers to add to the response; a held claim starts capturing it.
-    pub fn on_response_headers(
+    /// The headers to add to the response; a held claim starts capturing it, and breakers
+    /// judge a long-lived request by them.
+    pub fn on_response_headers<S: Store>(
         &mut self,
         filter: &Filter,
+        env: &mut Env<'_, S>,
         response: &impl ResponseView,
         end_of_stream: bool,
     ) -> &[(String, String)] {
         // Only a gRPC answer has a grpc-status: a client claiming gRPC to an HTTP service
         // must not make its 200s and 400s count as UNKNOWN and INTERNAL.
-        self.grpc_response =
-            self.request.grpc && response.content_type().is_some_and(|t| grpc::is_grpc(&t));
+        self.grpc_response = self.request.grpc
+            && response
+                .header("content-type")
+                .is_some_and(|t| grpc::is_grpc(&t));
+        if self.request.long_lived && response.via_upstream() {
+            self.judge_start(filter, env, response, end_of_stream);
+        }
         if let (Some(claim), Some(policy)) = (&mut self.claim, &filter.idempotency) {
             claim.capture.headers(
                 policy.config(),
@@ -508,6 +532,45 @@ impl Exchange {
             );
         }
         self.rate.as_ref().map_or(&[], Admission::headers)
+    }
+
+    /// A long-lived request is judged by the upstream's response headers: the stream started
+    /// (a success, slow if they came late) or was refused. How long it then lives, and how it
+    /// ends (a server that drains its streams ends them `UNAVAILABLE`), says nothing about
+    /// the upstream's health; and a probe must not hold its half-open slot for hours.
+    /// Without the upstream's headers it is judged when it ends, by Envoy's flags.
+    fn judge_start<S: Store>(
+        &mut self,
+        filter: &Filter,
+        env: &mut Env<'_, S>,
+        response: &impl ResponseView,
+        end_of_stream: bool,
+    ) {
+        let (Some(permits), Some(policy)) = (self.permits.take(), &filter.circuit_breaker) else {
+            return;
+        };
+        let grpc_status = self.grpc_response.then(|| {
+            match response.header("grpc-status") {
+                Some(code) => std::str::from_utf8(&code)
+                    .ok()
+                    .and_then(|code| code.parse().ok())
+                    .and_then(GrpcStatus::from_code)
+                    .unwrap_or(GrpcStatus::UNKNOWN),
+                // Trailers come later: the call is under way.
+                None if !end_of_stream => GrpcStatus::OK,
+                None => GrpcStatus::UNKNOWN,
+            }
+        });
+        let completion = Completion {
+            status: response.status(),
+            via_upstream: true,
+            upstream_host: true,
+            duration: env.now.saturating_since(self.started),
+            grpc_status,
+            long_lived: true,
+            ..Completion::default()
+        };
+        policy.release(env, permits, &completion);
     }
 
     /// A gRPC call answered as one: the host reads its `grpc-status` when it ends.
@@ -559,6 +622,7 @@ impl Exchange {
         }
         let completion = Completion {
             duration: env.now.saturating_since(self.started),
+            long_lived: self.request.long_lived,
             ..completion()
         };
         if let (Some(permits), Some(policy)) = (self.permits.take(), &filter.circuit_breaker) {
@@ -637,7 +701,12 @@ impl Exchange {
 
     /// Idempotency, then circuit breaking: the stages that see the body.
     fn admit_after_body<S: Store>(&mut self, filter: &Filter, env: &mut Env<'_, S>) -> Step {
-        if let Some(policy) = &filter.idempotency {
+        // A streaming call has no one request to fingerprint nor one response to replay.
+        if let Some(policy) = filter
+            .idempotency
+            .as_ref()
+            .filter(|_| !self.request.long_lived)
+        {
             match policy.admit(env, &self.request) {
                 Ok(claim) => self.claim = claim,
                 Err(reply) => return self.answer(reply),

@@ -360,7 +360,7 @@ fn completions_are_classified_by_flags_then_status() {
         via_upstream: flags == 0,
         upstream_host: true,
         duration: Duration::from_millis(ms),
-        grpc_status: None,
+        ..Completion::default()
     };
     assert_eq!(b.classify(&done(Some(200), 0, 10)), OK);
     assert_eq!(
@@ -457,7 +457,7 @@ fn local_replies_say_nothing_about_the_upstream() {
         via_upstream: false,
         upstream_host: false,
         duration: Duration::from_millis(1),
-        grpc_status: None,
+        ..Completion::default()
     };
     for status in [503, 429, 500, 401, 200] {
         assert_eq!(b.classify(&local(status)), Outcome::Ignored, "{status}");

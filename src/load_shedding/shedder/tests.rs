@@ -352,7 +352,7 @@ fn local_replies_and_abandoned_requests_are_not_latency_samples() {
             flags: 0x4000,
             duration: slow,
             upstream_host: true,
-            grpc_status: None,
+            ..Completion::default()
         },
         Completion {
             status: Some(503),

@@ -146,8 +146,21 @@ impl Proxy {
         })
     }
 
+    fn response_headers(
+        &self,
+        exchange: &mut Exchange,
+        response: &impl ResponseView,
+        end_of_stream: bool,
+    ) -> Vec<(String, String)> {
+        self.run(&self.store, |filter, env| {
+            exchange
+                .on_response_headers(filter, env, response, end_of_stream)
+                .to_vec()
+        })
+    }
+
     fn respond(&self, exchange: &mut Exchange, response: &Upstream, body: &[u8]) {
-        exchange.on_response_headers(&self.filter, response, false);
+        self.response_headers(exchange, response, false);
         exchange.on_response_body(&self.filter, body, true);
     }
 
@@ -171,7 +184,7 @@ impl Proxy {
                 Ok(())
             }
             Step::Reply(reply) => {
-                exchange.on_response_headers(&self.filter, &Local(reply.status), true);
+                self.response_headers(&mut exchange, &Local(reply.status), true);
                 self.finish(&mut exchange, local(reply.status));
                 Err(reply)
             }
@@ -234,10 +247,10 @@ impl ResponseView for Upstream {
     fn headers(&self) -> Vec<(String, Vec<u8>)> {
         self.headers.clone()
     }
-    fn content_type(&self) -> Option<Vec<u8>> {
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
         self.headers
             .iter()
-            .find(|(name, _)| name == "content-type")
+            .find(|(n, _)| n == name)
             .map(|(_, value)| value.clone())
     }
 }
@@ -255,7 +268,7 @@ impl ResponseView for Local {
     fn headers(&self) -> Vec<(String, Vec<u8>)> {
         Vec::new()
     }
-    fn content_type(&self) -> Option<Vec<u8>> {
+    fn header(&self, _name: &str) -> Option<Vec<u8>> {
         None
     }
 }
@@ -457,7 +470,7 @@ fn a_claim_on_a_request_that_never_reached_the_upstream_is_freed() {
     let proxy = Proxy::new(&config(&[IDEMPOTENCY]));
     let mut exchange = Exchange::default();
     assert_eq!(proxy.send(&mut exchange, keyed("k"), b"{}"), Step::Continue);
-    exchange.on_response_headers(&proxy.filter, &Local(503), true);
+    proxy.response_headers(&mut exchange, &Local(503), true);
     let connect_failure = Completion {
         flags: 0x20,
         upstream_host: true,
@@ -483,7 +496,7 @@ fn another_filters_refusals_never_open_the_breaker() {
             proxy.send(&mut exchange, post("/", &[]), b""),
             Step::Continue
         );
-        exchange.on_response_headers(&proxy.filter, &Local(503), true);
+        proxy.response_headers(&mut exchange, &Local(503), true);
         proxy.finish(&mut exchange, local(503));
     }
     assert_ne!(
@@ -509,7 +522,7 @@ fn a_local_reply_after_the_claim_is_never_replayed() {
     let proxy = Proxy::new(&config(&[IDEMPOTENCY]));
     let mut exchange = Exchange::default();
     assert_eq!(proxy.send(&mut exchange, keyed("k"), b"{}"), Step::Continue);
-    exchange.on_response_headers(&proxy.filter, &Local(429), false);
+    proxy.response_headers(&mut exchange, &Local(429), false);
     exchange.on_response_body(&proxy.filter, b"slow down", true);
     proxy.finish(&mut exchange, local(429));
     assert_eq!(
@@ -524,7 +537,7 @@ fn a_response_over_max_response_bytes_is_stored_as_unreplayable() {
     let proxy = Proxy::new(r#"{"idempotency": {"max_response_bytes": 100}}"#);
     let mut exchange = Exchange::default();
     assert_eq!(proxy.send(&mut exchange, keyed("k"), b"{}"), Step::Continue);
-    exchange.on_response_headers(&proxy.filter, &Upstream::answering(201), false);
+    proxy.response_headers(&mut exchange, &Upstream::answering(201), false);
     exchange.on_response_body(&proxy.filter, &[b'x'; 60], false);
     exchange.on_response_body(&proxy.filter, &[b'x'; 60], true);
     proxy.finish(&mut exchange, answered(201));
@@ -559,7 +572,7 @@ fn a_request_ending_in_trailers_is_decided_at_its_trailers() {
         });
         if attempt == 0 {
             assert_eq!(step, Step::Continue);
-            exchange.on_response_headers(&proxy.filter, &Upstream::answering(201), false);
+            proxy.response_headers(&mut exchange, &Upstream::answering(201), false);
             exchange.on_response_body(&proxy.filter, b"created", false);
             exchange.on_response_trailers();
             proxy.finish(&mut exchange, answered(201));
@@ -895,6 +908,7 @@ fn a_breaker_refusal_leaves_the_rate_limit_token_spent() {
 
 mod fleet;
 mod global;
+mod long_lived;
 
 fn grpc_call(key: Option<&str>) -> RequestInfo {
     let mut headers = vec![("content-type", "application/grpc")];
