@@ -101,7 +101,7 @@ oci: build
 	envoy/istio/oci.sh $(WASM) $(VERSION) target/oci
 	docker build -q -t $(PLUGIN_IMAGE):$(VERSION) -t $(PLUGIN_IMAGE):latest target/oci/image
 
-run: build envoy
+run: build envoy grpcio
 	./envoy/demo.sh
 
 lint: targets

@@ -269,3 +269,89 @@ async fn a_unary_call_with_an_idempotency_key_executes_once() {
         "a key is not required unless configured"
     );
 }
+
+/// A server-streaming call held open for 10 s, named long-lived: the pool of calls it would
+/// have filled (one slot) keeps serving unary calls, a pool of its own caps open streams at
+/// one, the breaker's slow-call rule (1 s; one slow call in ten trips it) does not count it,
+/// and its slot is back when it ends. A 1.5 s unary call, for contrast, trips the breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_held_for_10_s_neither_trips_the_slow_call_rule_nor_leaks_its_slot() {
+    let (envoy, server, _upstream) = start(
+        r#"{"long_lived": {"match": [{"path": "/demo.Orders/Watch"}]},
+            "load_shedding": {"pools": [
+                {"name": "calls", "max_in_flight": 1},
+                {"name": "streams", "max_in_flight": 1, "long_lived": "only"}],
+              "shed_at": {"high": 1, "normal": 1, "low": 1}},
+            "circuit_breaker": {"breakers": [{"name": "orders", "scope": {"match": {}},
+              "failure": {"slow_call": "1s"},
+              "trip": {"slow_call_rate_percent": 10, "minimum_calls": 1, "window": {"calls": 10}}}]}}"#,
+    )
+    .await;
+    let stat = |name: &str| {
+        let envoy = &envoy;
+        let name = format!("wasmcustom.resilience.grpc.{name}");
+        async move { envoy.stat(&name).await }
+    };
+    let stream = {
+        let target = target(&envoy);
+        tokio::spawn(async move {
+            let metadata = [("messages", "10"), ("interval-ms", "1000")];
+            calls(&target, "Watch", &metadata, 0, 1).await.remove(0)
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server.received("Watch") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream never arrived"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(stat("load_shedding.streams.in_flight").await, Some(1));
+    for answer in calls(&target(&envoy), "Create", &[], 0, 3).await {
+        assert_eq!(
+            answer["code"], "OK",
+            "the stream holds no slot of the calls pool: {answer}"
+        );
+    }
+    let second = call(&envoy, "Watch", &[], 0).await;
+    assert_eq!(
+        (&second["code"], &second["details"]),
+        (
+            &Value::from("UNAVAILABLE"),
+            &Value::from("shed by load shedding pool streams, class normal")
+        ),
+        "{second}"
+    );
+
+    let stream = stream.await.unwrap();
+    assert_eq!(stream["code"], "OK", "{stream}");
+    assert_eq!(stream["messages"].as_array().unwrap().len(), 10);
+    assert!(stream["elapsed_ms"].as_u64().unwrap() >= 9_500, "{stream}");
+    assert_eq!(
+        stat("load_shedding.streams.in_flight").await,
+        Some(0),
+        "no leak"
+    );
+    assert_eq!(stat("load_shedding.calls.in_flight").await, Some(0));
+    assert_eq!(
+        stat("circuit_breaker.orders.transitions_to_open").await,
+        Some(0),
+        "the 10 s stream was not a slow call"
+    );
+    let again = call(&envoy, "Watch", &[], 0).await;
+    assert_eq!(again["code"], "OK", "the stream's slot is back: {again}");
+
+    let slow = call(&envoy, "Create", &[("delay-ms", "1500")], 0).await;
+    assert_eq!(slow["code"], "OK", "{slow}");
+    assert_eq!(
+        stat("circuit_breaker.orders.transitions_to_open").await,
+        Some(1),
+        "a 1.5 s unary call is slow"
+    );
+    let refused = call(&envoy, "Watch", &[], 0).await;
+    assert_eq!(
+        refused["trailing"]["x-circuit-breaker"], "orders",
+        "{refused}"
+    );
+}

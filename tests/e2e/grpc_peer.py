@@ -1,6 +1,7 @@
 """A real gRPC server and client (grpcio) for the end-to-end tests.
 
-serve: a server on 127.0.0.1 that prints its port, then one JSON line per call it receives.
+serve [--port N]: a server on 127.0.0.1 (port N, default any free one) that prints its port,
+  then one JSON line per call it receives.
   /demo.Orders/Create   unary: answers b"created:" + the request, or fails with the code in
                         metadata `fail` (a name, e.g. UNAVAILABLE) after `delay-ms`.
   /demo.Orders/Watch    server streaming: `messages` messages, `interval-ms` apart.
@@ -24,7 +25,7 @@ def identity(b):
     return b
 
 
-def serve():
+def serve(port):
     def log(method, context, request):
         metadata = dict(context.invocation_metadata())
         print(json.dumps({"method": method, "idempotency_key": metadata.get("idempotency-key"),
@@ -53,7 +54,7 @@ def serve():
     })
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     print(json.dumps({"port": port}), flush=True)
     server.wait_for_termination()
@@ -100,7 +101,8 @@ def one_call(args, channel, path, metadata):
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve")
+    s = sub.add_parser("serve")
+    s.add_argument("--port", type=int, default=0)
     c = sub.add_parser("call")
     c.add_argument("target")
     c.add_argument("method")
@@ -111,7 +113,7 @@ def main():
     c.add_argument("--count", type=int, default=1)
     args = parser.parse_args()
     if args.command == "serve":
-        serve()
+        serve(args.port)
     else:
         call(args)
 
