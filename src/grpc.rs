@@ -41,6 +41,37 @@ impl GrpcStatus {
     pub const INTERNAL: GrpcStatus = GrpcStatus(13);
     pub const UNAVAILABLE: GrpcStatus = GrpcStatus(14);
     pub const DATA_LOSS: GrpcStatus = GrpcStatus(15);
+    const UNIMPLEMENTED: GrpcStatus = GrpcStatus(12);
+    const PERMISSION_DENIED: GrpcStatus = GrpcStatus(7);
+    const UNAUTHENTICATED: GrpcStatus = GrpcStatus(16);
+
+    /// A `grpc-status` value as Envoy reads it: decimal digits naming a code. Anything else
+    /// (a sign, bytes that are not text, a code gRPC does not define) is `UNKNOWN`, as gRPC
+    /// clients take it.
+    pub fn from_header(value: &[u8]) -> GrpcStatus {
+        let digits = value.trim_ascii();
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return GrpcStatus::UNKNOWN;
+        }
+        let code = digits.iter().fold(0_i64, |code, digit| {
+            code.saturating_mul(10)
+                .saturating_add(i64::from(digit - b'0'))
+        });
+        GrpcStatus::from_code(code).unwrap_or(GrpcStatus::UNKNOWN)
+    }
+
+    /// The status of a gRPC answer that has none, from its HTTP status: gRPC's mapping, which
+    /// Envoy applies too (`response.grpc_status`).
+    pub fn from_http(status: u16) -> GrpcStatus {
+        match status {
+            400 => GrpcStatus::INTERNAL,
+            401 => GrpcStatus::UNAUTHENTICATED,
+            403 => GrpcStatus::PERMISSION_DENIED,
+            404 => GrpcStatus::UNIMPLEMENTED,
+            429 | 502 | 503 | 504 => GrpcStatus::UNAVAILABLE,
+            _ => GrpcStatus::UNKNOWN,
+        }
+    }
 
     /// A code as Envoy reports it (`response.grpc_status`); `None` outside 0..=16.
     pub fn from_code(code: i64) -> Option<GrpcStatus> {
@@ -119,6 +150,29 @@ mod tests {
     use super::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn grpc_status_headers_are_read_as_envoy_reads_them() {
+        for (value, status) in [
+            (&b"14"[..], GrpcStatus::UNAVAILABLE),
+            (b"0", GrpcStatus::OK),
+            (b" 8 ", GrpcStatus::RESOURCE_EXHAUSTED),
+            (b"-0", GrpcStatus::UNKNOWN),
+            (b"+0", GrpcStatus::UNKNOWN),
+            (b"17", GrpcStatus::UNKNOWN),
+            (b"014", GrpcStatus::UNAVAILABLE),
+            (b"99999999999999999999999", GrpcStatus::UNKNOWN),
+            (b"", GrpcStatus::UNKNOWN),
+            (b"1\xff", GrpcStatus::UNKNOWN),
+            (b"\xc3\xa9", GrpcStatus::UNKNOWN),
+        ] {
+            assert_eq!(GrpcStatus::from_header(value), status, "{value:?}");
+        }
+        assert_eq!(GrpcStatus::from_http(503), GrpcStatus::UNAVAILABLE);
+        assert_eq!(GrpcStatus::from_http(429), GrpcStatus::UNAVAILABLE);
+        assert_eq!(GrpcStatus::from_http(404), GrpcStatus::UNIMPLEMENTED);
+        assert_eq!(GrpcStatus::from_http(200), GrpcStatus::UNKNOWN);
+    }
 
     #[test]
     fn names_and_codes_round_trip() {

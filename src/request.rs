@@ -27,9 +27,12 @@ pub struct RequestInfo {
     /// A gRPC call ([`crate::grpc::is_grpc`]): its outcome is its `grpc-status`, and it is
     /// refused with a gRPC answer.
     pub grpc: bool,
-    /// A long-lived request: an upgrade (WebSocket), a `CONNECT`, or a request the
-    /// `long_lived` section names (streaming RPCs). Its duration is its life, not the
-    /// upstream's speed, so pools and breakers count it as they are told to.
+    /// The method and path arrived as rules see them: the method upper-case, the path (up to
+    /// its query) already normalized. Only such a request may be exempted by a rule: an
+    /// upstream may read another spelling as another method or path than the rule did.
+    pub canonical: bool,
+    /// A request the `long_lived` section names (streaming RPCs, WebSockets): its duration is
+    /// its life, not the upstream's speed, so pools and breakers count it as they are told to.
     pub long_lived: bool,
 }
 
@@ -48,9 +51,16 @@ impl RequestInfo {
     /// Methods are case-sensitive, but upstreams that take `post` for `POST` exist: rules see
     /// the method upper-cased, so `post` cannot step around a rule written for `POST`.
     pub fn new(method: &[u8], path: &[u8]) -> RequestInfo {
+        let normalized = normalize_path(path);
+        let before_query = path
+            .split(|&b| b == b'?' || b == b'#')
+            .next()
+            .unwrap_or(path);
+        let upper = String::from_utf8_lossy(method).to_ascii_uppercase();
         RequestInfo {
-            method: String::from_utf8_lossy(method).to_ascii_uppercase(),
-            path: normalize_path(path),
+            canonical: upper.as_bytes() == method && before_query == normalized.as_bytes(),
+            method: upper,
+            path: normalized,
             path_and_query: path.to_vec(),
             ..RequestInfo::default()
         }
@@ -66,10 +76,6 @@ impl RequestInfo {
         };
         let mut request = RequestInfo::new(pseudo(":method"), pseudo(":path"));
         request.grpc = crate::grpc::is_grpc(pseudo("content-type"));
-        // Envoy hands an HTTP/2 or HTTP/3 extended CONNECT (WebSocket) to filters as an
-        // HTTP/1.1 upgrade, so the `upgrade` header covers every protocol.
-        request.long_lived =
-            request.method == "CONNECT" || map.iter().any(|(name, _)| name == "upgrade");
         request.headers = map
             .into_iter()
             .filter(|(name, _)| names.contains(name))

@@ -25,12 +25,12 @@ pub struct RawBreaker {
     pub open: Option<RawOpen>,
     pub half_open: Option<RawHalfOpen>,
     pub response: Option<RawResponse>,
-    pub long_lived: Option<RawLongLived>,
+    pub long_lived: Option<RawBreakerLongLived>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawLongLived {
+pub struct RawBreakerLongLived {
     pub counted: Option<bool>,
     pub slow_call: Option<Duration>,
 }
@@ -225,6 +225,19 @@ impl BreakerConfig {
                 "must be longer than zero",
             ));
         }
+        let long_lived = raw.long_lived.unwrap_or_default();
+        let long_lived_counted = long_lived.counted.unwrap_or(true);
+        let long_lived_slow_call = long_lived.slow_call.map(|d| d.0);
+        let slow_at = format!("{at}.long_lived.slow_call");
+        if long_lived_slow_call.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::at(&slow_at, "must be longer than zero"));
+        }
+        if long_lived_slow_call.is_some() && !long_lived_counted {
+            return Err(ConfigError::at(
+                &slow_at,
+                "long-lived requests are not counted (`counted: false`)",
+            ));
+        }
 
         let trip = raw.trip;
         let trip_at = format!("{at}.trip");
@@ -240,10 +253,17 @@ impl BreakerConfig {
             .slow_call_rate_percent
             .map(|p| range(p, 1, 100, &format!("{trip_at}.slow_call_rate_percent")))
             .transpose()?;
-        if slow_call_rate_percent.is_some() && slow_call.is_none() {
+        if slow_call_rate_percent.is_some() && slow_call.is_none() && long_lived_slow_call.is_none()
+        {
             return Err(ConfigError::at(
                 &format!("{trip_at}.slow_call_rate_percent"),
-                "needs `failure.slow_call`",
+                "needs `failure.slow_call` or `long_lived.slow_call`",
+            ));
+        }
+        if long_lived_slow_call.is_some() && slow_call_rate_percent.is_none() {
+            return Err(ConfigError::at(
+                &format!("{at}.long_lived.slow_call"),
+                "needs `trip.slow_call_rate_percent`, or slow calls trip nothing",
             ));
         }
         let rates = failure_rate_percent.is_some() || slow_call_rate_percent.is_some();
@@ -357,26 +377,6 @@ impl BreakerConfig {
             return Err(ConfigError::at(
                 &format!("{at}.half_open.probe_timeout"),
                 "must be between 1ms and 24h",
-            ));
-        }
-
-        let long_lived = raw.long_lived.unwrap_or_default();
-        let long_lived_counted = long_lived.counted.unwrap_or(true);
-        let long_lived_slow_call = long_lived.slow_call.map(|d| d.0);
-        let slow_at = format!("{at}.long_lived.slow_call");
-        if long_lived_slow_call.is_some_and(|d| d.is_zero()) {
-            return Err(ConfigError::at(&slow_at, "must be longer than zero"));
-        }
-        if long_lived_slow_call.is_some() && !long_lived_counted {
-            return Err(ConfigError::at(
-                &slow_at,
-                "long-lived requests are not counted (`counted: false`)",
-            ));
-        }
-        if long_lived_slow_call.is_some() && slow_call_rate_percent.is_none() {
-            return Err(ConfigError::at(
-                &slow_at,
-                "needs `trip.slow_call_rate_percent`, or slow calls trip nothing",
             ));
         }
 

@@ -557,13 +557,16 @@ impl HttpContext for Stream {
         else {
             return Action::Continue;
         };
-        configured.run(|filter, env| {
-            for (name, value) in
-                exchange.on_response_headers(filter, env, &EnvoyResponse, end_of_stream)
-            {
-                let _ = abi::add_header(Map::Response, name, value.as_bytes());
-            }
-        });
+        for (name, value) in
+            exchange.on_response_headers(&configured.filter, &EnvoyResponse, end_of_stream)
+        {
+            let _ = abi::add_header(Map::Response, name, value.as_bytes());
+        }
+        if exchange.judged_at_start() {
+            configured.run(|filter, env| {
+                exchange.judge_start(filter, env, &EnvoyResponse, end_of_stream);
+            });
+        }
         Action::Continue
     }
 

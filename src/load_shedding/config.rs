@@ -27,6 +27,7 @@ pub struct RawPool {
     pub max_in_flight: u32,
     pub adaptive: Option<RawAdaptive>,
     pub long_lived: Option<LongLived>,
+    pub slot_lease: Option<Duration>,
 }
 
 /// Whether a pool counts long-lived requests (upgrades, `CONNECT`, the streaming RPCs the
@@ -132,7 +133,7 @@ pub struct PoolConfig {
     pub max_in_flight: u32,
     pub adaptive: Option<Adaptive>,
     pub long_lived: LongLived,
-    /// A third of `slot_lease`: slots are counted by epochs of this length.
+    /// A third of the pool's slot lease: slots are counted by epochs of this length.
     pub epoch_ns: u64,
 }
 
@@ -163,17 +164,14 @@ impl LoadSheddingConfig {
                 format!("must hold 1 to {MAX_POOLS} pools"),
             ));
         }
-        let slot_lease = check_duration(
-            raw.slot_lease.map_or(DEFAULT_SLOT_LEASE, |d| d.0),
-            std::time::Duration::from_secs(1),
-            std::time::Duration::from_secs(86_400),
+        let slot_lease = slot_lease(
+            raw.slot_lease,
+            DEFAULT_SLOT_LEASE,
             &format!("{at}.slot_lease"),
         )?;
-        // Whole nanoseconds: the lease is at least what was written, at most a third longer.
-        let epoch_ns = nanos_saturating(slot_lease).div_ceil(super::pool::EPOCHS as u64 - 1);
         let mut pools: Vec<PoolConfig> = Vec::new();
         for (i, pool) in raw.pools.into_iter().enumerate() {
-            let pool = PoolConfig::validate(pool, epoch_ns, &format!("{at}.pools[{i}]"))?;
+            let pool = PoolConfig::validate(pool, slot_lease, &format!("{at}.pools[{i}]"))?;
             if pools.iter().any(|p| p.name == pool.name) {
                 return Err(ConfigError::at(
                     &format!("{at}.pools[{i}].name"),
@@ -269,6 +267,20 @@ impl LoadSheddingConfig {
     }
 }
 
+/// A slot lease as written (1 s to 24 h), or `default`.
+fn slot_lease(
+    raw: Option<Duration>,
+    default: std::time::Duration,
+    at: &str,
+) -> Result<std::time::Duration, ConfigError> {
+    check_duration(
+        raw.map_or(default, |d| d.0),
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(86_400),
+        at,
+    )
+}
+
 impl PoolConfig {
     /// Whether the request takes a slot in this pool.
     pub fn counts(&self, request: &RequestInfo) -> bool {
@@ -283,7 +295,14 @@ impl PoolConfig {
             .is_none_or(|scope| scope.contains(request))
     }
 
-    fn validate(raw: RawPool, epoch_ns: u64, at: &str) -> Result<PoolConfig, ConfigError> {
+    fn validate(
+        raw: RawPool,
+        section_lease: std::time::Duration,
+        at: &str,
+    ) -> Result<PoolConfig, ConfigError> {
+        let lease = slot_lease(raw.slot_lease, section_lease, &format!("{at}.slot_lease"))?;
+        // Whole nanoseconds: the lease is at least what was written, at most a third longer.
+        let epoch_ns = nanos_saturating(lease).div_ceil(super::pool::EPOCHS as u64 - 1);
         check_name(&raw.name, &format!("{at}.name"))?;
         let scope = raw
             .scope

@@ -10,6 +10,6 @@ mod config;
 mod pool;
 mod shedder;
 
-pub use config::{Adaptive, Class, LoadSheddingConfig, LongLived, PoolConfig, RawLoadShedding};
+pub use config::{Adaptive, Class, LoadSheddingConfig, PoolConfig, RawLoadShedding};
 pub use pool::{threshold, LimitChange, PoolState};
 pub use shedder::{LoadShedding, Slots};

@@ -28,8 +28,9 @@ pub struct RawConfig {
     pub long_lived: Option<RawLongLived>,
 }
 
-/// Which requests, besides upgrades and `CONNECT`, are long-lived: streaming RPCs cannot be
-/// told from a unary call on the wire, so the operator names them.
+/// Which requests are long-lived: a streaming RPC cannot be told from a unary call on the wire,
+/// and an `Upgrade` header is the client's to send, so the operator names them, by method and
+/// path only (a client chooses its headers, and how it spells its host).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLongLived {
@@ -101,7 +102,28 @@ impl Config {
                 ));
             }
             for (i, m) in raw.matches.into_iter().enumerate() {
-                long_lived_matches.push(Match::compile(m, &format!("long_lived.match[{i}]"))?);
+                let at = format!("long_lived.match[{i}]");
+                let chosen_by_client =
+                    [("host", m.host.is_some()), ("headers", m.headers.is_some())];
+                if let Some((field, _)) = chosen_by_client.into_iter().find(|(_, set)| *set) {
+                    return Err(ConfigError::at(
+                        &format!("{at}.{field}"),
+                        "long-lived requests are named by method and path only: a client chooses its headers and how it spells its host, and could take any request out of the pools",
+                    ));
+                }
+                if m.path.is_none() && m.path_prefix.is_none() && m.methods.is_none() {
+                    return Err(ConfigError::at(
+                        &at,
+                        "names every request: set `path`, `path_prefix` or `methods`",
+                    ));
+                }
+                long_lived_matches.push(Match::compile(m, &at)?);
+            }
+            if load_shedding.is_none() && circuit_breaker.is_none() && idempotency.is_none() {
+                return Err(ConfigError::at(
+                    "long_lived",
+                    "no policy here treats long-lived requests apart (load_shedding, circuit_breaker, idempotency)",
+                ));
             }
         }
         Ok(Config {

@@ -352,13 +352,38 @@ fn a_response_cannot_set_what_makes_the_grpc_answer() {
 
 #[test]
 fn long_lived_settings_are_checked_where_they_are_written() {
-    let section =
-        |matches: &str| error_path(&format!(r#"{{"long_lived": {{"match": {matches}}}}}"#));
+    let section = |matches: &str| {
+        error_path(&format!(
+            r#"{{"long_lived": {{"match": {matches}}}, "idempotency": {{}}}}"#
+        ))
+    };
     assert!(section(r#"[{"path_prefix": "/feed.Feed/"}]"#).starts_with("accepted"));
+    assert!(section(r#"[{"methods": ["CONNECT"]}]"#).starts_with("accepted"));
     assert_eq!(section("[]"), "long_lived.match");
     assert_eq!(
-        section(r#"[{}, {"path": "no-slash"}]"#),
+        section(r#"[{"path": "/a"}, {"path": "no-slash"}]"#),
         "long_lived.match[1].path"
+    );
+    assert_eq!(
+        section("[{}]"),
+        "long_lived.match[0]",
+        "names every request"
+    );
+    assert_eq!(
+        section(r#"[{"path": "/a", "headers": [{"name": "upgrade", "present": true}]}]"#),
+        "long_lived.match[0].headers",
+        "a client would name itself"
+    );
+    assert_eq!(
+        section(r#"[{"path": "/a", "host": "streams.example.com"}]"#),
+        "long_lived.match[0].host"
+    );
+    assert_eq!(
+        error_path(
+            r#"{"long_lived": {"match": [{"path": "/a"}]}, "rate_limit": {"rules": [{"name": "r", "capacity": 1, "refill": {"tokens": 1, "interval": "1s"}}]}}"#
+        ),
+        "long_lived",
+        "no policy here would treat them apart"
     );
 
     let pool = |setting: &str| {
@@ -379,6 +404,11 @@ fn long_lived_settings_are_checked_where_they_are_written() {
         "a pool of streams has no latencies to learn from"
     );
     assert!(pool(r#""long_lived": "include", "adaptive": {}"#).starts_with("accepted"));
+    assert!(pool(r#""long_lived": "only", "slot_lease": "24h""#).starts_with("accepted"));
+    assert_eq!(
+        pool(r#""slot_lease": "25h""#),
+        "load_shedding.pools[0].slot_lease"
+    );
 
     let breaker = |long_lived: &str, trip: &str| {
         error_path(&format!(
@@ -401,6 +431,15 @@ fn long_lived_settings_are_checked_where_they_are_written() {
             "{long_lived} {trip}"
         );
     }
+    let streams_only = error_path(
+        r#"{"circuit_breaker": {"breakers": [{"name": "b", "scope": {"match": {}},
+            "trip": {"slow_call_rate_percent": 50, "window": {"calls": 10}},
+            "long_lived": {"slow_call": "1s"}}]}}"#,
+    );
+    assert!(
+        streams_only.starts_with("accepted"),
+        "a slow-call rule for streams alone needs no failure.slow_call: {streams_only}"
+    );
     assert_eq!(
         breaker(r#"{"count": true}"#, consecutive),
         "circuit_breaker.breakers[0].long_lived.count"

@@ -12,7 +12,9 @@
 //! conflicts are answered before any upstream capacity is spent), circuit breaking. A stage
 //! that refuses gives back at once what it took itself; what earlier stages lent the request
 //! is given back when the stream ends, in [`Exchange::finish`], which the host calls from
-//! `on_log` — once for every stream Envoy handles, however it ended.
+//! `on_log` — once for every stream Envoy handles, however it ended — except that breakers
+//! judge a long-lived request, and take back its permit, at its response headers
+//! ([`Exchange::judge_start`]).
 
 pub mod config;
 
@@ -136,23 +138,14 @@ impl Filter {
             rate_limit,
             idempotency,
             circuit_breaker,
-            long_lived,
+            // Matched on the method and path alone, which every request carries.
+            long_lived: _,
         } = self;
         let mut needs = Needs::default();
         load_shedding.iter().for_each(|p| needs.merge(p.needs()));
         rate_limit.iter().for_each(|p| needs.merge(p.needs()));
         idempotency.iter().for_each(|p| needs.merge(p.needs()));
         circuit_breaker.iter().for_each(|p| needs.merge(p.needs()));
-        if needs.request {
-            needs.merge(Needs {
-                headers: long_lived
-                    .iter()
-                    .flat_map(Match::header_names)
-                    .map(str::to_owned)
-                    .collect(),
-                ..Needs::default()
-            });
-        }
         needs.headers.sort();
         needs
     }
@@ -313,7 +306,8 @@ impl Exchange {
     ) -> Step {
         env.telemetry.increment(filter.instance.requests);
         self.request = request;
-        self.request.long_lived |= filter.long_lived.iter().any(|m| m.matches(&self.request));
+        self.request.long_lived =
+            self.request.canonical && filter.long_lived.iter().any(|m| m.matches(&self.request));
         self.started = env.now;
         if let Some(policy) = &filter.load_shedding {
             match policy.admit(env, &self.request) {
@@ -504,12 +498,10 @@ impl Exchange {
         Some(policy.body_timed_out(env))
     }
 
-    /// The headers to add to the response; a held claim starts capturing it, and breakers
-    /// judge a long-lived request by them.
-    pub fn on_response_headers<S: Store>(
+    /// The headers to add to the response; a held claim starts capturing it.
+    pub fn on_response_headers(
         &mut self,
         filter: &Filter,
-        env: &mut Env<'_, S>,
         response: &impl ResponseView,
         end_of_stream: bool,
     ) -> &[(String, String)] {
@@ -519,9 +511,6 @@ impl Exchange {
             && response
                 .header("content-type")
                 .is_some_and(|t| grpc::is_grpc(&t));
-        if self.request.long_lived && response.via_upstream() {
-            self.judge_start(filter, env, response, end_of_stream);
-        }
         if let (Some(claim), Some(policy)) = (&mut self.claim, &filter.idempotency) {
             claim.capture.headers(
                 policy.config(),
@@ -534,35 +523,43 @@ impl Exchange {
         self.rate.as_ref().map_or(&[], Admission::headers)
     }
 
+    /// Whether breakers judge the stream by the response headers just seen: the host then
+    /// hands them to [`Exchange::judge_start`].
+    pub fn judged_at_start(&self) -> bool {
+        self.request.long_lived && self.permits.is_some()
+    }
+
     /// A long-lived request is judged by the upstream's response headers: the stream started
     /// (a success, slow if they came late) or was refused. How long it then lives, and how it
     /// ends (a server that drains its streams ends them `UNAVAILABLE`), says nothing about
     /// the upstream's health; and a probe must not hold its half-open slot for hours.
-    /// Without the upstream's headers it is judged when it ends, by Envoy's flags.
-    fn judge_start<S: Store>(
+    /// Headers that are not the upstream's (a local reply) leave it to be judged when it
+    /// ends, by Envoy's flags.
+    pub fn judge_start<S: Store>(
         &mut self,
         filter: &Filter,
         env: &mut Env<'_, S>,
         response: &impl ResponseView,
         end_of_stream: bool,
     ) {
+        if !response.via_upstream() {
+            return;
+        }
         let (Some(permits), Some(policy)) = (self.permits.take(), &filter.circuit_breaker) else {
             return;
         };
-        let grpc_status = self.grpc_response.then(|| {
-            match response.header("grpc-status") {
-                Some(code) => std::str::from_utf8(&code)
-                    .ok()
-                    .and_then(|code| code.parse().ok())
-                    .and_then(GrpcStatus::from_code)
-                    .unwrap_or(GrpcStatus::UNKNOWN),
-                // Trailers come later: the call is under way.
-                None if !end_of_stream => GrpcStatus::OK,
-                None => GrpcStatus::UNKNOWN,
-            }
-        });
+        let status = response.status();
+        // As Envoy reports a call's status: its grpc-status, else gRPC's reading of the HTTP
+        // status; a 200 whose trailers are still to come is a call under way.
+        let grpc_status =
+            self.grpc_response
+                .then(|| match (response.header("grpc-status"), status) {
+                    (Some(code), _) => GrpcStatus::from_header(&code),
+                    (None, Some(200)) if !end_of_stream => GrpcStatus::OK,
+                    (None, status) => GrpcStatus::from_http(status.unwrap_or(0)),
+                });
         let completion = Completion {
-            status: response.status(),
+            status,
             via_upstream: true,
             upstream_host: true,
             duration: env.now.saturating_since(self.started),

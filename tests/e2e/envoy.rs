@@ -25,6 +25,7 @@ pub struct EnvoyBuilder {
     direct_response: bool,
     stop_iteration: bool,
     grpc_port: Option<u16>,
+    websocket_upgrades: bool,
 }
 
 pub fn envoy() -> EnvoyBuilder {
@@ -34,6 +35,7 @@ pub fn envoy() -> EnvoyBuilder {
         direct_response: false,
         stop_iteration: true,
         grpc_port: None,
+        websocket_upgrades: false,
     }
 }
 
@@ -58,6 +60,12 @@ impl EnvoyBuilder {
     /// this port (cluster `grpc`).
     pub fn grpc_upstream(mut self, port: u16) -> Self {
         self.grpc_port = Some(port);
+        self
+    }
+
+    /// Lets WebSocket upgrades through on every route, as Istio does by default.
+    pub fn websocket_upgrades(mut self) -> Self {
+        self.websocket_upgrades = true;
         self
     }
 
@@ -187,7 +195,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: main
           codec_type: AUTO
-          use_remote_address: true
+          use_remote_address: true{upgrades}
           route_config:
             virtual_hosts:
             - name: all
@@ -237,6 +245,11 @@ static_resources:
             upstream_h2 = h2_cluster("upstream_h2", upstream.addr.port()),
             grpc = h2_cluster("grpc", self.grpc_port.unwrap_or_else(free_port)),
             upstream_port = upstream.addr.port(),
+            upgrades = if self.websocket_upgrades {
+                "\n          upgrade_configs: [{upgrade_type: websocket}]"
+            } else {
+                ""
+            },
             route = if self.direct_response {
                 r#"direct_response: {status: 200, body: {inline_string: "direct\n"}}"#
             } else {

@@ -57,12 +57,16 @@ fn open_stream(proxy: &Proxy, headers_ms: u64, response: &Upstream) -> Exchange 
     exchange
 }
 
+/// Only the requests the section names are long-lived, and only as spelled canonically: an
+/// `Upgrade` header is the client's to send (Istio allows WebSocket upgrades on every route,
+/// and an upstream may ignore it), and an upstream may take `connect` or `/x/../Watch` for
+/// another method or path than the rule did. Each would otherwise step out of a pool.
 #[test]
-fn upgrades_and_connect_are_long_lived_and_the_configured_matches_too() {
-    let header_map = |method: &str, extra: &[(&str, &str)]| {
+fn only_what_the_section_names_is_long_lived_and_only_as_spelled_canonically() {
+    let header_map = |method: &str, path: &str, extra: &[(&str, &str)]| {
         let mut map = vec![
             (":method".to_owned(), method.as_bytes().to_vec()),
-            (":path".to_owned(), b"/chat".to_vec()),
+            (":path".to_owned(), path.as_bytes().to_vec()),
         ];
         map.extend(
             extra
@@ -71,23 +75,39 @@ fn upgrades_and_connect_are_long_lived_and_the_configured_matches_too() {
         );
         RequestInfo::from_header_map(map, &[])
     };
-    assert!(header_map("GET", &[("upgrade", "websocket")]).long_lived);
-    assert!(header_map("CONNECT", &[]).long_lived);
-    assert!(!header_map("GET", &[("connection", "keep-alive")]).long_lived);
-
     let proxy = Proxy::new(&config(&[
-        WATCH,
+        r#""long_lived": {"match": [{"path": "/demo.Orders/Watch"}, {"methods": ["CONNECT"]}]}"#,
         r#""load_shedding": {"pools": [{"name": "streams", "max_in_flight": 5, "long_lived": "only"}]}"#,
     ]));
-    let mut exchange = Exchange::default();
-    assert_eq!(proxy.send(&mut exchange, watch(), b""), Step::Continue);
-    assert_eq!(
-        proxy.in_flight("streams"),
-        1,
-        "named by the long_lived section"
-    );
-    assert_eq!(status(&proxy.call(unary(), b"", 200)), 200);
-    assert_eq!(proxy.in_flight("streams"), 1, "a unary call is not counted");
+    let counted = |request: RequestInfo| {
+        let mut exchange = Exchange::default();
+        assert_eq!(proxy.send(&mut exchange, request, b""), Step::Continue);
+        let long_lived = proxy.in_flight("streams") == 1;
+        proxy.finish(&mut exchange, answered(200));
+        long_lived
+    };
+    assert!(counted(header_map("POST", "/demo.Orders/Watch", &[])));
+    assert!(counted(header_map("POST", "/demo.Orders/Watch?x=1", &[])));
+    assert!(counted(header_map("CONNECT", "/", &[])));
+    for request in [
+        header_map(
+            "GET",
+            "/chat",
+            &[("upgrade", "websocket"), ("connection", "upgrade")],
+        ),
+        header_map("connect", "/", &[]),
+        header_map("POST", "/api/../demo.Orders/Watch", &[]),
+        header_map("POST", "/demo.Orders/%57atch", &[]),
+        header_map("POST", "//demo.Orders/Watch", &[]),
+        header_map("post", "/demo.Orders/Watch", &[]),
+    ] {
+        let spelled = format!(
+            "{} {}",
+            request.method,
+            String::from_utf8_lossy(&request.path_and_query)
+        );
+        assert!(!counted(request), "{spelled}");
+    }
 }
 
 /// A pool counts long-lived requests only if told to: excluded by default, counted with the
@@ -291,4 +311,68 @@ fn idempotency_never_holds_a_long_lived_request() {
     assert_eq!(proxy.headers(&mut exchange, watch(), false), Step::Continue);
     proxy.finish(&mut exchange, answered(200));
     assert_eq!(status(&proxy.call(unary(), b"", 200)), 400);
+}
+
+/// A stream's start is judged as Envoy reports a call's status: its `grpc-status`, else gRPC's
+/// reading of the HTTP status (503 and 429 are `UNAVAILABLE`); only a 200 with no status yet
+/// is a call under way.
+#[test]
+fn a_stream_refused_with_an_http_status_is_judged_by_grpcs_mapping() {
+    let proxy = Proxy::new(&config(&[
+        WATCH,
+        r#""circuit_breaker": {"breakers": [{"name": "b", "scope": {"match": {}},
+            "failure": {"grpc_statuses": ["UNAVAILABLE"]},
+            "trip": {"consecutive_failures": 2}, "open": {"duration": "1s"}}]}"#,
+    ]));
+    let answering = |status: u16| Upstream {
+        status,
+        headers: vec![("content-type".to_owned(), b"application/grpc".to_vec())],
+    };
+    let mut refused = Exchange::default();
+    assert_eq!(proxy.send(&mut refused, watch(), b""), Step::Continue);
+    proxy.response_headers(&mut refused, &answering(503), false);
+    let mut limited = Exchange::default();
+    assert_eq!(proxy.send(&mut limited, watch(), b""), Step::Continue);
+    proxy.response_headers(&mut limited, &answering(429), true);
+    assert_eq!(
+        proxy.breaker_phase("b"),
+        Some(Phase::Open),
+        "two UNAVAILABLE starts in a row"
+    );
+    proxy.finish(&mut refused, grpc_answered(GrpcStatus::UNAVAILABLE));
+    proxy.finish(&mut limited, grpc_answered(GrpcStatus::UNAVAILABLE));
+
+    proxy.advance(1_000);
+    let mut not_found = Exchange::default();
+    assert_eq!(proxy.send(&mut not_found, watch(), b""), Step::Continue);
+    proxy.response_headers(&mut not_found, &answering(404), true);
+    assert_eq!(
+        proxy.breaker_phase("b"),
+        Some(Phase::Closed),
+        "UNIMPLEMENTED is not in the set: the probe succeeded"
+    );
+    proxy.finish(&mut not_found, grpc_answered(GrpcStatus::OK));
+}
+
+/// Each pool may have its own slot lease: a pool of streams keeps its slots for a day while a
+/// pool of calls gets slots lost to a failed VM back within minutes.
+#[test]
+fn a_pool_of_streams_has_its_own_slot_lease() {
+    let proxy = Proxy::new(&config(&[
+        WATCH,
+        r#""load_shedding": {"slot_lease": "3s", "pools": [
+            {"name": "all", "max_in_flight": 10, "long_lived": "include"},
+            {"name": "streams", "max_in_flight": 10, "long_lived": "only", "slot_lease": "24h"}]}"#,
+    ]));
+    let mut stream = open_stream(&proxy, 5, &grpc_started());
+    assert_eq!([proxy.in_flight("all"), proxy.in_flight("streams")], [1, 1]);
+    proxy.advance(5_000);
+    assert_eq!(status(&proxy.call(unary(), b"", 200)), 200);
+    assert_eq!(
+        [proxy.in_flight("all"), proxy.in_flight("streams")],
+        [0, 1],
+        "the 3 s lease ran out in the pool of all requests, not in the pool of streams"
+    );
+    proxy.finish(&mut stream, grpc_answered(GrpcStatus::OK));
+    assert_eq!(proxy.in_flight("streams"), 0);
 }

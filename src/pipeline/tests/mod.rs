@@ -152,11 +152,15 @@ impl Proxy {
         response: &impl ResponseView,
         end_of_stream: bool,
     ) -> Vec<(String, String)> {
-        self.run(&self.store, |filter, env| {
-            exchange
-                .on_response_headers(filter, env, response, end_of_stream)
-                .to_vec()
-        })
+        let added = exchange
+            .on_response_headers(&self.filter, response, end_of_stream)
+            .to_vec();
+        if exchange.judged_at_start() {
+            self.run(&self.store, |filter, env| {
+                exchange.judge_start(filter, env, response, end_of_stream);
+            });
+        }
+        added
     }
 
     fn respond(&self, exchange: &mut Exchange, response: &Upstream, body: &[u8]) {
