@@ -17,7 +17,7 @@ ETCD_IMAGE    := localhost/envoy-resilience/etcd
 WASM_BINDGEN_VERSION = $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"$$/\1/p;}' Cargo.lock)
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup targets envoy grpcio wasm-bindgen tools build test unit wasm-test e2e docker-test run lint clean \
+.PHONY: setup targets envoy grpcio wasm-bindgen tools build test unit wasm-test e2e docker-test run bench lint clean \
 	docker-image etcd-image oci
 
 setup: targets envoy grpcio wasm-bindgen tools
@@ -103,6 +103,12 @@ oci: build
 
 run: build envoy grpcio
 	./envoy/demo.sh
+
+# What each configuration costs Envoy per request (tests/bench/bench.py; BENCH_ARGS, e.g.
+# --workers 1 --rounds 3, or --baseline-wasm OLD.wasm to compare). Several minutes.
+bench: build envoy tools
+	cargo build --release --target wasm32-wasip1 --features host-calls --target-dir target/host-calls
+	python3 tests/bench/bench.py --host-calls target/host-calls/wasm32-wasip1/release/envoy_resilience.wasm $(BENCH_ARGS)
 
 lint: targets
 	cargo fmt --check

@@ -6,6 +6,7 @@
 //! bytes, and every failure is a `Status` the caller decides about. The SDK still provides
 //! the entry points, context dispatch and memory allocation.
 
+use super::tally::{count, Call};
 use crate::clock::Instant;
 use crate::reply::Reply;
 use crate::telemetry::{Level, MetricKind};
@@ -138,30 +139,35 @@ pub fn log(level: Level, message: &str) {
         Level::Warn => 3,
         Level::Error => 4,
     };
+    count(Call::Log);
     // Nothing to do if logging fails.
     let _ = unsafe { proxy_log(level, message.as_ptr(), message.len()) };
 }
 
 /// Envoy's wall clock, shared by all workers; it may step backwards, which the core absorbs.
 pub fn now() -> Instant {
+    count(Call::Now);
     let mut nanos = 0;
     let _ = unsafe { proxy_get_current_time_nanoseconds(&mut nanos) };
     Instant::from_nanos(nanos)
 }
 
 pub fn set_tick_period(period: Duration) -> Result<(), Status> {
+    count(Call::SetTickPeriod);
     let millis = u32::try_from(period.as_millis()).unwrap_or(u32::MAX);
     check(unsafe { proxy_set_tick_period_milliseconds(millis) })
 }
 
 /// Up to `max` bytes of a buffer, from its start.
 pub fn buffer(buffer: Buffer, max: usize) -> Result<Vec<u8>, Status> {
+    count(Call::Buffer);
     let (mut data, mut size) = (null_mut(), 0);
     check(unsafe { proxy_get_buffer_bytes(buffer as u32, 0, max, &mut data, &mut size) })?;
     Ok(unsafe { take(data, size) })
 }
 
 pub fn header(map: Map, name: &str) -> Result<Option<Vec<u8>>, Status> {
+    count(Call::Header);
     let (mut data, mut size) = (null_mut(), 0);
     let status = unsafe {
         proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size)
@@ -175,6 +181,7 @@ pub fn header(map: Map, name: &str) -> Result<Option<Vec<u8>>, Status> {
 
 /// Every header of a map; names are tokens (ASCII), values any bytes.
 pub fn headers(map: Map) -> Result<Vec<(String, Vec<u8>)>, Status> {
+    count(Call::Headers);
     let (mut data, mut size) = (null_mut(), 0);
     check(unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) })?;
     let bytes = unsafe { take(data, size) };
@@ -224,6 +231,7 @@ fn serialize_pairs(pairs: &[(String, Vec<u8>)]) -> Vec<u8> {
 }
 
 pub fn add_header(map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
+    count(Call::AddHeader);
     check(unsafe {
         proxy_add_header_map_value(
             map as u32,
@@ -237,6 +245,7 @@ pub fn add_header(map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
 
 /// A stream or plugin attribute, e.g. `["source", "address"]`.
 pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
+    count(Call::Property);
     let serialized = path.join("\0");
     let (mut data, mut size) = (null_mut(), 0);
     let status =
@@ -256,6 +265,7 @@ pub fn int_property(path: &[&str]) -> Option<u64> {
 
 /// A shared-data value and its version; `None` when the key is missing.
 pub fn get_shared_data(key: &str) -> Result<Option<(Vec<u8>, u32)>, Status> {
+    count(Call::GetSharedData);
     let (mut data, mut size, mut version) = (null_mut(), 0, 0);
     let status = unsafe {
         proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut version)
@@ -269,12 +279,14 @@ pub fn get_shared_data(key: &str) -> Result<Option<(Vec<u8>, u32)>, Status> {
 
 /// Writes a shared-data value; `cas` 0 writes unconditionally.
 pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
+    count(Call::SetSharedData);
     check(unsafe {
         proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
     })
 }
 
 pub fn send_local_response(reply: &Reply) -> Result<(), Status> {
+    count(Call::SendLocalResponse);
     let headers = serialize_pairs(&reply.headers);
     check(unsafe {
         proxy_send_local_response(
@@ -297,17 +309,20 @@ pub fn send_local_response(reply: &Reply) -> Result<(), Status> {
     })
 }
 
-/// Makes a later hostcall act on stream `context_id` (from a timer, outside its callbacks).
 /// Lets a request the filter paused go on (`proxy_continue_stream` of the request stream).
 pub fn continue_request() -> Result<(), Status> {
+    count(Call::ContinueRequest);
     check(unsafe { proxy_continue_stream(0) })
 }
 
+/// Makes a later hostcall act on stream `context_id` (from a timer, outside its callbacks).
 pub fn set_effective_context(context_id: u32) -> Result<(), Status> {
+    count(Call::SetEffectiveContext);
     check(unsafe { proxy_set_effective_context(context_id) })
 }
 
 pub fn define_metric(kind: MetricKind, name: &str) -> Result<u32, Status> {
+    count(Call::DefineMetric);
     let kind = match kind {
         MetricKind::Counter => 0,
         MetricKind::Gauge => 1,
@@ -318,9 +333,11 @@ pub fn define_metric(kind: MetricKind, name: &str) -> Result<u32, Status> {
 }
 
 pub fn increment_metric(id: u32, offset: i64) -> Result<(), Status> {
+    count(Call::IncrementMetric);
     check(unsafe { proxy_increment_metric(id, offset) })
 }
 
 pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
+    count(Call::RecordMetric);
     check(unsafe { proxy_record_metric(id, value) })
 }

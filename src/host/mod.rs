@@ -7,6 +7,7 @@
 
 mod abi;
 mod shared_data;
+mod tally;
 
 use crate::etcd::AnswerError;
 use crate::etcd::StoreCall;
@@ -25,6 +26,7 @@ use shared_data::SharedData;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
+use tally::{count, Call};
 
 proxy_wasm::main! {{
     // Installs the SDK's panic hook, which logs a panic before the trap: none is expected.
@@ -156,6 +158,7 @@ struct Root {
 /// only it registers the token for that dispatch; it panics only on statuses Envoy's
 /// `proxy_http_call` never returns: Envoy answers Ok, BadArgument or InternalFailure.)
 fn dispatch(context: &dyn Context, call: &StoreCall) -> Result<u32, proxy_wasm::types::Status> {
+    count(Call::DispatchHttp);
     context.dispatch_http_call(
         &call.cluster,
         vec![
@@ -386,6 +389,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        count(Call::OnContextCreate);
         // The SDK traps on None, so an unconfigured VM gets a pass-through stream.
         Some(Box::new(Stream {
             id: context_id,
@@ -495,6 +499,17 @@ impl Stream {
     }
 }
 
+/// Reports the tally when the stream's last callback returns, however it returns.
+#[cfg(feature = "host-calls")]
+struct Report;
+
+#[cfg(feature = "host-calls")]
+impl Drop for Report {
+    fn drop(&mut self) {
+        tally::report();
+    }
+}
+
 /// The response, read from Envoy only when the exchange asks.
 struct EnvoyResponse;
 
@@ -526,6 +541,7 @@ fn via_upstream() -> bool {
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        count(Call::OnRequestHeaders);
         let Some(configured) = self.configured.clone() else {
             return Action::Continue;
         };
@@ -536,6 +552,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        count(Call::OnRequestBody);
         self.step(|exchange, filter, env| {
             exchange.on_request_body(filter, env, body_size, end_of_stream, |max| {
                 abi::buffer(Buffer::RequestBody, max).unwrap_or_default()
@@ -544,6 +561,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        count(Call::OnRequestTrailers);
         self.step(|exchange, filter, env| {
             exchange.on_request_trailers(filter, env, |max| {
                 abi::buffer(Buffer::RequestBody, max).unwrap_or_default()
@@ -552,6 +570,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        count(Call::OnResponseHeaders);
         let (Some(configured), Ok(mut exchange)) =
             (&self.configured, self.exchange.try_borrow_mut())
         else {
@@ -571,6 +590,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        count(Call::OnResponseBody);
         if let (Some(configured), Ok(mut exchange)) =
             (&self.configured, self.exchange.try_borrow_mut())
         {
@@ -583,6 +603,7 @@ impl HttpContext for Stream {
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        count(Call::OnResponseTrailers);
         if let Ok(mut exchange) = self.exchange.try_borrow_mut() {
             exchange.on_response_trailers();
         }
@@ -590,6 +611,9 @@ impl HttpContext for Stream {
     }
 
     fn on_log(&mut self) {
+        count(Call::OnLog);
+        #[cfg(feature = "host-calls")]
+        let _report = Report;
         let (Some(configured), Ok(mut exchange)) =
             (&self.configured, self.exchange.try_borrow_mut())
         else {
