@@ -144,6 +144,8 @@ pub struct Completion {
     pub via_upstream: bool,
     /// The router picked an upstream host for the request (`upstream.address` is set). A
     /// request answered before the router (by another filter, for want of a route) has none.
+    /// The host reads it only for a stream holding an idempotency claim (see
+    /// [`crate::pipeline::Exchange::needs_upstream_host`]); for others it is `false`.
     pub upstream_host: bool,
     /// From the request's headers to the end of the stream.
     pub duration: Duration,

@@ -5,6 +5,9 @@
 //! one Envoy stat per entry, under `resilience.<instance>.<name>`, and applies the events a
 //! request produced. Tests apply them to a map instead.
 
+/// How often the host hands metric changes to Envoy: stats trail the requests by at most this.
+pub const METRICS_FLUSH: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A metric declared in a [`Catalog`]: its index there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MetricId(pub u32);

@@ -4,7 +4,7 @@
 use crate::clock::Instant;
 use crate::pipeline::config::Config;
 use crate::policy::{Env, Instance};
-use crate::store::{MemoryStore, Store, StoreError, Versioned};
+use crate::store::{MemoryStore, Namespace, Store, StoreError, Versioned};
 use crate::telemetry::{Catalog, Event, Level, Telemetry};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -59,11 +59,11 @@ pub struct Bench<P> {
 
 impl<P> Bench<P> {
     /// A bench for instance `t` of the configuration document `json`.
-    pub fn new(json: &str, build: impl FnOnce(Config, &mut Catalog) -> P) -> Bench<P> {
+    pub fn new(json: &str, build: impl FnOnce(Config, &mut Catalog, &Namespace) -> P) -> Bench<P> {
         let config = config(json);
         let mut catalog = Catalog::new("t");
         let instance = Instance::new("t", config.shared_data, &mut catalog);
-        let policy = build(config, &mut catalog);
+        let policy = build(config, &mut catalog, &instance.namespace);
         Bench {
             policy,
             instance,

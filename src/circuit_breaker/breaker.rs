@@ -423,20 +423,21 @@ pub struct Effects {
     pub conflicts: u32,
 }
 
-fn state_key(namespace: &Namespace, breaker: &BreakerConfig) -> String {
+/// The shared-data key of a breaker's state.
+pub fn state_key(namespace: &Namespace, breaker: &BreakerConfig) -> String {
     namespace.key(&format!("cb/{}", breaker.name))
 }
 
-/// Decides whether a request may pass `breaker`.
+/// Decides whether a request may pass `breaker`, whose state lives at `key`.
 pub fn admit(
     store: &impl Store,
     namespace: &Namespace,
+    key: &str,
     breaker: &BreakerConfig,
     now: Instant,
     settings: SharedDataSettings,
 ) -> Result<(Admission, Effects), StoreError> {
-    let key = state_key(namespace, breaker);
-    let stored = store::read::<BreakerState>(store, &key)?;
+    let stored = store::read::<BreakerState>(store, key)?;
     // The stable states answer from the read alone.
     let quick = match &stored {
         None => Some(Admission::Pass(Permit::Closed { generation: 0 })),
@@ -458,7 +459,7 @@ pub fn admit(
         ));
     }
     let updated =
-        store::update::<BreakerState, _>(store, namespace, &key, settings.max_attempts, |state| {
+        store::update::<BreakerState, _>(store, namespace, key, settings.max_attempts, |state| {
             let (admission, next, transition) = breaker.admit(state, now);
             ((admission, transition), next)
         })?;
@@ -478,13 +479,13 @@ pub fn admit(
 pub fn record(
     store: &impl Store,
     namespace: &Namespace,
+    key: &str,
     breaker: &BreakerConfig,
     permit: Permit,
     outcome: Outcome,
     now: Instant,
 ) -> Result<Effects, StoreError> {
-    let key = state_key(namespace, breaker);
-    let updated = store::settle::<BreakerState, _>(store, namespace, &key, |state| {
+    let updated = store::settle::<BreakerState, _>(store, namespace, key, |state| {
         let (next, transition) = breaker.record(state, permit, outcome, now);
         (transition, next)
     })?;

@@ -8,6 +8,7 @@ use crate::matcher::Scope;
 use crate::policy::{Completion, Env, Needs, Policy};
 use crate::reply::Reply;
 use crate::request::RequestInfo;
+use crate::store::Namespace;
 use crate::store::Store;
 use crate::telemetry::{Catalog, Level, MetricId};
 
@@ -15,6 +16,8 @@ pub struct CircuitBreaker {
     config: CircuitBreakerConfig,
     /// Per breaker, in configuration order.
     metrics: Vec<BreakerMetrics>,
+    /// Per breaker: the shared-data key of its state, built once.
+    keys: Vec<String>,
 }
 
 struct BreakerMetrics {
@@ -36,7 +39,7 @@ pub struct Held {
 pub type Permits = Vec<Held>;
 
 impl CircuitBreaker {
-    pub fn new(config: CircuitBreakerConfig, catalog: &mut Catalog) -> Self {
+    pub fn new(config: CircuitBreakerConfig, catalog: &mut Catalog, namespace: &Namespace) -> Self {
         let metrics = config
             .breakers
             .iter()
@@ -51,7 +54,16 @@ impl CircuitBreaker {
                 }
             })
             .collect();
-        Self { config, metrics }
+        let keys = config
+            .breakers
+            .iter()
+            .map(|breaker| breaker::state_key(namespace, breaker))
+            .collect();
+        Self {
+            config,
+            metrics,
+            keys,
+        }
     }
 
     pub fn config(&self) -> &CircuitBreakerConfig {
@@ -59,12 +71,16 @@ impl CircuitBreaker {
     }
 
     fn record<S: Store>(&self, env: &mut Env<'_, S>, held: Held, outcome: Outcome) {
-        let Some(breaker) = self.config.breakers.get(held.breaker) else {
+        let (Some(breaker), Some(key)) = (
+            self.config.breakers.get(held.breaker),
+            self.keys.get(held.breaker),
+        ) else {
             return;
         };
         match breaker::record(
             env.store,
             env.namespace(),
+            key,
             breaker,
             held.permit,
             outcome,
@@ -130,14 +146,25 @@ impl Policy for CircuitBreaker {
         request: &RequestInfo,
     ) -> Result<Permits, Reply> {
         let mut held = Vec::new();
-        for (index, (breaker, metrics)) in
-            self.config.breakers.iter().zip(&self.metrics).enumerate()
+        for (index, ((breaker, metrics), key)) in self
+            .config
+            .breakers
+            .iter()
+            .zip(&self.metrics)
+            .zip(&self.keys)
+            .enumerate()
         {
             if !Scope::contains(&breaker.scope, request) {
                 continue;
             }
-            let admitted =
-                breaker::admit(env.store, env.namespace(), breaker, env.now, env.settings());
+            let admitted = breaker::admit(
+                env.store,
+                env.namespace(),
+                key,
+                breaker,
+                env.now,
+                env.settings(),
+            );
             match admitted {
                 Ok((Admission::Pass(permit), effects)) => {
                     self.apply(env, index, effects);

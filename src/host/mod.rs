@@ -18,7 +18,7 @@ use crate::pipeline::{Exchange, Filter, ResponseView, Step, Sweeper};
 use crate::policy::{Completion, Env};
 use crate::reply::Reply;
 use crate::request::{parse_peer, RequestInfo};
-use crate::telemetry::{Event, Level, Telemetry};
+use crate::telemetry::{Event, Level, Telemetry, METRICS_FLUSH};
 use abi::{Buffer, Map};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -39,17 +39,34 @@ struct Configured {
     filter: Filter,
     /// Envoy's metric id for each catalog entry, in catalog order.
     metrics: Vec<Option<u32>>,
+    /// Metric changes not yet handed to Envoy, in catalog order. Handing each over at once
+    /// would cost a hostcall per counter a request moves, and two per gauge it moves up and
+    /// back down; they go at each tick instead, so Envoy's stats trail by at most
+    /// [`METRICS_FLUSH`].
+    pending: RefCell<Vec<Pending>>,
+}
+
+/// A metric's change since the last flush: a gauge set to a value, then moved by `add`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Pending {
+    set: Option<u64>,
+    add: i64,
 }
 
 impl Configured {
     fn new(filter: Filter) -> Configured {
-        let metrics = filter
+        let metrics: Vec<Option<u32>> = filter
             .catalog()
             .metrics()
             .iter()
             .map(|(kind, name)| abi::define_metric(*kind, name).ok())
             .collect();
-        Configured { filter, metrics }
+        let pending = RefCell::new(vec![Pending::default(); metrics.len()]);
+        Configured {
+            filter,
+            metrics,
+            pending,
+        }
     }
 
     /// Runs one call into the core with Envoy's store and clock, then reports what it said.
@@ -67,22 +84,50 @@ impl Configured {
         result
     }
 
+    /// Logs at once; metric changes wait for the next [`Configured::flush`].
     fn report(&self, telemetry: &mut Telemetry) {
+        let Ok(mut pending) = self.pending.try_borrow_mut() else {
+            return;
+        };
         for event in telemetry.drain() {
-            // Stats must never fail a request: a sample that cannot be recorded is dropped.
-            let _ = match event {
-                Event::Add(id, n) => self.metric(id.0).map(|m| abi::increment_metric(m, n)),
-                Event::Set(id, value) => self.metric(id.0).map(|m| abi::record_metric(m, value)),
-                Event::Log(level, message) => {
-                    log(level, &self.filter.instance.name, &message);
-                    None
+            match event {
+                Event::Add(id, n) => {
+                    if let Some(p) = pending.get_mut(id.0 as usize) {
+                        p.add = p.add.saturating_add(n);
+                    }
                 }
-            };
+                // A value replaces whatever moved the gauge before it.
+                Event::Set(id, value) => {
+                    if let Some(p) = pending.get_mut(id.0 as usize) {
+                        *p = Pending {
+                            set: Some(value),
+                            add: 0,
+                        };
+                    }
+                }
+                Event::Log(level, message) => log(level, &self.filter.instance.name, &message),
+            }
         }
     }
 
-    fn metric(&self, index: u32) -> Option<u32> {
-        self.metrics.get(index as usize).copied().flatten()
+    /// Hands the pending metric changes to Envoy.
+    fn flush(&self) {
+        let Ok(mut pending) = self.pending.try_borrow_mut() else {
+            return;
+        };
+        for (index, p) in pending.iter_mut().enumerate() {
+            let Pending { set, add } = std::mem::take(p);
+            let Some(metric) = self.metrics.get(index).copied().flatten() else {
+                continue;
+            };
+            // Stats must never fail a request: a change that cannot be recorded is dropped.
+            if let Some(value) = set {
+                let _ = abi::record_metric(metric, value);
+            }
+            if add != 0 {
+                let _ = abi::increment_metric(metric, add);
+            }
+        }
     }
 
     /// The request parts the filter needs, as bytes: one read of the header map, so that a
@@ -303,6 +348,7 @@ impl Context for Root {
             let mut telemetry = Telemetry::default();
             telemetry.move_gauge(configured.filter.instance.vms, -1);
             configured.report(&mut telemetry);
+            configured.flush();
         }
         true
     }
@@ -334,18 +380,23 @@ impl RootContext for Root {
             }
         };
         let configured = Rc::new(Configured::new(filter));
-        if self.configured.is_none() {
-            telemetry.move_gauge(configured.filter.instance.vms, 1);
+        match &self.configured {
+            Some(replaced) => replaced.flush(),
+            None => telemetry.move_gauge(configured.filter.instance.vms, 1),
         }
         configured.report(&mut telemetry);
-        if let Some(period) = configured.filter.tick_period() {
-            if let Err(status) = abi::set_tick_period(period) {
-                log(
-                    Level::Error,
-                    &name,
-                    &format!("cannot set a timer ({status:?}): request bodies will wait without a deadline"),
-                );
-            }
+        configured.flush();
+        let period = configured.filter.tick_period();
+        if let Err(status) =
+            abi::set_tick_period(period.map_or(METRICS_FLUSH, |p| p.min(METRICS_FLUSH)))
+        {
+            log(
+                Level::Error,
+                &name,
+                &format!("cannot set a timer ({status:?}): request bodies will wait without a deadline, and metrics are not updated"),
+            );
+        }
+        if period.is_some() {
             self.sweeper = Some(configured.filter.sweeper(random_u64()));
         }
         self.configured = Some(configured);
@@ -386,6 +437,7 @@ impl RootContext for Root {
         for (stream, step) in due {
             self.act_for(&configured, stream, step);
         }
+        configured.flush();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -624,6 +676,7 @@ impl HttpContext for Stream {
             return;
         }
         let grpc_response = exchange.grpc_response();
+        let needs_upstream_host = exchange.needs_upstream_host();
         configured.run(|filter, env| {
             let write = exchange.finish(filter, env, || Completion {
                 // Envoy reports a grpc-status that is missing or not a code as -1; a gRPC
@@ -638,8 +691,9 @@ impl HttpContext for Stream {
                     .filter(|&code| code > 0),
                 flags: abi::int_property(&["response", "flags"]).unwrap_or(0),
                 via_upstream: via_upstream(),
-                upstream_host: abi::property(&["upstream", "address"])
-                    .is_ok_and(|address| address.is_some_and(|a| !a.is_empty())),
+                upstream_host: needs_upstream_host
+                    && abi::property(&["upstream", "address"])
+                        .is_ok_and(|address| address.is_some_and(|a| !a.is_empty())),
                 ..Completion::default()
             });
             if let Some(write) = write {

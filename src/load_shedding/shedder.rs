@@ -1,7 +1,7 @@
 //! Admission into the pools a request falls in, by its priority class, and release at the
 //! end of its stream.
 
-use super::config::{Class, LoadSheddingConfig, PoolConfig};
+use super::config::{Class, LoadSheddingConfig};
 use super::pool::PoolState;
 use crate::clock::retry_after_secs;
 use crate::matcher::Scope;
@@ -16,6 +16,8 @@ pub struct LoadShedding {
     config: LoadSheddingConfig,
     /// Per pool, in configuration order.
     metrics: Vec<PoolMetrics>,
+    /// Per pool: the shared-data key of its state, built once.
+    keys: Vec<String>,
 }
 
 struct PoolMetrics {
@@ -33,7 +35,7 @@ struct PoolMetrics {
 pub type Slots = Vec<(usize, u64)>;
 
 impl LoadShedding {
-    pub fn new(config: LoadSheddingConfig, catalog: &mut Catalog) -> Self {
+    pub fn new(config: LoadSheddingConfig, catalog: &mut Catalog, namespace: &Namespace) -> Self {
         let metrics = config
             .pools
             .iter()
@@ -49,7 +51,16 @@ impl LoadShedding {
                 }
             })
             .collect();
-        Self { config, metrics }
+        let keys = config
+            .pools
+            .iter()
+            .map(|pool| namespace.key(&format!("ls/{}", pool.name)))
+            .collect();
+        Self {
+            config,
+            metrics,
+            keys,
+        }
     }
 
     pub fn config(&self) -> &LoadSheddingConfig {
@@ -89,9 +100,8 @@ impl LoadShedding {
     /// Sets every pool's limit gauge from shared data, so a new VM shows the adaptive limit
     /// where the other workers left it.
     pub fn report_limits<S: Store>(&self, env: &mut Env<'_, S>) {
-        for (pool, metrics) in self.config.pools.iter().zip(&self.metrics) {
-            let key = pool_key(env.namespace(), pool);
-            let stored = store::read::<PoolState>(env.store, &key).ok().flatten();
+        for ((pool, metrics), key) in self.config.pools.iter().zip(&self.metrics).zip(&self.keys) {
+            let stored = store::read::<PoolState>(env.store, key).ok().flatten();
             let (state, _) = pool.current(stored, env.now);
             env.telemetry.set(metrics.limit, u64::from(state.limit));
         }
@@ -107,20 +117,18 @@ impl LoadShedding {
     ) {
         let now = env.now;
         for &(index, epoch) in held {
-            let (Some(pool), Some(metrics)) =
-                (self.config.pools.get(index), self.metrics.get(index))
-            else {
+            let (Some(pool), Some(metrics), Some(key)) = (
+                self.config.pools.get(index),
+                self.metrics.get(index),
+                self.keys.get(index),
+            ) else {
                 continue;
             };
-            let released = store::settle::<PoolState, _>(
-                env.store,
-                env.namespace(),
-                &pool_key(env.namespace(), pool),
-                |state| {
+            let released =
+                store::settle::<PoolState, _>(env.store, env.namespace(), key, |state| {
                     let release = pool.release(state, now, epoch, latency);
                     (release, Some(release.next))
-                },
-            );
+                });
             let release = match released {
                 Ok(updated) => {
                     env.conflicts(updated.conflicts);
@@ -198,14 +206,21 @@ impl Policy for LoadShedding {
         let shed_at = self.config.shed_at[class.index()];
         let now = env.now;
         let mut held = Vec::new();
-        for (index, (pool, metrics)) in self.config.pools.iter().zip(&self.metrics).enumerate() {
+        for (index, ((pool, metrics), key)) in self
+            .config
+            .pools
+            .iter()
+            .zip(&self.metrics)
+            .zip(&self.keys)
+            .enumerate()
+        {
             if !pool.counts(request) {
                 continue;
             }
             let admitted = store::update::<PoolState, _>(
                 env.store,
                 env.namespace(),
-                &pool_key(env.namespace(), pool),
+                key,
                 env.settings().max_attempts,
                 |state| {
                     let admission = pool.admit(state, now, shed_at);
@@ -266,10 +281,6 @@ impl Policy for LoadShedding {
     fn release<S: Store>(&self, env: &mut Env<'_, S>, held: Slots, completion: &Completion) {
         self.release_slots(env, &held, completion.latency_sample());
     }
-}
-
-fn pool_key(namespace: &Namespace, pool: &PoolConfig) -> String {
-    namespace.key(&format!("ls/{}", pool.name))
 }
 
 #[cfg(test)]

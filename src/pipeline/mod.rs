@@ -95,14 +95,16 @@ impl Filter {
         } else {
             None
         };
-        let load_shedding = load_shedding.map(|c| LoadShedding::new(c, &mut catalog));
+        let load_shedding =
+            load_shedding.map(|c| LoadShedding::new(c, &mut catalog, &instance.namespace));
         let rate_limit = rate_limit
             .zip(hasher)
             .map(|(c, hasher)| RateLimit::new(c, hasher, &mut catalog));
         let idempotency = idempotency
             .zip(hasher)
             .map(|(c, hasher)| Idempotency::new(c, hasher, &mut catalog));
-        let circuit_breaker = circuit_breaker.map(|c| CircuitBreaker::new(c, &mut catalog));
+        let circuit_breaker =
+            circuit_breaker.map(|c| CircuitBreaker::new(c, &mut catalog, &instance.namespace));
         let mut filter = Filter {
             instance,
             catalog,
@@ -577,6 +579,12 @@ impl Exchange {
 
     /// Whether the host should hand over response body chunks.
     pub fn captures_response(&self) -> bool {
+        self.claim.is_some()
+    }
+
+    /// Whether the stream's [`Completion`] needs `upstream_host`: only an idempotency claim
+    /// asks whether the upstream may have the request, and the property costs a hostcall.
+    pub fn needs_upstream_host(&self) -> bool {
         self.claim.is_some()
     }
 

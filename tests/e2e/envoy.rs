@@ -19,6 +19,9 @@ pub struct Filter {
     pub config: String,
 }
 
+/// Long enough for every VM's metrics flush (`METRICS_FLUSH`, 100 ms) to have run.
+pub const METRICS_FLUSHED: std::time::Duration = std::time::Duration::from_millis(250);
+
 pub struct EnvoyBuilder {
     filters: Vec<Filter>,
     concurrency: usize,
@@ -324,7 +327,9 @@ impl Envoy {
     }
 
     /// A counter or gauge from `/stats`, by its full name.
+    /// Waits out the filter's metrics flush first (every 100 ms, at each VM's tick).
     pub async fn stat(&self, name: &str) -> Option<u64> {
+        tokio::time::sleep(METRICS_FLUSHED).await;
         let stats = self.admin(&format!("/stats?filter=^{name}$")).await?;
         stats.lines().find_map(|line| {
             line.strip_prefix(name)?

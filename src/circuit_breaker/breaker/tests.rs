@@ -44,14 +44,30 @@ impl Bench {
     }
 
     fn admit(&mut self, now: Instant) -> Admission {
-        let (admission, effects) =
-            admit(&self.store, &ns(), &self.breaker, now, self.settings).unwrap();
+        let (admission, effects) = admit(
+            &self.store,
+            &ns(),
+            &state_key(&ns(), &self.breaker),
+            &self.breaker,
+            now,
+            self.settings,
+        )
+        .unwrap();
         self.note(effects);
         admission
     }
 
     fn finish(&mut self, permit: Permit, outcome: Outcome, now: Instant) {
-        let effects = record(&self.store, &ns(), &self.breaker, permit, outcome, now).unwrap();
+        let effects = record(
+            &self.store,
+            &ns(),
+            &state_key(&ns(), &self.breaker),
+            &self.breaker,
+            permit,
+            outcome,
+            now,
+        )
+        .unwrap();
         self.note(effects);
     }
 
@@ -513,16 +529,31 @@ fn eight_workers_trip_once_and_share_the_probe_budget() {
                 std::thread::spawn(move || {
                     let (breaker, store, log) = &*shared;
                     for _ in 0..20 {
-                        let (admission, effects) =
-                            admit(store, &ns(), breaker, at(phase_ms), settings).unwrap();
+                        let (admission, effects) = admit(
+                            store,
+                            &ns(),
+                            &state_key(&ns(), breaker),
+                            breaker,
+                            at(phase_ms),
+                            settings,
+                        )
+                        .unwrap();
                         log.lock()
                             .unwrap()
                             .push((admission, effects.transition.map(|t| t.to)));
                         if let (Admission::Pass(permit @ Permit::Closed { .. }), 0) =
                             (admission, phase_ms)
                         {
-                            let effects =
-                                record(store, &ns(), breaker, permit, FAIL, at(0)).unwrap();
+                            let effects = record(
+                                store,
+                                &ns(),
+                                &state_key(&ns(), breaker),
+                                breaker,
+                                permit,
+                                FAIL,
+                                at(0),
+                            )
+                            .unwrap();
                             log.lock()
                                 .unwrap()
                                 .push((admission, effects.transition.map(|t| t.to)));

@@ -8,11 +8,11 @@ use wasm_bindgen_test::wasm_bindgen_test as test;
 fn bench(json: &str) -> Bench<LoadShedding> {
     Bench::new(
         &format!(r#"{{"load_shedding": {json}}}"#),
-        |config, catalog| {
+        |config, catalog, namespace| {
             let Some(config) = config.load_shedding else {
                 panic!("no load_shedding section")
             };
-            LoadShedding::new(config, catalog)
+            LoadShedding::new(config, catalog, namespace)
         },
     )
 }

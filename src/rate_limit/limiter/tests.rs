@@ -12,7 +12,7 @@ const NOW: Instant = T0;
 fn bench(rate_limit: &str) -> Bench<RateLimit> {
     Bench::new(
         &format!(r#"{{"rate_limit": {rate_limit}}}"#),
-        |config, catalog| {
+        |config, catalog, _| {
             let Some(config) = config.rate_limit else {
                 panic!("no rate_limit section")
             };
