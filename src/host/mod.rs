@@ -46,6 +46,14 @@ struct Configured {
     pending: RefCell<Vec<Pending>>,
 }
 
+/// Streams still running under a configuration that was replaced report into it: their changes
+/// go to Envoy when the last of them ends.
+impl Drop for Configured {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 /// A metric's change since the last flush: a gauge set to a value, then moved by `add`.
 #[derive(Clone, Copy, Debug, Default)]
 struct Pending {
@@ -86,26 +94,32 @@ impl Configured {
 
     /// Logs at once; metric changes wait for the next [`Configured::flush`].
     fn report(&self, telemetry: &mut Telemetry) {
-        let Ok(mut pending) = self.pending.try_borrow_mut() else {
-            return;
-        };
+        // Never borrowed twice (nothing reports while a flush runs); were it ever, the
+        // change is dropped rather than trapping.
         for event in telemetry.drain() {
+            let id = match &event {
+                Event::Add(id, _) | Event::Set(id, _) => *id,
+                Event::Log(level, message) => {
+                    log(*level, &self.filter.instance.name, message);
+                    continue;
+                }
+            };
+            let Ok(mut pending) = self.pending.try_borrow_mut() else {
+                continue;
+            };
+            let Some(p) = pending.get_mut(id.0 as usize) else {
+                continue;
+            };
             match event {
-                Event::Add(id, n) => {
-                    if let Some(p) = pending.get_mut(id.0 as usize) {
-                        p.add = p.add.saturating_add(n);
-                    }
-                }
+                Event::Add(_, n) => p.add = p.add.saturating_add(n),
                 // A value replaces whatever moved the gauge before it.
-                Event::Set(id, value) => {
-                    if let Some(p) = pending.get_mut(id.0 as usize) {
-                        *p = Pending {
-                            set: Some(value),
-                            add: 0,
-                        };
+                Event::Set(_, value) => {
+                    *p = Pending {
+                        set: Some(value),
+                        add: 0,
                     }
                 }
-                Event::Log(level, message) => log(level, &self.filter.instance.name, &message),
+                Event::Log(..) => {}
             }
         }
     }
@@ -380,9 +394,8 @@ impl RootContext for Root {
             }
         };
         let configured = Rc::new(Configured::new(filter));
-        match &self.configured {
-            Some(replaced) => replaced.flush(),
-            None => telemetry.move_gauge(configured.filter.instance.vms, 1),
+        if self.configured.is_none() {
+            telemetry.move_gauge(configured.filter.instance.vms, 1);
         }
         configured.report(&mut telemetry);
         configured.flush();
