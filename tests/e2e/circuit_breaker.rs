@@ -71,7 +71,7 @@ async fn opens_after_exactly_the_configured_failures_and_fails_fast() {
     let upstream = Upstream::start().await;
     let envoy = envoy()
         .filter("cb", &breaker(CONSECUTIVE))
-        .concurrency(3)
+        .concurrency(4)
         .start(&upstream)
         .await;
     trip(&envoy, &upstream, 3).await;
@@ -113,7 +113,7 @@ async fn after_the_open_duration_at_most_k_probes_reach_the_upstream_and_success
     let upstream = Upstream::start().await;
     let envoy = envoy()
         .filter("cb", &breaker(CONSECUTIVE))
-        .concurrency(3)
+        .concurrency(4)
         .start(&upstream)
         .await;
     trip(&envoy, &upstream, 3).await;

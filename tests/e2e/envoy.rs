@@ -83,31 +83,39 @@ impl EnvoyBuilder {
         self
     }
 
-    /// Starts Envoy and waits until its admin endpoint reports it ready.
+    /// Starts Envoy and waits until its admin endpoint reports it ready. Its ports are picked
+    /// free and released before Envoy binds them, so another process can take one first (an
+    /// Envoy's upstream connection takes its source port from the same range): Envoy then
+    /// exits at once, and starts again on other ports.
     pub async fn start(self, upstream: &Upstream) -> Envoy {
-        let mut envoy = self.spawn(upstream);
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = envoy.child.try_wait() {
-                panic!(
-                    "Envoy exited before it was ready ({status}):\n{}",
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            let mut envoy = self.spawn(upstream);
+            let deadline = Instant::now() + READY_TIMEOUT;
+            loop {
+                if let Ok(Some(status)) = envoy.child.try_wait() {
+                    let log = envoy.log();
+                    if attempt < ATTEMPTS && log.contains("Address already in use") {
+                        break;
+                    }
+                    panic!("Envoy exited before it was ready ({status}):\n{log}");
+                }
+                if envoy
+                    .admin("/ready")
+                    .await
+                    .is_some_and(|body| body.trim() == "LIVE")
+                {
+                    return envoy;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "Envoy not ready after {READY_TIMEOUT:?}:\n{}",
                     envoy.log()
                 );
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if envoy
-                .admin("/ready")
-                .await
-                .is_some_and(|body| body.trim() == "LIVE")
-            {
-                return envoy;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "Envoy not ready after {READY_TIMEOUT:?}:\n{}",
-                envoy.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        unreachable!("the last attempt returns or panics")
     }
 
     /// Starts Envoy expecting it to refuse its configuration; returns its exit status and log.
@@ -127,7 +135,7 @@ impl EnvoyBuilder {
         }
     }
 
-    fn spawn(self, upstream: &Upstream) -> Envoy {
+    fn spawn(&self, upstream: &Upstream) -> Envoy {
         let dir = scratch_dir();
         let port = free_port();
         let admin_port = free_port();

@@ -54,7 +54,7 @@ async fn fifty_concurrent_duplicates_execute_once_and_replays_are_byte_for_byte(
     let config = r#"{"idempotency": {"lease": "10s"}}"#;
     let envoy = envoy()
         .filter("idem", config)
-        .concurrency(3)
+        .concurrency(4)
         .start(&upstream)
         .await;
 

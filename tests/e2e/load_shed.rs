@@ -68,7 +68,7 @@ async fn with_cap_l_and_3l_requests_the_upstream_never_sees_more_than_l() {
     let config = r#"{"load_shedding": {"pools": [{"name": "all", "max_in_flight": 6}], "shed_at": {"high": 1, "normal": 1}}}"#;
     let envoy = envoy()
         .filter("ls", config)
-        .concurrency(3)
+        .concurrency(4)
         .start(&upstream)
         .await;
 
@@ -146,7 +146,7 @@ async fn a_hundred_aborted_requests_leave_nothing_in_flight() {
     let config = r#"{"load_shedding": {"pools": [{"name": "all", "max_in_flight": 100}], "shed_at": {"high": 1, "normal": 1}}}"#;
     let envoy = envoy()
         .filter("ls", config)
-        .concurrency(3)
+        .concurrency(4)
         .start(&upstream)
         .await;
 
