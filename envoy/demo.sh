@@ -57,7 +57,7 @@ Envoy is serving the resilience filter on http://127.0.0.1:10000 (admin: http://
   # 5 s of streaming is no slow call (the gRPC breaker's slow_call is 1 s), and once the
   # open breaker's 10 s are over, the first stream to start is the probe that closes it
   sleep 10; for i in 1 2 3; do grpc Watch --metadata messages=5 --metadata interval-ms=1000 & sleep 0.3; done; wait
-  curl -s http://127.0.0.1:9901/stats | grep -E 'resilience.demo.(load_shedding.streams|circuit_breaker.demo-grpc)'
+  sleep 0.2; curl -s http://127.0.0.1:9901/stats | grep -E 'resilience.demo.(load_shedding.streams|circuit_breaker.demo-grpc)'
 
   # the filter's metrics
   curl -s http://127.0.0.1:9901/stats | grep resilience

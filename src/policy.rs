@@ -145,7 +145,7 @@ pub struct Completion {
     /// The router picked an upstream host for the request (`upstream.address` is set). A
     /// request answered before the router (by another filter, for want of a route) has none.
     /// The host reads it only for a stream holding an idempotency claim (see
-    /// [`crate::pipeline::Exchange::needs_upstream_host`]); for others it is `false`.
+    /// [`crate::pipeline::Exchange::holds_claim`]); for others it is `false`.
     pub upstream_host: bool,
     /// From the request's headers to the end of the stream.
     pub duration: Duration,

@@ -5,7 +5,7 @@
 //! one Envoy stat per entry, under `resilience.<instance>.<name>`, and applies the events a
 //! request produced. Tests apply them to a map instead.
 
-/// How often the host hands metric changes to Envoy: stats trail the requests by at most this.
+/// How often the host hands counters to Envoy: they trail the requests by at most this.
 pub const METRICS_FLUSH: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A metric declared in a [`Catalog`]: its index there.
@@ -113,5 +113,92 @@ impl Telemetry {
 
     pub fn drain(&mut self) -> std::vec::Drain<'_, Event> {
         self.events.drain(..)
+    }
+}
+
+/// What a VM owes Envoy's counters since its last flush. Handing each increment over at once
+/// would cost a hostcall per counter per request; a flush costs one per counter that moved.
+///
+/// Only counters wait. A gauge change goes at once: a value set by one worker must not land
+/// after a newer one another worker set, and a gauge moved up and later down must not drift
+/// when the VM that held the move fails before its flush. A VM that fails loses at most its
+/// last interval of counts.
+#[derive(Debug)]
+pub struct Counts {
+    kinds: Vec<MetricKind>,
+    owed: Vec<u64>,
+}
+
+impl Counts {
+    /// For the metrics of `catalog`.
+    pub fn new(catalog: &Catalog) -> Counts {
+        Counts {
+            kinds: catalog.metrics().iter().map(|(kind, _)| *kind).collect(),
+            owed: vec![0; catalog.metrics().len()],
+        }
+    }
+
+    /// Keeps a counter's increment; any other event is handed back, to be applied now.
+    pub fn absorb(&mut self, event: Event) -> Option<Event> {
+        if let Event::Add(id, n) = &event {
+            let index = id.0 as usize;
+            if let (Some(MetricKind::Counter), Some(owed), Ok(n)) = (
+                self.kinds.get(index),
+                self.owed.get_mut(index),
+                u64::try_from(*n),
+            ) {
+                *owed = owed.saturating_add(n);
+                return None;
+            }
+        }
+        Some(event)
+    }
+
+    /// The increments owed, each counter once; afterwards nothing is owed.
+    pub fn take(&mut self) -> Vec<(MetricId, u64)> {
+        self.owed
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, owed)| **owed > 0)
+            .map(|(index, owed)| (MetricId(index as u32), std::mem::take(owed)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn counters_wait_for_the_flush_and_everything_else_goes_at_once() {
+        let mut catalog = Catalog::new("t");
+        let requests = catalog.counter("requests");
+        let in_flight = catalog.gauge("in_flight");
+        let state = catalog.gauge("state");
+        let mut counts = Counts::new(&catalog);
+        for event in [
+            Event::Add(requests, 1),
+            Event::Add(requests, 2),
+            Event::Add(MetricId(99), 1),
+        ] {
+            let handed_back = counts.absorb(event.clone());
+            assert_eq!(
+                handed_back.is_some(),
+                event == Event::Add(MetricId(99), 1),
+                "{event:?}"
+            );
+        }
+        for event in [
+            Event::Add(in_flight, 1),
+            Event::Add(in_flight, -1),
+            Event::Set(state, 2),
+            Event::Log(Level::Info, "x".to_owned()),
+        ] {
+            assert_eq!(counts.absorb(event.clone()), Some(event));
+        }
+        assert_eq!(counts.take(), vec![(requests, 3)]);
+        assert_eq!(counts.take(), vec![], "nothing owed twice");
     }
 }

@@ -18,12 +18,12 @@ use crate::pipeline::{Exchange, Filter, ResponseView, Step, Sweeper};
 use crate::policy::{Completion, Env};
 use crate::reply::Reply;
 use crate::request::{parse_peer, RequestInfo};
-use crate::telemetry::{Event, Level, Telemetry, METRICS_FLUSH};
+use crate::telemetry::{Counts, Event, Level, MetricId, Telemetry, METRICS_FLUSH};
 use abi::{Buffer, Map};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use shared_data::SharedData;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use tally::{count, Call};
@@ -39,26 +39,10 @@ struct Configured {
     filter: Filter,
     /// Envoy's metric id for each catalog entry, in catalog order.
     metrics: Vec<Option<u32>>,
-    /// Metric changes not yet handed to Envoy, in catalog order. Handing each over at once
-    /// would cost a hostcall per counter a request moves, and two per gauge it moves up and
-    /// back down; they go at each tick instead, so Envoy's stats trail by at most
-    /// [`METRICS_FLUSH`].
-    pending: RefCell<Vec<Pending>>,
-}
-
-/// Streams still running under a configuration that was replaced report into it: their changes
-/// go to Envoy when the last of them ends.
-impl Drop for Configured {
-    fn drop(&mut self) {
-        self.flush();
-    }
-}
-
-/// A metric's change since the last flush: a gauge set to a value, then moved by `add`.
-#[derive(Clone, Copy, Debug, Default)]
-struct Pending {
-    set: Option<u64>,
-    add: i64,
+    /// Counter increments not yet handed to Envoy; each tick flushes them.
+    counts: RefCell<Counts>,
+    /// Whether a tick flushes `counts`: without a timer, every report flushes.
+    ticking: Cell<bool>,
 }
 
 impl Configured {
@@ -69,11 +53,12 @@ impl Configured {
             .iter()
             .map(|(kind, name)| abi::define_metric(*kind, name).ok())
             .collect();
-        let pending = RefCell::new(vec![Pending::default(); metrics.len()]);
+        let counts = RefCell::new(Counts::new(filter.catalog()));
         Configured {
             filter,
             metrics,
-            pending,
+            counts,
+            ticking: Cell::new(false),
         }
     }
 
@@ -92,58 +77,60 @@ impl Configured {
         result
     }
 
-    /// Logs at once; metric changes wait for the next [`Configured::flush`].
+    /// Counter increments wait for the next [`Configured::flush`]; gauges and logs go now.
     fn report(&self, telemetry: &mut Telemetry) {
-        // Never borrowed twice (nothing reports while a flush runs); were it ever, the
-        // change is dropped rather than trapping.
         for event in telemetry.drain() {
-            let id = match &event {
-                Event::Add(id, _) | Event::Set(id, _) => *id,
-                Event::Log(level, message) => {
-                    log(*level, &self.filter.instance.name, message);
-                    continue;
-                }
-            };
-            let Ok(mut pending) = self.pending.try_borrow_mut() else {
-                continue;
-            };
-            let Some(p) = pending.get_mut(id.0 as usize) else {
-                continue;
-            };
-            match event {
-                Event::Add(_, n) => p.add = p.add.saturating_add(n),
-                // A value replaces whatever moved the gauge before it.
-                Event::Set(_, value) => {
-                    *p = Pending {
-                        set: Some(value),
-                        add: 0,
-                    }
-                }
-                Event::Log(..) => {}
-            }
-        }
-    }
-
-    /// Hands the pending metric changes to Envoy.
-    fn flush(&self) {
-        let Ok(mut pending) = self.pending.try_borrow_mut() else {
-            return;
-        };
-        for (index, p) in pending.iter_mut().enumerate() {
-            let Pending { set, add } = std::mem::take(p);
-            let Some(metric) = self.metrics.get(index).copied().flatten() else {
-                continue;
+            // Never borrowed twice (nothing reports while a flush runs); were it ever, the
+            // increment goes at once rather than trapping.
+            let now = match self.counts.try_borrow_mut() {
+                Ok(mut counts) => counts.absorb(event),
+                Err(_) => Some(event),
             };
             // Stats must never fail a request: a change that cannot be recorded is dropped.
-            if let Some(value) = set {
-                let _ = abi::record_metric(metric, value);
+            match now {
+                Some(Event::Add(id, n)) => {
+                    let _ = self.metric(id).map(|m| abi::increment_metric(m, n));
+                }
+                Some(Event::Set(id, value)) => {
+                    let _ = self.metric(id).map(|m| abi::record_metric(m, value));
+                }
+                Some(Event::Log(level, message)) => {
+                    log(level, &self.filter.instance.name, &message);
+                }
+                None => {}
             }
-            if add != 0 {
-                let _ = abi::increment_metric(metric, add);
+        }
+        if !self.ticking.get() {
+            self.flush();
+        }
+    }
+
+    /// Hands the counter increments owed to Envoy.
+    fn flush(&self) {
+        let owed = match self.counts.try_borrow_mut() {
+            Ok(mut counts) => counts.take(),
+            Err(_) => return,
+        };
+        for (id, n) in owed {
+            if let Some(metric) = self.metric(id) {
+                let _ = abi::increment_metric(metric, i64::try_from(n).unwrap_or(i64::MAX));
             }
         }
     }
 
+    fn metric(&self, id: MetricId) -> Option<u32> {
+        self.metrics.get(id.0 as usize).copied().flatten()
+    }
+}
+
+/// The last stream of a replaced configuration hands over what it still owes.
+impl Drop for Configured {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+impl Configured {
     /// The request parts the filter needs, as bytes: one read of the header map, so that a
     /// header sent on several lines is seen whole.
     fn request_info(&self) -> RequestInfo {
@@ -210,6 +197,9 @@ struct Root {
     /// Calls the root sent for a waiting stream (it became the one to ask for a grant at a
     /// tick), by call token: the answer goes to that stream.
     calls: HashMap<u32, StreamRef>,
+    /// Configurations replaced while streams of theirs still run (a WebSocket may run for
+    /// hours): their counters are flushed at each tick until the last of them ends.
+    replaced: Vec<Weak<Configured>>,
 }
 
 /// Sends a call to the fleet store from the context whose callback is running; its answer
@@ -398,21 +388,22 @@ impl RootContext for Root {
             telemetry.move_gauge(configured.filter.instance.vms, 1);
         }
         configured.report(&mut telemetry);
-        configured.flush();
         let period = configured.filter.tick_period();
-        if let Err(status) =
-            abi::set_tick_period(period.map_or(METRICS_FLUSH, |p| p.min(METRICS_FLUSH)))
-        {
-            log(
+        match abi::set_tick_period(period.map_or(METRICS_FLUSH, |p| p.min(METRICS_FLUSH))) {
+            Ok(()) => configured.ticking.set(true),
+            Err(status) => log(
                 Level::Error,
                 &name,
-                &format!("cannot set a timer ({status:?}): request bodies will wait without a deadline, and metrics are not updated"),
-            );
+                &format!("cannot set a timer ({status:?}): request bodies will wait without a deadline, and counters are handed to Envoy at every request"),
+            ),
         }
         if period.is_some() {
             self.sweeper = Some(configured.filter.sweeper(random_u64()));
         }
-        self.configured = Some(configured);
+        if let Some(replaced) = self.configured.replace(configured) {
+            replaced.flush();
+            self.replaced.push(Rc::downgrade(&replaced));
+        }
         true
     }
 
@@ -451,6 +442,12 @@ impl RootContext for Root {
             self.act_for(&configured, stream, step);
         }
         configured.flush();
+        self.replaced.retain(|replaced| {
+            replaced
+                .upgrade()
+                .inspect(|replaced| replaced.flush())
+                .is_some()
+        });
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -659,7 +656,7 @@ impl HttpContext for Stream {
         if let (Some(configured), Ok(mut exchange)) =
             (&self.configured, self.exchange.try_borrow_mut())
         {
-            if exchange.captures_response() {
+            if exchange.holds_claim() {
                 let chunk = abi::buffer(Buffer::ResponseBody, body_size).unwrap_or_default();
                 exchange.on_response_body(&configured.filter, &chunk, end_of_stream);
             }
@@ -689,7 +686,7 @@ impl HttpContext for Stream {
             return;
         }
         let grpc_response = exchange.grpc_response();
-        let needs_upstream_host = exchange.needs_upstream_host();
+        let needs_upstream_host = exchange.holds_claim();
         configured.run(|filter, env| {
             let write = exchange.finish(filter, env, || Completion {
                 // Envoy reports a grpc-status that is missing or not a code as -1; a gRPC

@@ -1,7 +1,7 @@
 //! Admission into the pools a request falls in, by its priority class, and release at the
 //! end of its stream.
 
-use super::config::{Class, LoadSheddingConfig};
+use super::config::{Class, LoadSheddingConfig, PoolConfig};
 use super::pool::PoolState;
 use crate::clock::retry_after_secs;
 use crate::matcher::Scope;
@@ -54,7 +54,7 @@ impl LoadShedding {
         let keys = config
             .pools
             .iter()
-            .map(|pool| namespace.key(&format!("ls/{}", pool.name)))
+            .map(|pool| pool_key(namespace, pool))
             .collect();
         Self {
             config,
@@ -281,6 +281,11 @@ impl Policy for LoadShedding {
     fn release<S: Store>(&self, env: &mut Env<'_, S>, held: Slots, completion: &Completion) {
         self.release_slots(env, &held, completion.latency_sample());
     }
+}
+
+/// The shared-data key of a pool's state.
+fn pool_key(namespace: &Namespace, pool: &PoolConfig) -> String {
+    namespace.key(&format!("ls/{}", pool.name))
 }
 
 #[cfg(test)]

@@ -577,14 +577,10 @@ impl Exchange {
         self.grpc_response
     }
 
-    /// Whether the host should hand over response body chunks.
-    pub fn captures_response(&self) -> bool {
-        self.claim.is_some()
-    }
-
-    /// Whether the stream's [`Completion`] needs `upstream_host`: only an idempotency claim
-    /// asks whether the upstream may have the request, and the property costs a hostcall.
-    pub fn needs_upstream_host(&self) -> bool {
+    /// Whether the stream holds an idempotency claim: the host then hands over the response
+    /// body, and reads `upstream_host` for its [`Completion`] (only a claim asks whether the
+    /// upstream may have the request, and the property costs a hostcall).
+    pub fn holds_claim(&self) -> bool {
         self.claim.is_some()
     }
 

@@ -1,5 +1,9 @@
 //! HTTP clients and concurrency helpers shared by the end-to-end and the container tests.
 
+/// Long enough for every VM of the filter to have handed its counters to Envoy (each does
+/// every 100 ms, at its tick): wait this before reading a counter a request just moved.
+pub const METRICS_FLUSHED: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// HTTP/1.1 and HTTP/2 (cleartext, prior knowledge) clients, as real clients reach Envoy.
 pub fn clients() -> [(&'static str, reqwest::Client); 2] {
     let build = |builder: reqwest::ClientBuilder| builder.no_proxy().build().expect("HTTP client");

@@ -219,10 +219,10 @@ pub async fn stat(admin: &str, name: &str) -> u64 {
     stats.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v)
 }
 
-/// Every stat whose name contains `filter`, once the filter's metrics flush (every 100 ms)
+/// Every stat whose name contains `filter`, once the filter's counters flush (every 100 ms)
 /// has run.
 pub async fn stats(admin: &str, filter: &str) -> Vec<(String, u64)> {
-    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    tokio::time::sleep(crate::METRICS_FLUSHED).await;
     let text = get(&format!("{admin}/stats?filter={filter}")).await;
     text.lines()
         .filter_map(|line| line.split_once(": "))

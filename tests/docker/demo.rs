@@ -249,9 +249,16 @@ async fn the_pool_sheds_normal_requests_first_under_a_slow_upstream() {
     // The critical one goes once three are in flight and three shed, while those still run.
     let pool = "wasmcustom.resilience.demo.load_shedding.demo";
     let deadline = Instant::now() + Duration::from_millis(1500);
-    while demo.stat(&format!("{pool}.in_flight")).await < 3
-        || demo.stat(&format!("{pool}.shed.normal")).await < 3
-    {
+    let filled = |stats: &[(String, u64)], name: &str| {
+        stats
+            .iter()
+            .any(|(n, v)| n == &format!("{pool}.{name}") && *v >= 3)
+    };
+    // One read a round: each waits out the filter's metrics flush.
+    while !{
+        let stats = demo.stats(pool).await;
+        filled(&stats, "in_flight") && filled(&stats, "shed.normal")
+    } {
         assert!(
             Instant::now() < deadline,
             "6 requests did not fill the pool"

@@ -15,7 +15,7 @@ mod images;
 
 #[path = "../common/http.rs"]
 mod http;
-pub use http::{clients, fresh_connections, join_all};
+pub use http::{clients, fresh_connections, join_all, METRICS_FLUSHED};
 
 use std::path::Path;
 use std::process::Command;

@@ -5,6 +5,7 @@
 //! when a test fails its log is printed.
 
 use super::upstream::Upstream;
+use super::METRICS_FLUSHED;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -18,9 +19,6 @@ pub struct Filter {
     pub name: String,
     pub config: String,
 }
-
-/// Long enough for every VM's metrics flush (`METRICS_FLUSH`, 100 ms) to have run.
-pub const METRICS_FLUSHED: std::time::Duration = std::time::Duration::from_millis(250);
 
 pub struct EnvoyBuilder {
     filters: Vec<Filter>,
@@ -335,7 +333,7 @@ impl Envoy {
     }
 
     /// A counter or gauge from `/stats`, by its full name.
-    /// Waits out the filter's metrics flush first (every 100 ms, at each VM's tick).
+    /// Waits out the filter's counters flush first (every 100 ms, at each VM's tick).
     pub async fn stat(&self, name: &str) -> Option<u64> {
         tokio::time::sleep(METRICS_FLUSHED).await;
         let stats = self.admin(&format!("/stats?filter=^{name}$")).await?;

@@ -19,4 +19,4 @@ mod wire;
 
 #[path = "../common/http.rs"]
 mod http;
-pub use http::{clients, fresh_connections, join_all};
+pub use http::{clients, fresh_connections, join_all, METRICS_FLUSHED};
