@@ -192,6 +192,15 @@ pub struct Response {
     pub grpc_message: Option<String>,
 }
 
+/// The headers policies set on their refusals themselves.
+const POLICY_HEADERS: [&str; 5] = [
+    "retry-after",
+    "ratelimit",
+    "ratelimit-policy",
+    "x-load-shed",
+    "x-circuit-breaker",
+];
+
 impl Response {
     /// Validates `raw`, found at `at`, filling in the policy's defaults.
     pub fn compile(
@@ -216,6 +225,14 @@ impl Response {
             if name.starts_with("grpc-") || name == "content-length" {
                 // They would rewrite the gRPC answer (a grpc-status: 0 included).
                 return Err(ConfigError::at(&name_at, "is set by the filter"));
+            }
+            if POLICY_HEADERS.contains(&name.as_str()) {
+                // A second value would contradict the real wait or state: RFC 9110 defines one
+                // Retry-After, and a client acting on the RateLimit headers needs the true ones.
+                return Err(ConfigError::at(
+                    &name_at,
+                    "is set by the policy itself, with the real wait or state",
+                ));
             }
             if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
                 return Err(ConfigError::at(

@@ -445,3 +445,26 @@ fn long_lived_settings_are_checked_where_they_are_written() {
         "circuit_breaker.breakers[0].long_lived.count"
     );
 }
+
+/// One `Retry-After` (issue 16: a configured one came as a second, contradicting value), and
+/// no configured copy of any header a policy sets with its real state.
+#[test]
+fn a_response_cannot_repeat_a_header_the_policy_sets() {
+    for header in [
+        "Retry-After",
+        "ratelimit",
+        "RateLimit-Policy",
+        "x-load-shed",
+        "x-circuit-breaker",
+    ] {
+        let path = error_path(&format!(
+            r#"{{"rate_limit": {{"rules": [{{"name": "r", "capacity": 1, "refill": {{"tokens": 1, "interval": "1s"}}}}],
+                "limited_response": {{"headers": {{"{header}": "60"}}}}}}}}"#
+        ));
+        assert_eq!(
+            path,
+            format!("rate_limit.limited_response.headers.{header}"),
+            "{header}"
+        );
+    }
+}

@@ -664,10 +664,13 @@ impl RateLimit {
                 full_in,
                 from,
             } => {
-                if admission
-                    .tightest
-                    .as_ref()
-                    .is_none_or(|(tightest, _)| remaining < *tightest)
+                // A shadow rule is a trial: a client following the RateLimit headers must
+                // never back off for it, nor learn it exists.
+                if !rule.shadow
+                    && admission
+                        .tightest
+                        .as_ref()
+                        .is_none_or(|(tightest, _)| remaining < *tightest)
                 {
                     admission.tightest = Some((remaining, state(remaining, full_in)));
                 }
@@ -727,7 +730,9 @@ impl RateLimit {
             let policies: Vec<&str> = admission
                 .taken
                 .iter()
-                .map(|t| self.config.rules[t.rule].policy_item.as_str())
+                .map(|t| &self.config.rules[t.rule])
+                .filter(|rule| !rule.shadow)
+                .map(|rule| rule.policy_item.as_str())
                 .collect();
             admission.headers = vec![
                 ("ratelimit-policy".to_owned(), policies.join(", ")),

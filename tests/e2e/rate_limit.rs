@@ -179,6 +179,29 @@ async fn shadow_rules_count_would_be_refusals_and_refuse_nothing() {
     );
 }
 
+/// A client following the RateLimit headers never sees a shadow rule: before, a trial rule
+/// showed as `"trial";r=0;t=3600` and told it to stop for an hour.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shadow_rule_never_shows_in_the_ratelimit_headers() {
+    let upstream = Upstream::start().await;
+    let config = r#"{"rate_limit": {"rules": [
+        {"name": "trial", "shadow": true, "capacity": 1, "refill": {"tokens": 1, "interval": "1h"}},
+        {"name": "real", "capacity": 100, "refill": {"tokens": 1, "interval": "1s"}}]}}"#;
+    let envoy = envoy().filter("rl", config).start(&upstream).await;
+    let client = fresh_connections();
+    for _ in 0..3 {
+        let response = client.get(envoy.url("/")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            header(&response, "ratelimit-policy").as_deref(),
+            Some("\"real\";q=100;w=100")
+        );
+        let state = header(&response, "ratelimit").unwrap();
+        assert!(state.starts_with("\"real\";r="), "{state}");
+    }
+    assert_eq!(upstream.count(), 3);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_keys_do_not_share_tokens() {
     let upstream = Upstream::start().await;

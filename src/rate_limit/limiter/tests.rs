@@ -150,6 +150,41 @@ fn shadow_rules_count_but_never_refuse() {
     );
 }
 
+/// A shadow rule never shows in the headers a client acts on (issue 16: a client following
+/// the RateLimit draft stopped for 200 s because of a trial rule).
+#[test]
+fn shadow_rules_never_show_in_the_ratelimit_headers() {
+    let both = bench(
+        r#"{"rules": [
+            {"name": "trial", "shadow": true, "capacity": 1, "refill": {"tokens": 1, "interval": "200s"}},
+            {"name": "real", "capacity": 100, "refill": {"tokens": 1, "interval": "1s"}}]}"#,
+    );
+    for _ in 0..3 {
+        let Ok(headers) = both.decide(&request(&[]), NOW) else {
+            panic!("a shadow rule refused")
+        };
+        assert_eq!(
+            header_of(&headers, "ratelimit-policy"),
+            Some("\"real\";q=100;w=100")
+        );
+        assert!(
+            header_of(&headers, "ratelimit").is_some_and(|v| v.starts_with("\"real\";")),
+            "{headers:?}"
+        );
+    }
+    let alone = bench(
+        r#"{"rules": [{"name": "trial", "shadow": true, "capacity": 1, "refill": {"tokens": 1, "interval": "200s"}}]}"#,
+    );
+    assert_eq!(alone.decide(&request(&[]), NOW), Ok(Vec::new()));
+}
+
+fn header_of<'a>(headers: &'a ResponseHeaders, name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
 #[test]
 fn keys_do_not_share_tokens() {
     let bench = bench(
