@@ -26,6 +26,7 @@ pub struct RawIdempotency {
     pub ttl: Option<Duration>,
     pub client_error_ttl: Option<Duration>,
     pub server_error_ttl: Option<Duration>,
+    pub released_statuses: Option<Vec<u16>>,
     pub stored_headers: Option<Vec<String>>,
     pub max_response_bytes: Option<usize>,
     pub records: Option<u32>,
@@ -76,6 +77,9 @@ pub struct IdempotencyConfig {
     pub client_error_ttl: std::time::Duration,
     /// `None`: a 5xx releases the key.
     pub server_error_ttl: Option<std::time::Duration>,
+    /// 4xx answers that say the request was not executed: they free the key, so the client's
+    /// retry executes, instead of replaying "not executed" for `client_error_ttl`.
+    pub released_statuses: Vec<u16>,
     /// Lower-case.
     pub stored_headers: Vec<String>,
     /// The most a stored response may take: its stored headers (names, values and 4 bytes of
@@ -91,6 +95,10 @@ const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
 pub const MAX_BODY_BYTES: usize = 8 << 20;
 pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 pub const MAX_RECORDS: u32 = 1 << 20;
+/// Answers that mean "not executed": timed out before it started (408), conflict (409),
+/// too early (425), too many requests (429). A replay of them would refuse the retry they
+/// invite.
+const DEFAULT_RELEASED_STATUSES: [u16; 4] = [408, 409, 425, 429];
 /// The most shared-data memory the records may take, stored responses included.
 pub const MAX_STORAGE_BYTES: u64 = 1 << 30;
 /// What a record costs beyond its stored response, at most: its fixed fields
@@ -178,6 +186,21 @@ impl IdempotencyConfig {
             .server_error_ttl
             .map(|d| duration(Some(d), d.0, "server_error_ttl"))
             .transpose()?;
+        let mut released_statuses = Vec::new();
+        for (i, status) in raw
+            .released_statuses
+            .unwrap_or_else(|| DEFAULT_RELEASED_STATUSES.to_vec())
+            .into_iter()
+            .enumerate()
+        {
+            if !(400..=499).contains(&status) {
+                return Err(ConfigError::at(
+                    &format!("{at}.released_statuses[{i}]"),
+                    "must be a 4xx status (5xx follow server_error_ttl)",
+                ));
+            }
+            released_statuses.push(status);
+        }
         let mut stored_headers = Vec::new();
         let default_headers = [
             "content-type",
@@ -186,6 +209,7 @@ impl IdempotencyConfig {
             "etag",
             "last-modified",
             "cache-control",
+            "retry-after",
         ];
         for (i, name) in raw
             .stored_headers
@@ -251,6 +275,7 @@ impl IdempotencyConfig {
             ttl,
             client_error_ttl,
             server_error_ttl,
+            released_statuses,
             stored_headers,
             max_response_bytes,
             records,
@@ -263,6 +288,7 @@ impl IdempotencyConfig {
     pub fn keep_for(&self, status: u16) -> Option<std::time::Duration> {
         match status {
             500.. => self.server_error_ttl,
+            status if self.released_statuses.contains(&status) => None,
             400..=499 => Some(self.client_error_ttl),
             _ => Some(self.ttl),
         }

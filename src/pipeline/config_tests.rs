@@ -468,3 +468,19 @@ fn a_response_cannot_repeat_a_header_the_policy_sets() {
         );
     }
 }
+
+#[test]
+fn released_statuses_are_4xx() {
+    let idempotency = |statuses: &str| {
+        error_path(&format!(
+            r#"{{"idempotency": {{"released_statuses": {statuses}}}}}"#
+        ))
+    };
+    assert!(idempotency("[408, 429]").starts_with("accepted"));
+    assert!(idempotency("[]").starts_with("accepted"));
+    assert_eq!(
+        idempotency("[429, 503]"),
+        "idempotency.released_statuses[1]"
+    );
+    assert_eq!(idempotency("[200]"), "idempotency.released_statuses[0]");
+}

@@ -131,6 +131,28 @@ async fn fifty_concurrent_duplicates_execute_once_and_replays_are_byte_for_byte(
     );
 }
 
+/// An upstream 429 means "not executed": the key is freed, and the client that waits it
+/// out and retries with the same key executes (issue 16: it was replayed the 429 for ten
+/// minutes).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_from_the_upstream_frees_the_key_for_the_retry() {
+    let upstream = Upstream::start().await;
+    let envoy = envoy().filter("idem", CONFIG).start(&upstream).await;
+    upstream.set_status(429);
+    assert_eq!(post(&envoy, Some("k"), "a", "alice").await.status(), 429);
+    upstream.set_status(200);
+    let retried = post(&envoy, Some("k"), "a", "alice").await;
+    assert_eq!(retried.status(), 200);
+    assert_eq!(header(&retried, "idempotent-replayed"), None);
+    assert_eq!(upstream.count(), 2, "the retry executed");
+    let again = post(&envoy, Some("k"), "a", "alice").await;
+    assert_eq!(
+        header(&again, "idempotent-replayed").as_deref(),
+        Some("true")
+    );
+    assert_eq!(upstream.count(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_key_with_another_request_is_refused_with_422() {
     let upstream = Upstream::start().await;

@@ -170,6 +170,50 @@ fn a_5xx_releases_the_key_and_4xx_are_kept_for_less_time() {
     );
 }
 
+/// An answer that means "not executed" (408, 409, 425, 429) frees the key, as a 5xx does:
+/// a client that waits out a 429 and retries with the same key executes (issue 16: it was
+/// refused for `client_error_ttl`, 10 minutes). `released_statuses: []` keeps them.
+#[test]
+fn a_not_executed_answer_frees_the_key_unless_configured_otherwise() {
+    let answer = |status| StoredResponse {
+        status,
+        headers: vec![("retry-after".to_owned(), b"2".to_vec())],
+        body: vec![],
+    };
+    let b = Bench::new("{}");
+    for (claim, status) in [(1, 408), (2, 409), (3, 425), (4, 429)] {
+        let k = b.pending(&post(Some(&format!("k{status}")), "a"));
+        assert_eq!(b.decide(k, b"", claim, T0), Decision::Claimed);
+        assert_eq!(
+            b.finish(k, claim, Outcome::Response(answer(status)), at(10)),
+            Finished::Released,
+            "{status}"
+        );
+        assert_eq!(
+            b.decide(k, b"", claim + 10, at(20)),
+            Decision::Claimed,
+            "{status}"
+        );
+    }
+    let kept = Bench::new(r#"{"released_statuses": []}"#);
+    let k = kept.pending(&post(Some("k"), "a"));
+    assert_eq!(kept.decide(k, b"", 1, T0), Decision::Claimed);
+    assert_eq!(
+        kept.finish(k, 1, Outcome::Response(answer(429)), at(10)),
+        Finished::Stored
+    );
+    assert_eq!(
+        kept.decide(k, b"", 2, at(20)),
+        Decision::Replay(answer(429)),
+        "replayed with its Retry-After"
+    );
+    assert!(kept
+        .policy
+        .config()
+        .stored_headers
+        .contains(&"retry-after".to_owned()));
+}
+
 #[test]
 fn server_errors_can_be_kept_when_configured() {
     let b = Bench::new(r#"{"server_error_ttl": "5m"}"#);
