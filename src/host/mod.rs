@@ -121,16 +121,7 @@ impl Configured {
     fn metric(&self, id: MetricId) -> Option<u32> {
         self.metrics.get(id.0 as usize).copied().flatten()
     }
-}
 
-/// The last stream of a replaced configuration hands over what it still owes.
-impl Drop for Configured {
-    fn drop(&mut self) {
-        self.flush();
-    }
-}
-
-impl Configured {
     /// The request parts the filter needs, as bytes: one read of the header map, so that a
     /// header sent on several lines is seen whole.
     fn request_info(&self) -> RequestInfo {
@@ -151,6 +142,13 @@ impl Configured {
             .flatten()
             .and_then(|name| String::from_utf8(name).ok());
         request
+    }
+}
+
+/// The last stream of a replaced configuration hands over what it still owes.
+impl Drop for Configured {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 

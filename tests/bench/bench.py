@@ -182,11 +182,13 @@ class Envoy:
 
     next_port = 20000
 
-    def __init__(self, envoy_bin, workdir, name, template, workers, cpus, port=None, admin=True):
+    def __init__(self, envoy_bin, workdir, name, template, workers, cpus, port=None, admin=True,
+                 filters=""):
         self.port = port or Envoy.take_port()
         self.admin = Envoy.take_port() if admin else None
         path = workdir / f"{name}.yaml"
-        path.write_text(template.format(port=self.port, admin=self.admin, upstream=UPSTREAM_PORT[0]))
+        path.write_text(template.format(port=self.port, admin=self.admin,
+                                        upstream=UPSTREAM_PORT[0], filters=filters))
         log = open(workdir / f"{name}.log", "w")
         self.process = subprocess.Popen(
             ["taskset", "-c", cpus, envoy_bin, "-c", str(path), "--concurrency", str(workers),
@@ -234,16 +236,13 @@ class Envoy:
 UPSTREAM_PORT = [0]
 
 
-def front_config(filter_, wasm):
-    """The front Envoy's configuration, a template of its ports."""
+def front_filters(filter_, wasm):
+    """The HTTP filters the front Envoy runs before its router."""
     if filter_ is None:
-        filters = ""
-    elif filter_ == "native":
-        filters = NATIVE
-    else:
-        filters = WASM.format(configuration=json.dumps(filter_), wasm=wasm)
-    escaped = filters.rstrip("\n").replace("{", "{{").replace("}", "}}")
-    return FRONT.replace("{filters}", escaped)
+        return ""
+    if filter_ == "native":
+        return NATIVE.rstrip("\n")
+    return WASM.format(configuration=json.dumps(filter_), wasm=wasm).rstrip("\n")
 
 
 def run_wrk(port, method, seconds, connections, scripts):
@@ -272,8 +271,8 @@ def bench(args, workers, variants, workdir):
     """Runs every variant (name, filter, method, wasm) for `args.rounds` interleaved rounds."""
     envoys = []
     for i, (name, filter_, method, wasm) in enumerate(variants):
-        envoys.append(Envoy(args.envoy, workdir, f"w{workers}-{i}", front_config(filter_, wasm),
-                            workers, "0"))
+        envoys.append(Envoy(args.envoy, workdir, f"w{workers}-{i}", FRONT, workers, "0",
+                            filters=front_filters(filter_, wasm)))
     try:
         for envoy in envoys:
             envoy.wait_ready()
@@ -305,7 +304,8 @@ def host_calls(args, workdir):
     for i, (name, filter_, method) in enumerate(CASES):
         if filter_ in (None, "native") or (args.only and not re.search(args.only, name)):
             continue
-        envoy = Envoy(args.envoy, workdir, f"calls-{i}", front_config(filter_, args.host_calls), 1, "0")
+        envoy = Envoy(args.envoy, workdir, f"calls-{i}", FRONT, 1, "0",
+                      filters=front_filters(filter_, args.host_calls))
         try:
             envoy.wait_ready()
             run_wrk(envoy.port, method, 1, args.connections, workdir)
