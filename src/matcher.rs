@@ -3,12 +3,11 @@
 //! Paths are compared after [`normalize_path`], so a rule written for `/reports/` also covers
 //! `//reports/`, `/%72eports/` and `/x/../reports/`. Header values are compared as bytes.
 
+use crate::config::json::{child, json_object, unknown, variant, FromJson, Json};
 use crate::config::{check_methods, check_request_header_name, ConfigError};
 use crate::request::{normalize_path, percent_decode, RequestInfo};
-use serde::Deserialize;
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default)]
 pub struct RawMatch {
     pub host: Option<String>,
     pub path_prefix: Option<String>,
@@ -17,21 +16,47 @@ pub struct RawMatch {
     pub headers: Option<Vec<RawHeaderMatch>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+json_object!(RawMatch {
+    host: "host",
+    path_prefix: "path_prefix",
+    path: "path",
+    methods: "methods",
+    headers: "headers"
+});
+
+#[derive(Debug)]
 pub struct RawHeaderMatch {
     pub name: String,
     pub exact: Option<String>,
     pub present: Option<bool>,
 }
 
+json_object!(RawHeaderMatch {
+    name: "name",
+    exact: "exact",
+    present: "present"
+});
+
 /// What a breaker or a pool covers: the upstream cluster the route selected, or a match.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[derive(Debug)]
 pub enum RawScope {
     Cluster(String),
-    #[serde(rename = "match")]
     Match(RawMatch),
+}
+
+impl FromJson for RawScope {
+    fn from_json(value: Json, at: &str) -> Result<Self, ConfigError> {
+        const NAMES: &[&str] = &["cluster", "match"];
+        match variant(value, at)? {
+            (name, Some(cluster)) if name == "cluster" => {
+                String::from_json(cluster, &child(at, "cluster")).map(RawScope::Cluster)
+            }
+            (name, Some(matcher)) if name == "match" => {
+                RawMatch::from_json(matcher, &child(at, "match")).map(RawScope::Match)
+            }
+            (name, _) => Err(unknown(&name, NAMES, at)),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -241,8 +266,7 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn compile(json: &str) -> Result<Match, ConfigError> {
-        let raw: RawMatch =
-            serde_json::from_str(json).map_err(|e| ConfigError::at(".", e.to_string()))?;
+        let raw: RawMatch = crate::config::json::read(json)?;
         Match::compile(raw, "m")
     }
 

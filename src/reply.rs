@@ -2,9 +2,9 @@
 //! from a policy's configured response, RFC 9457 problems, stored replays, and the answer when
 //! shared data fails under `on_error: deny`.
 
+use crate::config::json::json_object;
 use crate::config::{check_header_name, ConfigError};
 use crate::grpc::GrpcStatus;
-use serde::Deserialize;
 use std::collections::BTreeMap;
 
 /// A local reply: what the host sends with Envoy's `sendLocalReply`.
@@ -167,8 +167,7 @@ impl Reply {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default)]
 pub struct RawResponse {
     pub status: Option<u16>,
     pub body: Option<String>,
@@ -176,6 +175,14 @@ pub struct RawResponse {
     pub grpc_status: Option<String>,
     pub grpc_message: Option<String>,
 }
+
+json_object!(RawResponse {
+    status: "status",
+    body: "body",
+    headers: "headers",
+    grpc_status: "grpc_status",
+    grpc_message: "grpc_message"
+});
 
 /// `grpc-message` travels in a header, percent-encoded: kept well under clients' header limits.
 const MAX_GRPC_MESSAGE_BYTES: usize = 1024;

@@ -3,20 +3,22 @@
 
 use super::window::{WindowSpec, MAX_CALLS, TIME_BUCKETS};
 use crate::clock::nanos_saturating;
+use crate::config::json::{child, json_object, unknown, variant, FromJson, Json};
 use crate::config::{check_name, check_range as range, ConfigError, Duration};
 use crate::grpc::{GrpcStatus, GrpcStatusSet};
 use crate::matcher::{RawScope, Scope};
 use crate::reply::{RawResponse, Response};
-use serde::Deserialize;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct RawCircuitBreaker {
     pub breakers: Vec<RawBreaker>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+json_object!(RawCircuitBreaker {
+    breakers: "breakers"
+});
+
+#[derive(Debug)]
 pub struct RawBreaker {
     pub name: String,
     pub scope: RawScope,
@@ -28,15 +30,29 @@ pub struct RawBreaker {
     pub long_lived: Option<RawBreakerLongLived>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+json_object!(RawBreaker {
+    name: "name",
+    scope: "scope",
+    failure: "failure",
+    trip: "trip",
+    open: "open",
+    half_open: "half_open",
+    response: "response",
+    long_lived: "long_lived"
+});
+
+#[derive(Debug, Default)]
 pub struct RawBreakerLongLived {
     pub counted: Option<bool>,
     pub slow_call: Option<Duration>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+json_object!(RawBreakerLongLived {
+    counted: "counted",
+    slow_call: "slow_call"
+});
+
+#[derive(Debug, Default)]
 pub struct RawFailure {
     pub statuses: Option<Vec<RawStatus>>,
     pub grpc_statuses: Option<Vec<String>>,
@@ -44,16 +60,30 @@ pub struct RawFailure {
     pub slow_call: Option<Duration>,
 }
 
+json_object!(RawFailure {
+    statuses: "statuses",
+    grpc_statuses: "grpc_statuses",
+    local_failures: "local_failures",
+    slow_call: "slow_call"
+});
+
 /// A status, or a class such as `"5xx"`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum RawStatus {
     Code(u16),
     Class(String),
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+impl FromJson for RawStatus {
+    fn from_json(value: Json, at: &str) -> Result<Self, ConfigError> {
+        match value {
+            Json::String(class) => Ok(RawStatus::Class(class)),
+            code => u16::from_json(code, at).map(RawStatus::Code),
+        }
+    }
+}
+
+#[derive(Debug)]
 pub struct RawTrip {
     pub consecutive_failures: Option<u32>,
     pub failure_rate_percent: Option<u8>,
@@ -62,28 +92,60 @@ pub struct RawTrip {
     pub window: Option<RawWindow>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+json_object!(RawTrip {
+    consecutive_failures: "consecutive_failures",
+    failure_rate_percent: "failure_rate_percent",
+    slow_call_rate_percent: "slow_call_rate_percent",
+    minimum_calls: "minimum_calls",
+    window: "window"
+});
+
+#[derive(Debug)]
 pub enum RawWindow {
     Calls(u16),
     Duration(Duration),
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+impl FromJson for RawWindow {
+    fn from_json(value: Json, at: &str) -> Result<Self, ConfigError> {
+        const NAMES: &[&str] = &["calls", "duration"];
+        match variant(value, at)? {
+            (name, Some(calls)) if name == "calls" => {
+                u16::from_json(calls, &child(at, "calls")).map(RawWindow::Calls)
+            }
+            (name, Some(duration)) if name == "duration" => {
+                Duration::from_json(duration, &child(at, "duration")).map(RawWindow::Duration)
+            }
+            (name, _) => Err(unknown(&name, NAMES, at)),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
 pub struct RawOpen {
     pub duration: Option<Duration>,
     pub backoff_multiplier: Option<f64>,
     pub max_duration: Option<Duration>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+json_object!(RawOpen {
+    duration: "duration",
+    backoff_multiplier: "backoff_multiplier",
+    max_duration: "max_duration"
+});
+
+#[derive(Debug, Default)]
 pub struct RawHalfOpen {
     pub max_probes: Option<u32>,
     pub successes_to_close: Option<u32>,
     pub probe_timeout: Option<Duration>,
 }
+
+json_object!(RawHalfOpen {
+    max_probes: "max_probes",
+    successes_to_close: "successes_to_close",
+    probe_timeout: "probe_timeout"
+});
 
 /// Which response statuses count as failures: one bit per status 0..=639.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -5,6 +5,7 @@
 //! whole document is assembled above the policies, in [`crate::pipeline::config`].
 
 mod duration;
+pub mod json;
 
 pub use duration::Duration;
 

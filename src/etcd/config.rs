@@ -1,25 +1,35 @@
 //! The `store` section a policy names to share its state with every Envoy of a fleet.
 
+use crate::config::json::json_object;
 use crate::config::{check_duration, ConfigError, Duration};
 use crate::store::FailureMode;
-use serde::Deserialize;
 
 /// `store`: a second tier shared by every Envoy of a fleet.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct RawStore {
     pub etcd: RawEtcd,
     pub on_store_error: Option<FailureMode>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+json_object!(RawStore {
+    etcd: "etcd",
+    on_store_error: "on_store_error"
+});
+
+#[derive(Debug)]
 pub struct RawEtcd {
     pub cluster: String,
     pub authority: Option<String>,
     pub prefix: Option<String>,
     pub timeout: Option<Duration>,
 }
+
+json_object!(RawEtcd {
+    cluster: "cluster",
+    authority: "authority",
+    prefix: "prefix",
+    timeout: "timeout"
+});
 
 /// etcd, reached through its HTTP/JSON gateway by an Envoy cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]

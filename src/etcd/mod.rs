@@ -6,9 +6,9 @@
 //! it since, else show it to me". Keys and values travel base64-encoded; revisions as decimal
 //! strings (the gateway's JSON for int64). Fields that are zero or false are absent.
 
+use crate::config::json::Json;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use serde::Deserialize;
 use serde_json::json;
 use std::time::Duration;
 
@@ -90,68 +90,56 @@ pub enum AnswerError {
     NotSent,
 }
 
-#[derive(Deserialize)]
-struct TxnResponse {
-    header: Header,
-    #[serde(default)]
-    succeeded: bool,
-    #[serde(default)]
-    responses: Vec<ResponseOp>,
-}
-
-#[derive(Deserialize)]
-struct Header {
-    revision: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct ResponseOp {
-    response_range: Option<RangeResponse>,
-}
-
-#[derive(Deserialize)]
-struct RangeResponse {
-    #[serde(default)]
-    kvs: Vec<KeyValue>,
-}
-
-#[derive(Deserialize)]
-struct KeyValue {
-    value: Option<String>,
-    mod_revision: Option<String>,
-}
-
-/// Reads the answer to a [`swap`]: its HTTP status and body.
+/// Reads the answer to a [`swap`]: its HTTP status and body. The gateway's JSON is read
+/// leniently (unknown members ignored, as etcd adds them between versions); an absent
+/// `succeeded` is false and absent lists are empty, as proto3 JSON leaves out defaults.
 pub fn swapped(status: u16, body: &[u8]) -> Result<Swapped, AnswerError> {
     if status != 200 {
         return Err(AnswerError::Status(status));
     }
-    let response: TxnResponse = serde_json::from_slice(body).map_err(|_| AnswerError::Malformed)?;
-    let revision = |text: Option<&String>| -> Result<i64, AnswerError> {
-        text.and_then(|t| t.parse().ok())
+    let response = Json::parse(body).map_err(|_| AnswerError::Malformed)?;
+    let revision = |json: &Json, field: &str| -> Result<i64, AnswerError> {
+        json.get(field)
+            .and_then(Json::as_str)
+            .and_then(|t| t.parse().ok())
             .filter(|r| *r > 0)
             .ok_or(AnswerError::Malformed)
     };
-    if response.succeeded {
-        return Ok(Swapped::Written {
-            revision: revision(response.header.revision.as_ref())?,
-        });
+    let header = response.get("header").ok_or(AnswerError::Malformed)?;
+    match response.get("succeeded") {
+        Some(Json::Bool(true)) => {
+            return Ok(Swapped::Written {
+                revision: revision(header, "revision")?,
+            })
+        }
+        None | Some(Json::Bool(false)) => {}
+        Some(_) => return Err(AnswerError::Malformed),
     }
-    let range = response
-        .responses
-        .into_iter()
-        .find_map(|op| op.response_range)
+    let range = list(response.get("responses"))?
+        .iter()
+        .find_map(|op| op.get("response_range"))
         .ok_or(AnswerError::Malformed)?;
-    let Some(kv) = range.kvs.into_iter().next() else {
+    let Some(kv) = list(range.get("kvs"))?.first() else {
         return Ok(Swapped::Found(None));
     };
-    let value = STANDARD
-        .decode(kv.value.unwrap_or_default())
-        .map_err(|_| AnswerError::Malformed)?;
+    let value = match kv.get("value") {
+        None => Vec::new(),
+        Some(Json::String(text)) => STANDARD.decode(text).map_err(|_| AnswerError::Malformed)?,
+        Some(_) => return Err(AnswerError::Malformed),
+    };
     Ok(Swapped::Found(Some(Found {
         value,
-        revision: revision(kv.mod_revision.as_ref())?,
+        revision: revision(kv, "mod_revision")?,
     })))
+}
+
+/// A list member that proto3 JSON leaves out when empty.
+fn list(member: Option<&Json>) -> Result<&[Json], AnswerError> {
+    match member {
+        None => Ok(&[]),
+        Some(Json::Array(items)) => Ok(items),
+        Some(_) => Err(AnswerError::Malformed),
+    }
 }
 
 pub mod config;

@@ -1,5 +1,6 @@
 //! The `idempotency` section.
 
+use crate::config::json::{child, json_names, json_object, unknown, variant, FromJson, Json};
 use crate::config::{
     check_duration, check_header_name, check_methods, check_request_header_name, ConfigError,
     Duration,
@@ -7,12 +8,9 @@ use crate::config::{
 use crate::etcd::config::{FleetStore, RawStore};
 use crate::matcher::{Match, RawMatch};
 use crate::store::FailureMode;
-use serde::Deserialize;
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default)]
 pub struct RawIdempotency {
-    #[serde(rename = "match")]
     pub matcher: Option<RawMatch>,
     pub methods: Option<Vec<String>>,
     pub header: Option<String>,
@@ -34,22 +32,60 @@ pub struct RawIdempotency {
     pub store: Option<RawStore>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+json_object!(RawIdempotency {
+    matcher: "match",
+    methods: "methods",
+    header: "header",
+    required: "required",
+    max_key_length: "max_key_length",
+    identity: "identity",
+    max_body_bytes: "max_body_bytes",
+    on_large_body: "on_large_body",
+    body_timeout: "body_timeout",
+    lease: "lease",
+    ttl: "ttl",
+    client_error_ttl: "client_error_ttl",
+    server_error_ttl: "server_error_ttl",
+    released_statuses: "released_statuses",
+    stored_headers: "stored_headers",
+    max_response_bytes: "max_response_bytes",
+    records: "records",
+    when_full: "when_full",
+    store: "store"
+});
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RawIdentityPart {
     ClientAddress,
     Header(String),
 }
 
+impl FromJson for RawIdentityPart {
+    fn from_json(value: Json, at: &str) -> Result<Self, ConfigError> {
+        const NAMES: &[&str] = &["client_address", "header"];
+        match variant(value, at)? {
+            (name, None) if name == "client_address" => Ok(RawIdentityPart::ClientAddress),
+            (name, Some(header)) if name == "header" => {
+                String::from_json(header, &child(at, "header")).map(RawIdentityPart::Header)
+            }
+            (name, _) => Err(unknown(&name, NAMES, at)),
+        }
+    }
+}
+
 /// What happens to a request the policy cannot protect (body too large, table full).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Overflow {
     /// Refuse it (413 for a large body, 503 for a full table).
     Reject,
     /// Let it through unprotected.
     Pass,
 }
+
+json_names!(Overflow {
+    Reject: "reject",
+    Pass: "pass"
+});
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IdentityPart {

@@ -1,15 +1,14 @@
 //! The `load_shedding` section: pools (bulkheads) with caps, priority classes, adaptive limits.
 
 use crate::clock::nanos_saturating;
+use crate::config::json::{json_names, json_object};
 use crate::config::{check_duration, check_name, check_request_header_name, ConfigError, Duration};
 use crate::grpc::GrpcStatus;
 use crate::matcher::{Match, RawMatch, RawScope, Scope};
 use crate::reply::{RawResponse, Response};
 use crate::request::{Cidr, RequestInfo};
-use serde::Deserialize;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct RawLoadShedding {
     pub pools: Vec<RawPool>,
     pub priority: Option<RawPriority>,
@@ -19,8 +18,16 @@ pub struct RawLoadShedding {
     pub slot_lease: Option<Duration>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+json_object!(RawLoadShedding {
+    pools: "pools",
+    priority: "priority",
+    shed_at: "shed_at",
+    response: "response",
+    retry_after: "retry_after",
+    slot_lease: "slot_lease"
+});
+
+#[derive(Debug)]
 pub struct RawPool {
     pub name: String,
     pub scope: Option<RawScope>,
@@ -30,10 +37,18 @@ pub struct RawPool {
     pub slot_lease: Option<Duration>,
 }
 
+json_object!(RawPool {
+    name: "name",
+    scope: "scope",
+    max_in_flight: "max_in_flight",
+    adaptive: "adaptive",
+    long_lived: "long_lived",
+    slot_lease: "slot_lease"
+});
+
 /// Whether a pool counts long-lived requests (upgrades, `CONNECT`, the streaming RPCs the
 /// `long_lived` section names), which hold a slot for their whole life.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LongLived {
     /// Not counted, never shed by the pool: a pool of short calls stays a measure of them.
     #[default]
@@ -44,8 +59,13 @@ pub enum LongLived {
     Only,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+json_names!(LongLived {
+    Exclude: "exclude",
+    Include: "include",
+    Only: "only"
+});
+
+#[derive(Debug)]
 pub struct RawAdaptive {
     pub min_limit: Option<u32>,
     pub sample_interval: Option<Duration>,
@@ -53,8 +73,14 @@ pub struct RawAdaptive {
     pub tolerance: Option<f64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+json_object!(RawAdaptive {
+    min_limit: "min_limit",
+    sample_interval: "sample_interval",
+    min_rtt_window: "min_rtt_window",
+    tolerance: "tolerance"
+});
+
+#[derive(Debug, Default)]
 pub struct RawPriority {
     pub header: Option<String>,
     pub trusted_sources: Option<Vec<String>>,
@@ -62,16 +88,25 @@ pub struct RawPriority {
     pub default: Option<Class>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+json_object!(RawPriority {
+    header: "header",
+    trusted_sources: "trusted_sources",
+    rules: "rules",
+    default: "default"
+});
+
+#[derive(Debug)]
 pub struct RawClassRule {
-    #[serde(rename = "match")]
     pub matcher: RawMatch,
     pub class: Class,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+json_object!(RawClassRule {
+    matcher: "match",
+    class: "class"
+});
+
+#[derive(Debug, Default)]
 pub struct RawShedAt {
     pub critical: Option<f64>,
     pub high: Option<f64>,
@@ -79,15 +114,28 @@ pub struct RawShedAt {
     pub low: Option<f64>,
 }
 
+json_object!(RawShedAt {
+    critical: "critical",
+    high: "high",
+    normal: "normal",
+    low: "low"
+});
+
 /// How much a request matters when the pool fills up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Class {
     Critical,
     High,
     Normal,
     Low,
 }
+
+json_names!(Class {
+    Critical: "critical",
+    High: "high",
+    Normal: "normal",
+    Low: "low"
+});
 
 impl Class {
     pub const ALL: [Class; 4] = [Class::Critical, Class::High, Class::Normal, Class::Low];

@@ -1,26 +1,24 @@
 //! The filter's configuration document: one JSON object, parsed and validated once in
 //! `on_configure`, with a section per policy.
 //!
-//! Two stages, as in Kuadrant's wasm-shim: serde structs that refuse unknown fields, then
-//! validation, which checks ranges and builds the settings the data path uses. Both stages
+//! Two stages, as in Kuadrant's wasm-shim: raw structs read from the JSON tree, refusing
+//! unknown fields and wrong types ([`crate::config::json`]), then validation, which checks ranges and builds the settings the data path uses. Both stages
 //! report a [`ConfigError`] naming the field path, which the host logs before refusing the
 //! filter. Every section is optional; an empty configuration runs no policy.
 
 use crate::circuit_breaker::{CircuitBreakerConfig, RawCircuitBreaker};
+use crate::config::json::{json_object, FromJson, Json};
 use crate::config::ConfigError;
 use crate::idempotency::{IdempotencyConfig, RawIdempotency};
 use crate::load_shedding::{LoadSheddingConfig, RawLoadShedding};
 use crate::matcher::{Match, RawMatch};
 use crate::rate_limit::{RateLimitConfig, RawRateLimit};
 use crate::store::{RawSharedData, SharedDataSettings};
-use serde::Deserialize;
 
 /// The configuration as written, before validation.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default)]
 pub struct RawConfig {
-    #[serde(default)]
-    pub shared_data: RawSharedData,
+    pub shared_data: Option<RawSharedData>,
     pub rate_limit: Option<RawRateLimit>,
     pub circuit_breaker: Option<RawCircuitBreaker>,
     pub load_shedding: Option<RawLoadShedding>,
@@ -31,12 +29,20 @@ pub struct RawConfig {
 /// Which requests are long-lived: a streaming RPC cannot be told from a unary call on the wire,
 /// and an `Upgrade` header is the client's to send, so the operator names them, by method and
 /// path only (a client chooses its headers, and how it spells its host).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct RawLongLived {
-    #[serde(rename = "match")]
     pub matches: Vec<RawMatch>,
 }
+
+json_object!(RawConfig {
+    shared_data: "shared_data",
+    rate_limit: "rate_limit",
+    circuit_breaker: "circuit_breaker",
+    load_shedding: "load_shedding",
+    idempotency: "idempotency",
+    long_lived: "long_lived",
+});
+json_object!(RawLongLived { matches: "match" });
 
 pub const MAX_LONG_LIVED_MATCHES: usize = 64;
 
@@ -59,27 +65,10 @@ impl Config {
         let document = bytes.trim_ascii_start();
         let raw = if document.is_empty() {
             RawConfig::default()
-        } else if !document.starts_with(b"{") {
-            // serde would read a JSON array positionally into the struct's fields.
-            return Err(ConfigError::at(
-                ".",
-                "the configuration must be a JSON object",
-            ));
         } else {
-            let mut deserializer = serde_json::Deserializer::from_slice(document);
-            let raw: RawConfig =
-                serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
-                    // serde_path_to_error writes `?` where the document broke before any field.
-                    let path = match err.path().to_string() {
-                        unknown if unknown == "?" => ".".to_owned(),
-                        path => path,
-                    };
-                    ConfigError::at(&path, err.inner().to_string())
-                })?;
-            deserializer
-                .end()
-                .map_err(|err| ConfigError::at(".", err.to_string()))?;
-            raw
+            let json =
+                Json::parse(document).map_err(|err| ConfigError::at(".", err.to_string()))?;
+            RawConfig::from_json(json, "")?
         };
         Config::validate(raw)
     }
@@ -127,7 +116,10 @@ impl Config {
             }
         }
         Ok(Config {
-            shared_data: SharedDataSettings::validate(shared_data, "shared_data")?,
+            shared_data: SharedDataSettings::validate(
+                shared_data.unwrap_or_default(),
+                "shared_data",
+            )?,
             rate_limit: rate_limit
                 .map(|raw| RateLimitConfig::validate(raw, "rate_limit"))
                 .transpose()?,

@@ -1,4 +1,5 @@
 use super::*;
+use crate::config::json::read;
 use crate::config::Duration;
 use crate::store::{FailureMode, DEFAULT_MAX_ATTEMPTS};
 #[cfg(target_arch = "wasm32")]
@@ -150,7 +151,7 @@ fn error_message_carries_path_and_reason() {
 
 #[test]
 fn durations_are_strings_with_units() {
-    let parse = |json: &str| serde_json::from_str::<Duration>(json).map(|d| d.0).ok();
+    let parse = |json: &str| read::<Duration>(json).map(|d| d.0).ok();
     assert_eq!(
         parse(r#""250ms""#),
         Some(std::time::Duration::from_millis(250))

@@ -2,16 +2,15 @@
 
 use super::bucket::Bucket;
 use crate::clock::ceil_secs;
+use crate::config::json::{child, json_names, json_object, unknown, variant, FromJson, Json};
 use crate::config::{check_name, check_request_header_name, ConfigError, Duration};
 use crate::etcd::config::{FleetStore, RawStore};
 use crate::grpc::GrpcStatus;
 use crate::matcher::{Match, RawMatch};
 use crate::reply::{RawResponse, Response};
 use crate::store::FailureMode;
-use serde::Deserialize;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct RawRateLimit {
     pub rules: Vec<RawRule>,
     pub trusted_hops: Option<u32>,
@@ -20,11 +19,17 @@ pub struct RawRateLimit {
     pub store: Option<RawStore>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+json_object!(RawRateLimit {
+    rules: "rules",
+    trusted_hops: "trusted_hops",
+    limited_response: "limited_response",
+    headers_on_allowed: "headers_on_allowed",
+    store: "store"
+});
+
+#[derive(Debug)]
 pub struct RawRule {
     pub name: String,
-    #[serde(rename = "match")]
     pub matcher: Option<RawMatch>,
     pub key: Option<Vec<RawKeyPart>>,
     pub on_missing_key: Option<MissingKey>,
@@ -36,22 +41,39 @@ pub struct RawRule {
     pub global: Option<RawGlobal>,
 }
 
+json_object!(RawRule {
+    name: "name",
+    matcher: "match",
+    key: "key",
+    on_missing_key: "on_missing_key",
+    capacity: "capacity",
+    refill: "refill",
+    cost: "cost",
+    table_size: "table_size",
+    shadow: "shadow",
+    global: "global"
+});
+
 /// `global`: the rule's bucket is one for the whole fleet, kept in the section's `store`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct RawGlobal {
     pub chunk: u64,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+json_object!(RawGlobal { chunk: "chunk" });
+
+#[derive(Debug)]
 pub struct RawRefill {
     pub tokens: u64,
     pub interval: Duration,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+json_object!(RawRefill {
+    tokens: "tokens",
+    interval: "interval"
+});
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RawKeyPart {
     ClientAddress,
     Method,
@@ -59,9 +81,23 @@ pub enum RawKeyPart {
     Header(String),
 }
 
+impl FromJson for RawKeyPart {
+    fn from_json(value: Json, at: &str) -> Result<Self, ConfigError> {
+        const NAMES: &[&str] = &["client_address", "method", "path", "header"];
+        match variant(value, at)? {
+            (name, None) if name == "client_address" => Ok(RawKeyPart::ClientAddress),
+            (name, None) if name == "method" => Ok(RawKeyPart::Method),
+            (name, None) if name == "path" => Ok(RawKeyPart::Path),
+            (name, Some(header)) if name == "header" => {
+                String::from_json(header, &child(at, "header")).map(RawKeyPart::Header)
+            }
+            (name, _) => Err(unknown(&name, NAMES, at)),
+        }
+    }
+}
+
 /// What a rule does with a request that lacks a part of its key.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MissingKey {
     /// The rule does not apply to the request.
     #[default]
@@ -69,6 +105,11 @@ pub enum MissingKey {
     /// All such requests share one bucket, the missing part read as "unknown".
     Shared,
 }
+
+json_names!(MissingKey {
+    Skip: "skip",
+    Shared: "shared"
+});
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeyPart {

@@ -1,19 +1,22 @@
 //! The `shared_data` section: how policies use the store, and what they do when it fails.
 
+use crate::config::json::{json_names, json_object};
 use crate::config::ConfigError;
-use serde::Deserialize;
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default)]
 pub struct RawSharedData {
     pub on_error: Option<FailureMode>,
     pub max_attempts: Option<u32>,
 }
 
+json_object!(RawSharedData {
+    on_error: "on_error",
+    max_attempts: "max_attempts"
+});
+
 /// What a policy does when shared data cannot give an answer (a host error, or every
 /// compare-and-swap attempt lost to other workers).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FailureMode {
     /// Let the request through unprotected (fail open).
     #[default]
@@ -21,6 +24,11 @@ pub enum FailureMode {
     /// Refuse the request (fail closed).
     Deny,
 }
+
+json_names!(FailureMode {
+    Allow: "allow",
+    Deny: "deny"
+});
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SharedDataSettings {
