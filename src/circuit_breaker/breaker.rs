@@ -206,7 +206,10 @@ impl BreakerConfig {
             open_until: now.saturating_add(self.open_for(trips)),
             ..BreakerState::closed(self.window, 0)
         };
-        let reason = format!("{reason}; open for {:?}", self.open_for(trips));
+        let reason = format!(
+            "{reason}; open for {}",
+            humantime::format_duration(self.open_for(trips))
+        );
         (
             open,
             Transition {
@@ -253,8 +256,8 @@ impl BreakerConfig {
                     from: Phase::Open,
                     to: Phase::HalfOpen,
                     reason: format!(
-                        "open duration of {:?} elapsed",
-                        self.open_for(half_open.trips)
+                        "open duration of {} elapsed",
+                        humantime::format_duration(self.open_for(half_open.trips))
                     ),
                 };
                 (

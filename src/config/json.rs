@@ -7,7 +7,7 @@
 //! names the field's path, the way validation errors do.
 
 use super::ConfigError;
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -26,12 +26,23 @@ pub enum Json {
 }
 
 impl Json {
-    /// Parses one JSON document: nothing but whitespace may follow it.
-    pub fn parse(bytes: &[u8]) -> Result<Json, serde_json::Error> {
+    /// Parses one JSON document: nothing but whitespace may follow it. A document that breaks
+    /// inside a member is refused at that member's path, with serde_json's line and column.
+    pub fn parse(bytes: &[u8]) -> Result<Json, ConfigError> {
+        let mut path = Vec::new();
         let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-        let json = Json::deserialize(&mut deserializer)?;
-        deserializer.end()?;
-        Ok(json)
+        let parsed = Seed { path: &mut path }
+            .deserialize(&mut deserializer)
+            .and_then(|json| deserializer.end().map(|()| json));
+        parsed.map_err(|err| {
+            let at = path
+                .iter()
+                .fold(String::new(), |at, segment| match segment {
+                    Segment::Member(name) => child(&at, name),
+                    Segment::Item(i) => format!("{at}[{i}]"),
+                });
+            ConfigError::at(if at.is_empty() { "." } else { &at }, err.to_string())
+        })
     }
 
     /// The member `name` of an object; `None` for anything else.
@@ -67,15 +78,25 @@ impl Json {
     }
 }
 
-impl<'de> Deserialize<'de> for Json {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Json, D::Error> {
-        deserializer.deserialize_any(JsonVisitor)
+/// Where the parser is: left as it was when the document broke, so the error can name it.
+enum Segment {
+    Member(String),
+    Item(usize),
+}
+
+struct Seed<'p> {
+    path: &'p mut Vec<Segment>,
+}
+
+impl<'de> DeserializeSeed<'de> for Seed<'_> {
+    type Value = Json;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Json, D::Error> {
+        deserializer.deserialize_any(self)
     }
 }
 
-struct JsonVisitor;
-
-impl<'de> Visitor<'de> for JsonVisitor {
+impl<'de> Visitor<'de> for Seed<'_> {
     type Value = Json;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -112,19 +133,28 @@ impl<'de> Visitor<'de> for JsonVisitor {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
         let mut items = Vec::new();
-        while let Some(item) = seq.next_element()? {
+        loop {
+            self.path.push(Segment::Item(items.len()));
+            let Some(item) = seq.next_element_seed(Seed { path: self.path })? else {
+                self.path.pop();
+                return Ok(Json::Array(items));
+            };
+            self.path.pop();
             items.push(item);
         }
-        Ok(Json::Array(items))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
         let mut members: Vec<(String, Json)> = Vec::new();
         while let Some(key) = map.next_key::<String>()? {
-            if members.iter().any(|(k, _)| *k == key) {
-                return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
+            let duplicate = members.iter().any(|(k, _)| *k == key);
+            self.path.push(Segment::Member(key.clone()));
+            if duplicate {
+                return Err(de::Error::custom("duplicate field"));
             }
-            members.push((key, map.next_value()?));
+            let value = map.next_value_seed(Seed { path: self.path })?;
+            self.path.pop();
+            members.push((key, value));
         }
         Ok(Json::Object(members))
     }
@@ -337,8 +367,7 @@ unsigned_from_json!(u8, u16, u32, u64, usize);
 /// Reads `text` as a `T` at path `f`, for tests of one section's piece.
 #[cfg(test)]
 pub fn read<T: FromJson>(text: &str) -> Result<T, ConfigError> {
-    let json = Json::parse(text.as_bytes()).map_err(|e| ConfigError::at(".", e.to_string()))?;
-    T::from_json(json, "f")
+    T::from_json(Json::parse(text.as_bytes())?, "f")
 }
 
 #[cfg(test)]
@@ -391,10 +420,27 @@ mod tests {
     }
 
     #[test]
-    fn a_key_written_twice_is_refused() {
-        assert!(Json::parse(br#"{"a": 1, "a": 2}"#).is_err());
-        assert!(Json::parse(br#"{"a": {"b": 1, "b": 1}}"#).is_err());
-        assert!(Json::parse(br#"[{"a": 1}, {"a": 2}]"#).is_ok());
+    fn a_key_written_twice_is_refused_at_its_path() {
+        let path = |text: &str| Json::parse(text.as_bytes()).err().map(|e| e.path);
+        assert_eq!(path(r#"{"a": 1, "a": 2}"#), Some("a".into()));
+        assert_eq!(path(r#"{"a": [{"b": 1, "b": 1}]}"#), Some("a[0].b".into()));
+        assert_eq!(path(r#"[{"a": 1}, {"a": 2}]"#), None);
+    }
+
+    #[test]
+    fn a_broken_document_is_refused_where_it_broke() {
+        let error = |text: &str| Json::parse(text.as_bytes()).err();
+        assert_eq!(error(r#"{"a": "#).map(|e| e.path), Some("a".into()));
+        assert_eq!(
+            error(r#"{"a": [1, {"b": tru}]}"#).map(|e| e.path),
+            Some("a[1].b".into())
+        );
+        assert_eq!(error(r#"{"a": 1,}"#).map(|e| e.path), Some(".".into()));
+        assert_eq!(error("{} {}").map(|e| e.path), Some(".".into()));
+        let reason = error("{\n  \"a\": x}")
+            .map(|e| e.reason)
+            .unwrap_or_default();
+        assert!(reason.contains("line 2 column"), "{reason}");
     }
 
     #[test]

@@ -66,9 +66,7 @@ impl Config {
         let raw = if document.is_empty() {
             RawConfig::default()
         } else {
-            let json =
-                Json::parse(document).map_err(|err| ConfigError::at(".", err.to_string()))?;
-            RawConfig::from_json(json, "")?
+            RawConfig::from_json(Json::parse(document)?, "")?
         };
         Config::validate(raw)
     }

@@ -135,6 +135,11 @@ fn malformed_documents_are_refused() {
     assert_eq!(error_path("{} {}"), ".");
     assert_eq!(error_path("[]"), ".");
     assert_eq!(error_path("\u{feff}{}"), ".");
+    assert_eq!(error_path(r#"{"shared_data": "#), "shared_data");
+    assert_eq!(
+        error_path(r#"{"rate_limit": {"rules": [{"name": "r", "name": 1}]}}"#),
+        "rate_limit.rules[0].name"
+    );
 }
 
 #[test]

@@ -397,7 +397,7 @@ fn envoy_binary() -> PathBuf {
 
 /// The release `.wasm`, refused if any source it was built from changed since: a stale filter
 /// would make every end-to-end result a lie. Cargo's dep-info lists exactly those sources.
-fn wasm_path() -> PathBuf {
+pub fn wasm_path() -> PathBuf {
     let release = repo_root().join("target/wasm32-wasip1/release");
     let wasm = release.join("envoy_resilience.wasm");
     let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();

@@ -94,7 +94,10 @@ async fn a_bad_configuration_is_refused_with_the_field_named() {
             .lines()
             .find(|line| line.contains("resilience filter \"refused\": invalid configuration at"))
             .unwrap_or_else(|| panic!("no refusal line for {config} in:\n{log}"));
-        assert!(line.contains(field), "{line} should name {field}");
+        assert!(
+            line.contains(&format!("invalid configuration at {field}:")),
+            "{line} should name {field}"
+        );
         assert!(
             log.contains("Unable to create Wasm plugin refused"),
             "Envoy refused the filter"
@@ -181,4 +184,16 @@ async fn the_upstream_follows_the_tests_controls() {
     assert!(started.elapsed() >= std::time::Duration::from_millis(300));
     assert_eq!(upstream.max_in_flight(), 6, "all six were held at once");
     assert_eq!(upstream.in_flight(), 0);
+}
+
+/// Issue 10: every worker's VM compiles the whole module, so its size is a cost per worker.
+/// `make build` runs wasm-opt over cargo's output; a build that skipped it, or code that grew
+/// the module past the budget, fails here.
+#[test]
+fn the_filter_is_at_most_450_kb() {
+    let bytes = std::fs::metadata(super::envoy::wasm_path()).unwrap().len();
+    assert!(
+        bytes <= 450_000,
+        "the .wasm is {bytes} bytes: over the 450 KB budget (was it built by `make build`?)"
+    );
 }
