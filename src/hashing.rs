@@ -84,6 +84,15 @@ impl KeyHasher {
         Self { seed }
     }
 
+    /// The partition key a client is shown for `key` (the RateLimit draft's `pk`): from the
+    /// same secret seed as placement, over other input, so it tells nothing of the slot.
+    pub fn partition(&self, key: &[u8]) -> u64 {
+        let mut hasher = SipHasher13::new_with_keys(self.seed.0[0], self.seed.0[1]);
+        hasher.write(b"pk");
+        hasher.write(key);
+        hasher.finish()
+    }
+
     pub fn place(&self, key: &[u8], table_size: u32) -> Placement {
         let mut hasher = SipHasher13::new_with_keys(self.seed.0[0], self.seed.0[1]);
         hasher.write(key);

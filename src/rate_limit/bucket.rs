@@ -40,8 +40,8 @@ pub struct Check {
     pub remaining: u64,
     /// How long until this request would be admitted; zero when it was.
     pub retry_after: Duration,
-    /// How long until the bucket is full again.
-    pub full_in: Duration,
+    /// How long until one more token is there (the RateLimit draft's `t`); zero when full.
+    pub more_in: Duration,
 }
 
 /// What a [`Bucket::grant`] gave.
@@ -55,8 +55,8 @@ pub struct Grant {
     pub valid_until: Instant,
     /// How long until `least` tokens are there; zero when granted.
     pub retry_after: Duration,
-    /// How long until the bucket is full again.
-    pub full_in: Duration,
+    /// How long until one more token is there; zero when full.
+    pub more_in: Duration,
 }
 
 impl Bucket {
@@ -124,7 +124,7 @@ impl Bucket {
                 tat: Tat(next),
                 remaining: self.tokens_in(limit - next),
                 retry_after: Duration::ZERO,
-                full_in: self.duration(next - now),
+                more_in: self.more_in(limit - next),
             }
         } else {
             Check {
@@ -132,7 +132,7 @@ impl Bucket {
                 tat: Tat(tat),
                 remaining: self.tokens_in(limit - tat),
                 retry_after: self.duration(next - limit),
-                full_in: self.duration(tat - now),
+                more_in: self.more_in(limit - tat),
             }
         }
     }
@@ -171,7 +171,7 @@ impl Bucket {
                 valid_until,
                 retry_after: self
                     .duration((tat + self.emission * u128::from(least)).saturating_sub(limit)),
-                full_in: self.duration(tat - now_ticks),
+                more_in: self.more_in(now_ticks + self.tolerance - tat),
             };
         }
         let granted = ask.max(least).min(available);
@@ -181,13 +181,22 @@ impl Bucket {
             tat: Tat(next),
             valid_until,
             retry_after: Duration::ZERO,
-            full_in: self.duration(next - now_ticks),
+            more_in: self.more_in(now_ticks + self.tolerance - next),
         }
     }
 
     /// Gives back `cost` tokens taken by an admission that did not go ahead.
     pub fn refund(&self, tat: Tat, cost: u64) -> Tat {
         Tat(tat.0.saturating_sub(self.emission * u128::from(cost)))
+    }
+
+    /// With `free` ticks of room in the bucket, how long until the next whole token.
+    fn more_in(&self, free: u128) -> Duration {
+        if free >= self.tolerance {
+            return Duration::ZERO;
+        }
+        let next_token = (free / self.emission + 1) * self.emission;
+        self.duration(next_token - free)
     }
 
     /// Whole tokens in a span of ticks.
@@ -263,6 +272,32 @@ mod tests {
         assert_eq!(admitted, 100);
     }
 
+    /// Issue 16: the RateLimit draft's `t` is the time until more quota, which the header
+    /// once gave as the time until the bucket was full (10 s here instead of 2).
+    #[test]
+    fn more_in_is_the_time_until_the_next_token() {
+        let b = bucket(5, 1, 2 * SECOND);
+        let mut tat = None;
+        assert_eq!(b.check(tat, at(0), 1).more_in, 2 * SECOND);
+        drain(&b, &mut tat, at(0), 5);
+        let refused = b.check(tat, at(500), 1);
+        assert!(!refused.admitted);
+        assert_eq!(refused.more_in, Duration::from_millis(1_500));
+        assert_eq!(refused.retry_after, Duration::from_millis(1_500));
+        let costly = b.check(tat, at(500), 3);
+        assert_eq!(costly.more_in, Duration::from_millis(1_500));
+        assert_eq!(costly.retry_after, Duration::from_millis(5_500));
+        assert_eq!(
+            b.check(tat, at(2_100), 1).more_in,
+            Duration::from_millis(1_900)
+        );
+        assert_eq!(b.check(tat, at(60_000), 0).more_in, Duration::ZERO, "full");
+        assert_eq!(
+            b.grant(tat, at(500), 1, 1, 0).more_in,
+            Duration::from_millis(1_500)
+        );
+    }
+
     #[test]
     fn cost_takes_several_tokens_and_a_denial_takes_none() {
         let b = bucket(10, 1, SECOND);
@@ -274,7 +309,7 @@ mod tests {
         assert_eq!(denied.tat, first.tat, "nothing taken");
         assert_eq!(denied.remaining, 3);
         assert_eq!(denied.retry_after, SECOND, "one more token is missing");
-        assert_eq!(denied.full_in, 7 * SECOND);
+        assert_eq!(denied.more_in, SECOND, "the next token, not a full bucket");
         assert!(b.check(Some(first.tat), at(0), 3).admitted);
     }
 

@@ -48,7 +48,7 @@ pub struct Lease {
     /// etcd did not answer: requests get `on_store_error` until then, without asking.
     pub unavailable_until: Instant,
     /// When the global bucket is full again, as of etcd's last answer.
-    pub full_at: Instant,
+    pub more_at: Instant,
     /// The ask whose grant the tokens came from: a token given back goes only to its grant.
     pub grant: u64,
     /// The latest time a request wrote the lease: a clock found well before it stepped back.
@@ -80,7 +80,7 @@ impl Record for Lease {
             self.asking_until.as_nanos(),
             self.refused_until.as_nanos(),
             self.unavailable_until.as_nanos(),
-            self.full_at.as_nanos(),
+            self.more_at.as_nanos(),
             self.grant,
             self.stamp.as_nanos(),
         ] {
@@ -110,7 +110,7 @@ impl Record for Lease {
         let asking_until = instant()?;
         let refused_until = instant()?;
         let unavailable_until = instant()?;
-        let full_at = instant()?;
+        let more_at = instant()?;
         let grant = instant()?.as_nanos();
         let stamp = instant()?;
         let revision = i64::from_le_bytes(fields.bytes()?);
@@ -130,7 +130,7 @@ impl Record for Lease {
             asking_until,
             refused_until,
             unavailable_until,
-            full_at,
+            more_at,
             grant,
             stamp,
             seen: (revision > 0).then_some(Seen { revision, slot }),
@@ -144,13 +144,13 @@ pub enum Taking {
     /// Spent from the lease (of grant `grant`), which holds `left` more.
     Spent {
         left: u64,
-        full_in: Duration,
+        more_in: Duration,
         grant: u64,
     },
     /// etcd's bucket was empty lately: refused without asking.
     Refused {
         retry_after: Duration,
-        full_in: Duration,
+        more_in: Duration,
     },
     /// etcd did not answer lately: `on_store_error` decides, without asking.
     Unavailable,
@@ -216,7 +216,7 @@ pub fn take(
             ..Lease::default()
         },
     };
-    let full_in = mine.full_at.saturating_since(now);
+    let more_in = mine.more_at.saturating_since(now);
     if mine.tokens >= cost && now < mine.valid_until {
         let next = Lease {
             tokens: mine.tokens - cost,
@@ -227,7 +227,7 @@ pub fn take(
         return (
             Taking::Spent {
                 left: next.tokens,
-                full_in,
+                more_in,
                 grant: mine.grant,
             },
             Some(next),
@@ -238,7 +238,7 @@ pub fn take(
         return (
             Taking::Refused {
                 retry_after,
-                full_in,
+                more_in,
             },
             None,
         );
@@ -324,13 +324,13 @@ pub fn settle(
             lease.spent = cost;
             lease.refused_until = Instant::default();
             lease.unavailable_until = Instant::default();
-            lease.full_at = now.saturating_add(grant.full_in);
+            lease.more_at = now.saturating_add(grant.more_in);
             lease.grant = *writer;
             lease.seen = Some(*seen);
         }
         Granted::Empty { grant, seen } => {
             lease.refused_until = now.saturating_add(grant.retry_after);
-            lease.full_at = now.saturating_add(grant.full_in);
+            lease.more_at = now.saturating_add(grant.more_in);
             lease.seen = seen.or(lease.seen);
         }
         Granted::Unavailable(_) => {

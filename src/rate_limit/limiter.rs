@@ -16,6 +16,8 @@ use crate::reply::Reply;
 use crate::request::{Field, KeyBuilder, RequestInfo};
 use crate::store::{self, FailureMode, Store};
 use crate::telemetry::{Catalog, Level, MetricId};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use std::time::Duration;
 
 pub struct RateLimit {
@@ -45,8 +47,8 @@ pub struct Admission {
     /// The next rule to decide.
     next: usize,
     taken: Vec<Taken>,
-    /// The admitted rule with the fewest tokens left: `(remaining, its RateLimit item)`.
-    tightest: Option<(u64, String)>,
+    /// The admitted rule with the fewest tokens left, for the `RateLimit` header.
+    tightest: Option<Quota>,
     pending: Option<Pending>,
     /// Once every rule admitted the request: what its response carries.
     headers: ResponseHeaders,
@@ -85,6 +87,16 @@ impl Admission {
 struct Taken {
     rule: usize,
     from: Source,
+    partition: Option<u64>,
+}
+
+/// One rule's state as the `RateLimit` header shows it; formatted only if it is sent.
+#[derive(Clone, Copy, Debug)]
+struct Quota {
+    rule: usize,
+    remaining: u64,
+    more_in: Duration,
+    partition: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -130,12 +142,12 @@ pub enum RateStep {
 enum Outcome {
     Admitted {
         remaining: u64,
-        full_in: Duration,
+        more_in: Duration,
         from: Source,
     },
     Refused {
         remaining: u64,
-        full_in: Duration,
+        more_in: Duration,
         retry_after: Duration,
     },
     /// The rule could not decide and its failure mode lets the request through.
@@ -296,6 +308,9 @@ impl RateLimit {
                 admission.next += 1;
                 continue;
             };
+            // A global rule's fleet has no secret to hash with: it names no partition.
+            let partition = (!rule.key.is_empty() && rule.global.is_none())
+                .then(|| self.hasher.partition(&key));
             let flow = match rule.global {
                 None => Flow::Decided(self.decide_local(env, admission.next, &key)),
                 Some(global) => self.decide_global(env, admission, &key, global),
@@ -305,7 +320,7 @@ impl RateLimit {
                 Flow::Call(call) => return RateStep::Call(call),
                 Flow::Wait => return RateStep::Wait,
             };
-            if let Err(reply) = self.decided(env, request, admission, outcome) {
+            if let Err(reply) = self.decided(env, request, admission, outcome, partition) {
                 return RateStep::Done(Err(reply));
             }
             admission.next += 1;
@@ -327,7 +342,7 @@ impl RateLimit {
         };
         let lease = matches!(pending.kind, Kind::Ask { lease: true, .. });
         let outcome = self.granted(env, admission.next, &pending, lease, granted);
-        if let Err(reply) = self.decided(env, request, admission, outcome) {
+        if let Err(reply) = self.decided(env, request, admission, outcome, None) {
             return RateStep::Done(Err(reply));
         }
         admission.next += 1;
@@ -362,7 +377,7 @@ impl RateLimit {
         if check.admitted {
             Outcome::Admitted {
                 remaining: check.remaining,
-                full_in: check.full_in,
+                more_in: check.more_in,
                 from: Source::Slot {
                     key: slot_key,
                     holder,
@@ -371,7 +386,7 @@ impl RateLimit {
         } else {
             Outcome::Refused {
                 remaining: check.remaining,
-                full_in: check.full_in,
+                more_in: check.more_in,
                 retry_after: check.retry_after,
             }
         }
@@ -429,11 +444,11 @@ impl RateLimit {
         match taking {
             Taking::Spent {
                 left,
-                full_in,
+                more_in,
                 grant,
             } => Flow::Decided(Outcome::Admitted {
                 remaining: left,
-                full_in,
+                more_in,
                 from: Source::Lease {
                     key: pending.lease_key,
                     owner: pending.owner,
@@ -442,10 +457,10 @@ impl RateLimit {
             }),
             Taking::Refused {
                 retry_after,
-                full_in,
+                more_in,
             } => Flow::Decided(Outcome::Refused {
                 remaining: 0,
-                full_in,
+                more_in,
                 retry_after,
             }),
             Taking::Unavailable => {
@@ -571,7 +586,7 @@ impl RateLimit {
         match granted {
             Granted::Tokens { grant, writer, .. } => Outcome::Admitted {
                 remaining: left,
-                full_in: grant.full_in,
+                more_in: grant.more_in,
                 from: if lease {
                     Source::Lease {
                         key: pending.lease_key.clone(),
@@ -584,7 +599,7 @@ impl RateLimit {
             },
             Granted::Empty { grant, .. } => Outcome::Refused {
                 remaining: 0,
-                full_in: grant.full_in,
+                more_in: grant.more_in,
                 retry_after: grant.retry_after,
             },
             Granted::Unavailable(err) => self.unavailable(env, index, err),
@@ -650,18 +665,16 @@ impl RateLimit {
         request: &RequestInfo,
         admission: &mut Admission,
         outcome: Outcome,
+        partition: Option<u64>,
     ) -> Result<(), Reply> {
         admission.pending = None;
         let index = admission.next;
         let rule = &self.config.rules[index];
         let metrics = &self.metrics[index];
-        let state = |remaining: u64, full_in: Duration| {
-            format!("\"{}\";r={};t={}", rule.name, remaining, ceil_secs(full_in))
-        };
         match outcome {
             Outcome::Admitted {
                 remaining,
-                full_in,
+                more_in,
                 from,
             } => {
                 // A shadow rule is a trial: a client following the RateLimit headers must
@@ -669,12 +682,20 @@ impl RateLimit {
                 if !rule.shadow
                     && admission
                         .tightest
-                        .as_ref()
-                        .is_none_or(|(tightest, _)| remaining < *tightest)
+                        .is_none_or(|tightest| remaining < tightest.remaining)
                 {
-                    admission.tightest = Some((remaining, state(remaining, full_in)));
+                    admission.tightest = Some(Quota {
+                        rule: index,
+                        remaining,
+                        more_in,
+                        partition,
+                    });
                 }
-                admission.taken.push(Taken { rule: index, from });
+                admission.taken.push(Taken {
+                    rule: index,
+                    from,
+                    partition,
+                });
                 Ok(())
             }
             Outcome::Skipped => Ok(()),
@@ -691,7 +712,7 @@ impl RateLimit {
             }
             Outcome::Refused {
                 remaining,
-                full_in,
+                more_in,
                 retry_after,
             } => {
                 env.telemetry.increment(metrics.limited);
@@ -701,8 +722,16 @@ impl RateLimit {
                         "retry-after".to_owned(),
                         retry_after_secs(retry_after).to_string(),
                     ),
-                    ("ratelimit-policy".to_owned(), rule.policy_item.clone()),
-                    ("ratelimit".to_owned(), state(remaining, full_in)),
+                    ("ratelimit-policy".to_owned(), policy_item(rule, partition)),
+                    (
+                        "ratelimit".to_owned(),
+                        self.quota_item(&Quota {
+                            rule: index,
+                            remaining,
+                            more_in,
+                            partition,
+                        }),
+                    ),
                 ];
                 Err(Reply::configured(
                     &self.config.limited_response,
@@ -724,22 +753,32 @@ impl RateLimit {
         for taken in &admission.taken {
             env.telemetry.increment(self.metrics[taken.rule].allowed);
         }
-        if let (Some((_, state)), true) =
-            (admission.tightest.take(), self.config.headers_on_allowed)
+        if let (Some(tightest), true) = (admission.tightest.take(), self.config.headers_on_allowed)
         {
-            let policies: Vec<&str> = admission
+            let policies: Vec<String> = admission
                 .taken
                 .iter()
-                .map(|t| &self.config.rules[t.rule])
-                .filter(|rule| !rule.shadow)
-                .map(|rule| rule.policy_item.as_str())
+                .map(|t| (&self.config.rules[t.rule], t.partition))
+                .filter(|(rule, _)| !rule.shadow)
+                .map(|(rule, partition)| policy_item(rule, partition))
                 .collect();
             admission.headers = vec![
                 ("ratelimit-policy".to_owned(), policies.join(", ")),
-                ("ratelimit".to_owned(), state),
+                ("ratelimit".to_owned(), self.quota_item(&tightest)),
             ];
         }
         admission.taken.clear();
+    }
+
+    /// A `RateLimit` item (draft-ietf-httpapi-ratelimit-headers-10, section 4): the tokens
+    /// left and, unless the bucket is full, the seconds until another one is there.
+    fn quota_item(&self, quota: &Quota) -> String {
+        let rule = &self.config.rules[quota.rule];
+        let mut item = format!("\"{}\";r={}", rule.name, quota.remaining);
+        if !quota.more_in.is_zero() {
+            item.push_str(&format!(";t={}", ceil_secs(quota.more_in)));
+        }
+        item + &partition_param(quota.partition)
     }
 
     /// Refunds what earlier rules took for a request that will not go ahead. It retries until
@@ -813,6 +852,19 @@ fn fleet_scoped(rule: &str, key: &[u8]) -> Vec<u8> {
     scoped.push(0);
     scoped.extend_from_slice(key);
     scoped
+}
+
+/// A rule's `RateLimit-Policy` item (section 3), with its partition if it is keyed.
+fn policy_item(rule: &Rule, partition: Option<u64>) -> String {
+    rule.policy_item.clone() + &partition_param(partition)
+}
+
+/// `;pk=:…:`, the draft's partition key (a Byte Sequence): a keyed hash of the request's key,
+/// the same for every request of one client, that shows nothing of the key itself.
+fn partition_param(partition: Option<u64>) -> String {
+    partition.map_or_else(String::new, |pk| {
+        format!(";pk=:{}:", STANDARD.encode(pk.to_be_bytes()))
+    })
 }
 
 #[cfg(test)]

@@ -109,7 +109,8 @@ async fn refusals_carry_retry_after_and_rate_limit_headers() {
             );
             assert_eq!(
                 header(&admitted[1], "ratelimit").as_deref(),
-                Some("\"api\";r=0;t=20")
+                Some("\"api\";r=0;t=10"),
+                "t: until the next token (draft-10), not until the bucket is full"
             );
             assert_eq!(upstream.count(), upstream_before + 2);
         } else {
@@ -147,6 +148,171 @@ async fn refusals_carry_retry_after_and_rate_limit_headers() {
         );
         assert_eq!(refused.text().await.unwrap(), r#"{"error": "slow down"}"#);
     }
+}
+
+/// One item of a `RateLimit` or `RateLimit-Policy` field, read as a strict Structured Field
+/// (RFC 9651) with the parameters draft-ietf-httpapi-ratelimit-headers-10 defines.
+#[derive(Debug, PartialEq)]
+struct DraftItem {
+    name: String,
+    /// `r` or `q`.
+    quota: i64,
+    /// `t` or `w`.
+    seconds: Option<i64>,
+    pk: Option<Vec<u8>>,
+}
+
+fn draft_items(response: &Response, field: &str) -> Vec<DraftItem> {
+    let values: Vec<_> = response.headers().get_all(field).iter().collect();
+    assert_eq!(values.len(), 1, "one {field} line");
+    let text = values[0].to_str().unwrap();
+    let list: sfv::List = sfv::Parser::new(text)
+        .parse()
+        .unwrap_or_else(|e| panic!("{field}: {text:?} is not a Structured Field list: {e}"));
+    let (quota, seconds) = if field == "ratelimit" {
+        ("r", "t")
+    } else {
+        ("q", "w")
+    };
+    list.into_iter()
+        .map(|entry| {
+            let sfv::ListEntry::Item(item) = entry else {
+                panic!("{field}: an inner list in {text:?}")
+            };
+            for (key, _) in &item.params {
+                assert!(
+                    [quota, seconds, "pk"].contains(&key.as_str()),
+                    "{field}: parameter {key} in {text:?}"
+                );
+            }
+            let integer = |key: &str| {
+                item.params.get(key).map(|v| {
+                    let n = i64::from(
+                        v.as_integer()
+                            .unwrap_or_else(|| panic!("{key} in {text:?}")),
+                    );
+                    assert!(n >= 0, "{key} in {text:?}");
+                    n
+                })
+            };
+            DraftItem {
+                name: item.bare_item.as_string().unwrap().as_str().to_owned(),
+                quota: integer(quota).unwrap_or_else(|| panic!("{field}: no {quota} in {text:?}")),
+                seconds: integer(seconds),
+                pk: item
+                    .params
+                    .get("pk")
+                    .map(|v| v.as_byte_sequence().unwrap().to_vec()),
+            }
+        })
+        .collect()
+}
+
+/// Issue 16: every RateLimit header parses as the draft's Structured Field, over a bucket's
+/// life: `t` is the time until more quota (what Retry-After also says for a request of one
+/// token), keyed rules name their partition (`pk`) without showing the key, a shadow rule
+/// never shows, several rules are each listed in `RateLimit-Policy`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ratelimit_headers_are_draft_10_structured_fields_over_time() {
+    let upstream = Upstream::start().await;
+    let config = r#"{"rate_limit": {"rules": [
+        {"name": "per-client", "key": [{"header": "x-client"}], "capacity": 3, "refill": {"tokens": 1, "interval": "1s"}},
+        {"name": "heavy", "match": {"path_prefix": "/heavy"}, "cost": 2, "capacity": 4, "refill": {"tokens": 2, "interval": "2s"}},
+        {"name": "trial", "shadow": true, "capacity": 1, "refill": {"tokens": 1, "interval": "1h"}}]}}"#;
+    let envoy = envoy().filter("rl", config).start(&upstream).await;
+    let client = fresh_connections();
+    let get = |path: &str, who: &str| client.get(envoy.url(path)).header("x-client", who).send();
+
+    let first = get("/", "alice").await.unwrap();
+    assert_eq!(first.status(), 200);
+    let policy = draft_items(&first, "ratelimit-policy");
+    let state = draft_items(&first, "ratelimit");
+    let alice = state[0].pk.clone().unwrap();
+    assert_eq!(
+        policy,
+        vec![DraftItem {
+            name: "per-client".into(),
+            quota: 3,
+            seconds: Some(3),
+            pk: Some(alice.clone())
+        }]
+    );
+    assert_eq!(
+        state,
+        vec![DraftItem {
+            name: "per-client".into(),
+            quota: 2,
+            seconds: Some(1),
+            pk: Some(alice.clone())
+        }]
+    );
+    assert_eq!(alice.len(), 8);
+    assert!(
+        !alice.windows(5).any(|w| w == b"alice"),
+        "the key is not shown"
+    );
+
+    let bob = get("/", "bob").await.unwrap();
+    let bob_pk = draft_items(&bob, "ratelimit")[0].pk.clone().unwrap();
+    assert_ne!(bob_pk, alice, "one partition per client");
+
+    // Two rules: both in the policy, the one with fewer tokens left in RateLimit.
+    let heavy = get("/heavy", "alice").await.unwrap();
+    assert_eq!(heavy.status(), 200);
+    let policy = draft_items(&heavy, "ratelimit-policy");
+    assert_eq!(
+        policy
+            .iter()
+            .map(|p| (p.name.as_str(), p.quota, p.pk.is_some()))
+            .collect::<Vec<_>>(),
+        vec![("per-client", 3, true), ("heavy", 4, false)]
+    );
+    let state = draft_items(&heavy, "ratelimit");
+    assert_eq!((state[0].name.as_str(), state[0].quota), ("per-client", 1));
+
+    // Alice's last token, then a refusal: Retry-After and t name the same second.
+    assert_eq!(get("/", "alice").await.unwrap().status(), 200);
+    let refused = get("/", "alice").await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let state = draft_items(&refused, "ratelimit");
+    assert_eq!((state[0].quota, state[0].pk.as_ref()), (0, Some(&alice)));
+    let retry_after: i64 = header(&refused, "retry-after").unwrap().parse().unwrap();
+    assert_eq!(state[0].seconds, Some(retry_after));
+    assert_eq!(
+        retry_after, 1,
+        "a token a second, not the 3 s to refill the bucket"
+    );
+
+    // A request of two tokens refused with one left: more quota comes before the request
+    // can pass, and Retry-After is never earlier than t.
+    let carol = || get("/heavy", "carol");
+    let mut refused_heavy = None;
+    for _ in 0..3 {
+        let response = carol().await.unwrap();
+        if response.status() == 429 {
+            refused_heavy = Some(response);
+            break;
+        }
+    }
+    let refused_heavy = refused_heavy.expect("heavy refuses a third request of 2 tokens");
+    let state = draft_items(&refused_heavy, "ratelimit");
+    assert_eq!(state[0].name, "heavy");
+    let retry_after: i64 = header(&refused_heavy, "retry-after")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        state[0].seconds.unwrap() <= retry_after,
+        "{state:?}, Retry-After {retry_after}"
+    );
+    assert_eq!(header(&refused_heavy, "retry-after").iter().count(), 1);
+
+    // A second later Alice has one token again: admitted, none left, the next one in 1 s.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let again = get("/", "alice").await.unwrap();
+    assert_eq!(again.status(), 200);
+    let state = draft_items(&again, "ratelimit");
+    assert_eq!((state[0].quota, state[0].seconds), (0, Some(1)));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -185,7 +185,7 @@ fn leases_decode_what_they_encode_and_refuse_other_bytes() {
         asking_until: after(5),
         refused_until: after(6),
         unavailable_until: after(7),
-        full_at: after(8),
+        more_at: after(8),
         grant: 13,
         stamp: after(14),
         seen: Some(Seen {

@@ -109,7 +109,8 @@ fn refused_requests_carry_retry_after_and_the_draft_headers() {
     );
     assert_eq!(
         header(&refused.headers, "ratelimit"),
-        Some("\"api\";r=0;t=18")
+        Some("\"api\";r=0;t=8"),
+        "t: until the next token (draft-10), not until the bucket is full (18 s)"
     );
     assert_eq!(header(&refused.headers, "x-why"), Some("quota"));
     assert_eq!(header(&refused.headers, "content-type"), Some("text/plain"));
