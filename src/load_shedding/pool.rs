@@ -257,7 +257,13 @@ fn adapt(
 
     let gradient = (adaptive.tolerance * min_rtt as f64 / sample.max(1) as f64).clamp(0.5, 1.0);
     let limit = f64::from(state.limit);
-    let next = (limit * gradient + limit.sqrt()).floor();
+    // Headroom only while latency is within tolerance: added under congestion as well (as in
+    // Gradient2), it holds the limit at the fixed point of L/2 + √L, 4, above any lower floor.
+    let next = if gradient < 1.0 {
+        (limit * gradient).floor()
+    } else {
+        (limit + limit.sqrt()).floor()
+    };
     let next = (next as u32).clamp(adaptive.min_limit, max_limit);
     let change = LimitChange {
         from: state.limit,

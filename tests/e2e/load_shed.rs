@@ -246,7 +246,10 @@ async fn the_adaptive_limit_falls_when_latency_rises_and_recovers_when_it_falls(
     upstream.set_delay(Duration::from_millis(250));
     load(3).await;
     let slow = limit().await.unwrap();
-    assert!(slow <= 12, "slow upstream: limit fell to {slow}");
+    assert_eq!(
+        slow, 2,
+        "slow upstream: the limit falls to min_limit (it stopped at 4)"
+    );
 
     upstream.set_delay(Duration::from_millis(5));
     load(4).await;

@@ -300,6 +300,32 @@ fn the_adaptive_limit_never_leaves_its_bounds() {
     }
 }
 
+/// Issue 16: with the decrease L/2 + √L the limit settled at 4 whatever `min_limit` said.
+#[test]
+fn a_congested_upstream_brings_the_limit_down_to_its_floor() {
+    for min_limit in [1u32, 2, 3, 4, 7] {
+        let b = bench(&format!(
+            r#"{{"pools": [{{"name": "api", "max_in_flight": 64, "adaptive": {{"min_limit": {min_limit}, "sample_interval": "1s", "min_rtt_window": "1h"}}}}]}}"#
+        ));
+        let mut limits = vec![];
+        for s in 0..20u64 {
+            let latency = if s < 2 { 10 } else { 1_000 };
+            let held = b.held(&plain(), at(s * 1_000));
+            b.release(
+                held,
+                at(s * 1_000 + 1_000),
+                Some(Duration::from_millis(latency)),
+            );
+            limits.push(b.limit("api"));
+        }
+        assert_eq!(
+            limits.last(),
+            Some(&min_limit),
+            "min_limit {min_limit}: {limits:?}"
+        );
+    }
+}
+
 #[test]
 fn a_long_lasting_baseline_shift_is_learned_within_two_min_rtt_windows() {
     let b = bench(
