@@ -121,7 +121,9 @@ run: build envoy grpcio
 # --workers 1 --rounds 3, or --baseline-wasm OLD.wasm to compare). Several minutes.
 bench: build envoy tools
 	cargo build --release --target wasm32-wasip1 --features host-calls --target-dir target/host-calls
-	python3 tests/bench/bench.py --host-calls target/host-calls/wasm32-wasip1/release/envoy_resilience.wasm $(BENCH_ARGS)
+	cargo build --release --target wasm32-wasip1 --manifest-path tests/bench/probe/Cargo.toml --target-dir target/probe
+	python3 tests/bench/bench.py --host-calls target/host-calls/wasm32-wasip1/release/envoy_resilience.wasm \
+		--probe target/probe/wasm32-wasip1/release/bench_probe.wasm $(BENCH_ARGS)
 
 lint: targets
 	cargo fmt --check

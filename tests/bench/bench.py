@@ -15,6 +15,9 @@ Envoy under test: compare CPU per request.
 With --baseline-wasm, every filter configuration also runs with that .wasm, in the same
 rounds: the before and after of a change, side by side.
 
+With --probe WASM (tests/bench/probe), the probe filter also runs as each of PROBES: the
+same hostcalls as a configuration of the filter, and nothing else.
+
 With --host-calls WASM (a build with the `host-calls` feature), each filter configuration
 runs once more, untimed, and the table gets the proxy-wasm calls per request the filter
 made, by call, and Envoy's callbacks into its streams (on_tick, on_done and on_delete are
@@ -68,6 +71,19 @@ CASES = [
     ("idempotency, POST", {"idempotency": IDEMPOTENCY}, "post"),
     ("all four, GET", ALL_FOUR, "get"),
     ("all four, POST", ALL_FOUR, "post"),
+]
+
+# With --probe: the probe filter (tests/bench/probe) making exactly the hostcalls the filter's
+# configuration of the same name makes per request (as the host-calls table counts them), and
+# nothing else. What the filter costs beyond its probe is its own work; what the probe costs
+# is the calls' own price, which no change inside the filter can take off.
+PROBES = [
+    ("probe, as {}", {"now": 1}),
+    ("probe, as one bucket", {"headers": 1, "now": 1, "get": 1, "set": 1, "add_header": 2}),
+    ("probe, as a closed breaker", {"headers": 1, "now": 2, "get": 2, "property": 3}),
+    ("probe, as one pool", {"headers": 1, "now": 2, "get": 2, "set": 2, "property": 3, "gauge": 2}),
+    ("probe, as all four, GET", {"headers": 1, "now": 2, "get": 5, "set": 3, "property": 4,
+                                 "add_header": 2, "gauge": 2}),
 ]
 
 # Every POST carries a key no earlier request had: the prefix differs between wrk runs (its
@@ -326,6 +342,7 @@ def main():
     parser.add_argument("--wasm", default=str(ROOT / "target/wasm32-wasip1/release/envoy_resilience.wasm"))
     parser.add_argument("--baseline-wasm", help="run every filter configuration with this .wasm too")
     parser.add_argument("--host-calls", help="a .wasm built with the host-calls feature")
+    parser.add_argument("--probe", help="the probe .wasm (tests/bench/probe)")
     parser.add_argument("--workers", default="1,2", help="worker counts, e.g. 1,2")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=4)
@@ -343,6 +360,9 @@ def main():
         variants.append((name, filter_, method, args.wasm))
         if args.baseline_wasm and filter_ not in (None, "native"):
             variants.append((f"{name} (baseline)", filter_, method, args.baseline_wasm))
+    if args.probe:
+        variants += [(name, spec, "get", args.probe) for name, spec in PROBES
+                     if not args.only or re.search(args.only, name)]
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         workdir = Path(tmp)
@@ -389,7 +409,12 @@ def main():
             rows = results[i]
             cpu = statistics.median(r["cpu_us"] for r in rows)
             suffix = " (baseline)" if name.endswith(" (baseline)") else ""
-            vs_empty = added(cpu, empty[(suffix, method)]) if filter_ not in (None, "native") else "—"
+            if name.startswith("probe"):
+                vs_empty = added(cpu, median_cpu(PROBES[0][0]))
+            elif filter_ in (None, "native"):
+                vs_empty = "—"
+            else:
+                vs_empty = added(cpu, empty[(suffix, method)])
             lines.append(
                 f"| {name} | {median_range([r['cpu_us'] for r in rows])} | "
                 f"{added(cpu, router[method])} | {vs_empty} | {median_range([r['rps'] for r in rows])} | "
