@@ -35,9 +35,11 @@ Envoy is serving the resilience filter on http://127.0.0.1:10000 (admin: http://
   curl -si http://127.0.0.1:10000/ | grep -iE '^(HTTP|retry-after|x-circuit-breaker)'
   sleep 10; curl -s http://127.0.0.1:10000/
 
-  # load shedding: at most 4 requests in flight; normal ones are shed from 3, critical from 4
-  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{http_code} ' -H 'x-envoy-fault-delay-request: 2000' http://127.0.0.1:10000/ & done; wait; echo
-  curl -si -H 'x-priority: critical' http://127.0.0.1:10000/ | head -1
+  # load shedding: at most 4 requests in flight; normal ones are shed from 3, critical from 4.
+  # Six slow normal requests: 3 in flight, 3 shed (503); a critical one sent while they are
+  # still in flight takes the fourth slot (200)
+  for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{http_code} ' -H 'x-envoy-fault-delay-request: 2000' http://127.0.0.1:10000/ & done
+  sleep 0.5; curl -s -o /dev/null -w 'critical: %{http_code}\n' -H 'x-priority: critical' http://127.0.0.1:10000/; wait; echo
 
   # idempotency keys under /orders: the retry gets the stored response, a changed body 422
   curl -si -X POST -H 'idempotency-key: order-1' -d '{"qty": 1}' http://127.0.0.1:10000/orders | head -1

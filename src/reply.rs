@@ -36,28 +36,53 @@ pub struct GrpcAnswer {
 /// Where a problem's `type` URI starts; each type is listed in the policy's README.
 pub const PROBLEM_TYPE_BASE: &str = "urn:envoy-resilience:";
 
+/// The problem type of draft-ietf-httpapi-ratelimit-headers-10 (section 5.1) for a request
+/// refused by a quota, with the refusing rules as `violated-policies`.
+pub const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
+
+/// Why a policy refused: the problem+json body a refusal gets unless its response configures
+/// a `body`, and the `grpc-message` unless it configures one.
+pub struct Refusal<'a> {
+    /// The full type URI: [`QUOTA_EXCEEDED`], or [`PROBLEM_TYPE_BASE`] and the policy's kind.
+    pub problem_type: &'a str,
+    pub title: &'a str,
+    /// Which policy and rule refused, e.g. `rate limited by rule per-client`.
+    pub detail: String,
+    /// The rule names, for [`QUOTA_EXCEEDED`].
+    pub violated_policies: &'a [&'a str],
+}
+
 impl Reply {
-    /// A policy's configured refusal, with the policy's own headers first.
-    /// `grpc_message` says which policy and rule refused, unless the response configures one.
+    /// A policy's refusal as its response configures it, with the policy's own headers first.
     pub fn configured(
         response: &Response,
         own_headers: Vec<(String, String)>,
         details: &'static str,
-        grpc_message: impl FnOnce() -> String,
+        refusal: Refusal<'_>,
     ) -> Reply {
         let headers = own_headers
             .into_iter()
             .chain(response.headers.iter().cloned())
             .map(|(name, value)| (name, value.into_bytes()))
             .collect();
+        let body = match &response.body {
+            Some(body) => body.clone().into_bytes(),
+            None => problem_body(
+                refusal.problem_type,
+                refusal.title,
+                response.status,
+                &refusal.detail,
+                refusal.violated_policies,
+            ),
+        };
         Reply {
             status: response.status,
             headers,
-            body: response.body.clone().into_bytes(),
+            body,
             details,
             grpc: Some(GrpcAnswer {
                 status: response.grpc_status,
-                message: response.grpc_message.clone().unwrap_or_else(grpc_message),
+                message: response.grpc_message.clone().unwrap_or(refusal.detail),
             }),
             grpc_status: None,
         }
@@ -96,16 +121,16 @@ impl Reply {
         if let Some(seconds) = retry_after_secs {
             headers.push(("retry-after".to_owned(), seconds.to_string().into_bytes()));
         }
-        let body = serde_json::json!({
-            "type": format!("{PROBLEM_TYPE_BASE}{kind}"),
-            "title": title,
-            "status": status,
-            "detail": detail,
-        });
         Reply {
             status,
             headers,
-            body: body.to_string().into_bytes(),
+            body: problem_body(
+                &format!("{PROBLEM_TYPE_BASE}{kind}"),
+                title,
+                status,
+                detail,
+                &[],
+            ),
             details,
             grpc: Some(GrpcAnswer {
                 status: grpc_status,
@@ -167,6 +192,26 @@ impl Reply {
     }
 }
 
+/// An RFC 9457 problem document.
+fn problem_body(
+    problem_type: &str,
+    title: &str,
+    status: u16,
+    detail: &str,
+    violated_policies: &[&str],
+) -> Vec<u8> {
+    let mut body = serde_json::json!({
+        "type": problem_type,
+        "title": title,
+        "status": status,
+        "detail": detail,
+    });
+    if !violated_policies.is_empty() {
+        body["violated-policies"] = serde_json::json!(violated_policies);
+    }
+    body.to_string().into_bytes()
+}
+
 #[derive(Debug, Default)]
 pub struct RawResponse {
     pub status: Option<u16>,
@@ -191,8 +236,10 @@ const MAX_GRPC_MESSAGE_BYTES: usize = 1024;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
-    pub body: String,
-    /// Lower-case names; `content-type: text/plain` unless configured otherwise.
+    /// `None`: an RFC 9457 problem saying which policy and rule refused.
+    pub body: Option<String>,
+    /// Lower-case names; `content-type` is `application/problem+json` for the problem, and
+    /// `text/plain` for a configured body, unless configured otherwise.
     pub headers: Vec<(String, String)>,
     /// What a gRPC call gets instead: its code, and its message when configured.
     pub grpc_status: GrpcStatus,
@@ -214,7 +261,6 @@ impl Response {
         raw: Option<RawResponse>,
         at: &str,
         status: u16,
-        body: &str,
         grpc_status: GrpcStatus,
     ) -> Result<Response, ConfigError> {
         let raw = raw.unwrap_or_default();
@@ -250,7 +296,11 @@ impl Response {
             headers.push((name, value));
         }
         if !headers.iter().any(|(name, _)| name == "content-type") {
-            headers.push(("content-type".to_owned(), "text/plain".to_owned()));
+            let content_type = match raw.body {
+                Some(_) => "text/plain",
+                None => "application/problem+json",
+            };
+            headers.push(("content-type".to_owned(), content_type.to_owned()));
         }
         let grpc_status = match raw.grpc_status {
             Some(name) => GrpcStatus::parse(&name, &format!("{at}.grpc_status"))?,
@@ -275,7 +325,7 @@ impl Response {
         }
         Ok(Response {
             status,
-            body: raw.body.unwrap_or_else(|| body.to_owned()),
+            body: raw.body,
             headers,
             grpc_status,
             grpc_message: raw.grpc_message,
@@ -291,10 +341,16 @@ mod tests {
 
     #[test]
     fn a_grpc_pushback_is_the_retry_after_wait_and_an_int32() {
-        let response = Response::compile(None, "r", 503, "no\n", GrpcStatus::UNAVAILABLE).unwrap();
+        let response = Response::compile(None, "r", 503, GrpcStatus::UNAVAILABLE).unwrap();
         let pushback = |retry_after: &str| {
             let own = vec![("retry-after".to_owned(), retry_after.to_owned())];
-            let reply = Reply::configured(&response, own, "d", || "m".to_owned()).for_grpc_call();
+            let refusal = Refusal {
+                problem_type: QUOTA_EXCEEDED,
+                title: "t",
+                detail: "m".to_owned(),
+                violated_policies: &[],
+            };
+            let reply = Reply::configured(&response, own, "d", refusal).for_grpc_call();
             reply
                 .header("grpc-retry-pushback-ms")
                 .map(|v| String::from_utf8_lossy(v).into_owned())

@@ -446,8 +446,6 @@ impl BreakerConfig {
             raw.response,
             &format!("{at}.response"),
             503,
-            "circuit open
-",
             GrpcStatus::UNAVAILABLE,
         )?;
         Ok(BreakerConfig {

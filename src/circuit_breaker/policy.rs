@@ -6,11 +6,14 @@ use super::config::CircuitBreakerConfig;
 use crate::clock::retry_after_secs;
 use crate::matcher::Scope;
 use crate::policy::{Completion, Env, Needs, Policy};
-use crate::reply::Reply;
+use crate::reply::{Refusal, Reply};
 use crate::request::RequestInfo;
 use crate::store::Namespace;
 use crate::store::Store;
 use crate::telemetry::{Catalog, Level, MetricId};
+
+/// The problem type of a refusal by an open breaker (or one whose probes are all taken).
+pub const CIRCUIT_OPEN: &str = "urn:envoy-resilience:circuit-breaker:open";
 
 pub struct CircuitBreaker {
     config: CircuitBreakerConfig,
@@ -198,7 +201,12 @@ impl Policy for CircuitBreaker {
                         &breaker.response,
                         own,
                         "resilience_circuit_open",
-                        || format!("circuit breaker {} is open", breaker.name),
+                        Refusal {
+                            problem_type: CIRCUIT_OPEN,
+                            title: "Circuit open",
+                            detail: format!("circuit breaker {} is open", breaker.name),
+                            violated_policies: &[],
+                        },
                     ));
                 }
                 Err(err) => {

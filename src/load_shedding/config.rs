@@ -307,7 +307,6 @@ impl LoadSheddingConfig {
                 raw.response,
                 &format!("{at}.response"),
                 503,
-                "overloaded\n",
                 GrpcStatus::UNAVAILABLE,
             )?,
             retry_after,

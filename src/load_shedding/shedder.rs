@@ -6,11 +6,14 @@ use super::pool::PoolState;
 use crate::clock::retry_after_secs;
 use crate::matcher::Scope;
 use crate::policy::{Completion, Env, Needs, Policy};
-use crate::reply::Reply;
+use crate::reply::{Refusal, Reply};
 use crate::request::{Field, RequestInfo};
 use crate::store::{self, Namespace, Store};
 use crate::telemetry::{Catalog, Level, MetricId};
 use std::time::Duration;
+
+/// The problem type of a shed request.
+pub const SHED: &str = "urn:envoy-resilience:load-shedding:shed";
 
 pub struct LoadShedding {
     config: LoadSheddingConfig,
@@ -255,12 +258,15 @@ impl Policy for LoadShedding {
                         &self.config.response,
                         own,
                         "resilience_load_shed",
-                        || {
-                            format!(
+                        Refusal {
+                            problem_type: SHED,
+                            title: "Shed by load shedding",
+                            detail: format!(
                                 "shed by load shedding pool {}, class {}",
                                 pool.name,
                                 class.name()
-                            )
+                            ),
+                            violated_policies: &[],
                         },
                     ));
                 }

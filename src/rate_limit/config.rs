@@ -187,8 +187,6 @@ impl RateLimitConfig {
             raw.limited_response,
             &format!("{at}.limited_response"),
             429,
-            "rate limited
-",
             GrpcStatus::RESOURCE_EXHAUSTED,
         )?;
         let store = raw

@@ -12,7 +12,7 @@ use crate::clock::{ceil_secs, retry_after_secs, Instant};
 use crate::etcd::{self, AnswerError, Expected, StoreCall, Swapped};
 use crate::hashing::{fleet_place, KeyHasher};
 use crate::policy::{Env, Needs};
-use crate::reply::Reply;
+use crate::reply::{Refusal, Reply, QUOTA_EXCEEDED};
 use crate::request::{Field, KeyBuilder, RequestInfo};
 use crate::store::{self, FailureMode, Store};
 use crate::telemetry::{Catalog, Level, MetricId};
@@ -737,7 +737,12 @@ impl RateLimit {
                     &self.config.limited_response,
                     own,
                     "resilience_rate_limited",
-                    || format!("rate limited by rule {}", rule.name),
+                    Refusal {
+                        problem_type: QUOTA_EXCEEDED,
+                        title: "Quota exceeded",
+                        detail: format!("rate limited by rule {}", rule.name),
+                        violated_policies: &[&rule.name],
+                    },
                 ))
             }
             Outcome::Failed(reply) => {

@@ -93,7 +93,21 @@ async fn opens_after_exactly_the_configured_failures_and_fails_fast() {
         (1..=2).contains(&retry_after),
         "Retry-After {retry_after}: the time left"
     );
-    assert_eq!(response.text().await.unwrap(), "circuit open\n");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: serde_json::Value =
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(problem["type"], "urn:envoy-resilience:circuit-breaker:open");
+    assert_eq!(problem["status"], 503);
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("circuit breaker "),
+        "{problem}"
+    );
 
     assert_eq!(stat(&envoy, "state").await, Some(1), "open");
     assert_eq!(stat(&envoy, "rejected").await, Some(11));

@@ -12,6 +12,8 @@ struct Outcome {
     shed_by: Option<String>,
     retry_after: Option<String>,
     elapsed: Duration,
+    /// The body, when it is an RFC 9457 problem.
+    problem: Option<serde_json::Value>,
 }
 
 /// Sends `n` requests at once to `path` with `headers`; returns what each got.
@@ -37,11 +39,26 @@ async fn burst(
                         .get(name)
                         .map(|v| v.to_str().unwrap().to_owned())
                 };
+                let elapsed = started.elapsed();
+                let (status, shed_by, retry_after) = (
+                    response.status().as_u16(),
+                    header("x-load-shed"),
+                    header("retry-after"),
+                );
+                let problem = (header("content-type").as_deref()
+                    == Some("application/problem+json"))
+                .then_some(())
+                .map(|()| response.bytes());
+                let problem = match problem {
+                    Some(body) => serde_json::from_slice(&body.await.unwrap()).ok(),
+                    None => None,
+                };
                 Outcome {
-                    status: response.status().as_u16(),
-                    shed_by: header("x-load-shed"),
-                    retry_after: header("retry-after"),
-                    elapsed: started.elapsed(),
+                    status,
+                    shed_by,
+                    retry_after,
+                    elapsed,
+                    problem,
                 }
             }
         })
@@ -80,6 +97,16 @@ async fn with_cap_l_and_3l_requests_the_upstream_never_sees_more_than_l() {
         assert_eq!(shed.status, 503);
         assert_eq!(shed.shed_by.as_deref(), Some("pool=all; class=normal"));
         assert_eq!(shed.retry_after.as_deref(), Some("1"));
+        assert_eq!(
+            shed.problem,
+            Some(serde_json::json!({
+                "type": "urn:envoy-resilience:load-shedding:shed",
+                "title": "Shed by load shedding",
+                "status": 503,
+                "detail": "shed by load shedding pool all, class normal",
+            })),
+            "an RFC 9457 problem by default"
+        );
         assert!(
             shed.elapsed < Duration::from_millis(400),
             "shed at once, not queued: {:?}",

@@ -282,6 +282,23 @@ async fn the_ratelimit_headers_are_draft_10_structured_fields_over_time() {
         retry_after, 1,
         "a token a second, not the 3 s to refill the bucket"
     );
+    assert_eq!(
+        header(&refused, "content-type").as_deref(),
+        Some("application/problem+json")
+    );
+    let problem: serde_json::Value =
+        serde_json::from_slice(&refused.bytes().await.unwrap()).unwrap();
+    assert_eq!(
+        problem,
+        serde_json::json!({
+            "type": "https://iana.org/assignments/http-problem-types#quota-exceeded",
+            "title": "Quota exceeded",
+            "status": 429,
+            "detail": "rate limited by rule per-client",
+            "violated-policies": ["per-client"],
+        }),
+        "the draft's problem type (section 5.1)"
+    );
 
     // A request of two tokens refused with one left: more quota comes before the request
     // can pass, and Retry-After is never earlier than t.

@@ -109,8 +109,10 @@ async fn a_bad_configuration_is_refused_with_the_field_named() {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_are_in_envoy_stats_and_prometheus() {
     let upstream = Upstream::start().await;
+    let config = r#"{"rate_limit": {"rules": [{"name": "per-client", "capacity": 1000,
+        "refill": {"tokens": 1, "interval": "1s"}}]}}"#;
     let envoy = envoy()
-        .filter("metered", "{}")
+        .filter("metered", config)
         .concurrency(3)
         .start(&upstream)
         .await;
@@ -131,6 +133,11 @@ async fn metrics_are_in_envoy_stats_and_prometheus() {
     let prometheus = envoy.admin("/stats/prometheus").await.unwrap();
     assert!(
         prometheus.contains("\nresilience_metered_requests{} 10\n"),
+        "{prometheus}"
+    );
+    // Prometheus names keep letters, digits and `_`: the rule's `-` becomes `_` (issue 16).
+    assert!(
+        prometheus.contains("\nresilience_metered_rate_limit_per_client_allowed{} 10\n"),
         "{prometheus}"
     );
 }

@@ -958,7 +958,21 @@ fn grpc_calls_are_refused_with_grpc_statuses() {
     assert!(refusal.header("ratelimit").is_some());
     let http = proxy.call(post("/", &[]), b"", 200).unwrap_err();
     assert_eq!((http.status, http.grpc_status), (429, None));
-    assert_eq!(http.body, b"rate limited\n");
+    assert_eq!(
+        http.header("content-type"),
+        Some(&b"application/problem+json"[..])
+    );
+    let problem: serde_json::Value = serde_json::from_slice(&http.body).unwrap_or_default();
+    assert_eq!(
+        problem,
+        serde_json::json!({
+            "type": "https://iana.org/assignments/http-problem-types#quota-exceeded",
+            "title": "Quota exceeded",
+            "status": 429,
+            "detail": "rate limited by rule one",
+            "violated-policies": ["one"],
+        })
+    );
 
     let configured = Proxy::new(
         r#"{"rate_limit": {"rules": [{"name": "one", "capacity": 1, "refill": {"tokens": 1, "interval": "1s"}}],
