@@ -27,6 +27,7 @@ pub struct EnvoyBuilder {
     stop_iteration: bool,
     grpc_port: Option<u16>,
     websocket_upgrades: bool,
+    buffer_limit: Option<u32>,
 }
 
 pub fn envoy() -> EnvoyBuilder {
@@ -37,6 +38,7 @@ pub fn envoy() -> EnvoyBuilder {
         stop_iteration: true,
         grpc_port: None,
         websocket_upgrades: false,
+        buffer_limit: None,
     }
 }
 
@@ -73,6 +75,13 @@ impl EnvoyBuilder {
     /// Leaves out `allow_on_headers_stop_iteration`, as an operator might.
     pub fn without_headers_stop_iteration(mut self) -> Self {
         self.stop_iteration = false;
+        self
+    }
+
+    /// The listener's `per_connection_buffer_limit_bytes` (Envoy's default is 1 MiB): how much
+    /// of a request Envoy buffers while a filter holds it.
+    pub fn buffer_limit(mut self, bytes: u32) -> Self {
+        self.buffer_limit = Some(bytes);
         self
     }
 
@@ -196,7 +205,7 @@ admin:
 static_resources:
   listeners:
   - name: main
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}{buffer_limit}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -254,6 +263,10 @@ static_resources:
             upstream_h2 = h2_cluster("upstream_h2", upstream.addr.port()),
             grpc = h2_cluster("grpc", self.grpc_port.unwrap_or_else(free_port)),
             upstream_port = upstream.addr.port(),
+            buffer_limit = self
+                .buffer_limit
+                .map(|bytes| format!("\n    per_connection_buffer_limit_bytes: {bytes}"))
+                .unwrap_or_default(),
             upgrades = if self.websocket_upgrades {
                 "\n          upgrade_configs: [{upgrade_type: websocket}]"
             } else {

@@ -601,3 +601,74 @@ async fn hundreds_of_stalled_bodies_each_get_408_and_the_worker_stays_up() {
     assert!(!envoy.log().contains("Uncaught"), "{}", envoy.log());
     assert_eq!(upstream.count(), 1);
 }
+
+/// Issue 16: `max_body_bytes` holds across its range, up to 8 MiB. Envoy buffers the body
+/// while the filter fingerprints it, up to the listener's `per_connection_buffer_limit_bytes`
+/// (1 MiB by default, when Envoy answers a larger body 413 itself): set above
+/// `max_body_bytes`, bodies of 2 MiB and of the whole 8 MiB execute once and replay, over
+/// HTTP/1.1 and HTTP/2, and one byte more gets the filter's own 413 problem.
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_up_to_8_mib_execute_once_with_the_buffer_limit_above_max_body_bytes() {
+    const MAX: usize = 8 << 20;
+    let upstream = Upstream::start().await;
+    let config = format!(r#"{{"idempotency": {{"max_body_bytes": {MAX}}}}}"#);
+    let large = envoy()
+        .filter("idem", &config)
+        .buffer_limit(u32::try_from(MAX + (1 << 20)).unwrap())
+        .start(&upstream)
+        .await;
+    for (protocol, client) in super::clients() {
+        for size in [2 << 20, MAX] {
+            let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let key = format!("{protocol}-{size}");
+            let send = || {
+                client
+                    .post(large.url("/charges"))
+                    .header("idempotency-key", &key)
+                    .header("authorization", "alice")
+                    .body(body.clone())
+                    .send()
+            };
+            let first = send().await.unwrap();
+            assert_eq!(first.status(), 200, "{protocol}, {size} bytes");
+            let replay = send().await.unwrap();
+            assert_eq!(replay.status(), 200, "{protocol}, {size} bytes");
+            assert_eq!(
+                header(&replay, "idempotent-replayed").as_deref(),
+                Some("true"),
+                "{protocol}, {size} bytes"
+            );
+        }
+        let over = client
+            .post(large.url("/charges"))
+            .header("idempotency-key", format!("{protocol}-over"))
+            .header("authorization", "alice")
+            .body(vec![b'x'; MAX + 1])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(over.status(), 413, "{protocol}");
+        assert_eq!(problem_type(over).await, "body-too-large", "{protocol}");
+    }
+    let mut sizes: Vec<usize> = upstream.received().iter().map(|r| r.body.len()).collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, [2 << 20, 2 << 20, MAX, MAX], "each body once, whole");
+
+    // Without the buffer limit, Envoy refuses a 2 MiB body before the filter decides.
+    let default_limit = envoy().filter("idem", &config).start(&upstream).await;
+    let refused = fresh_connections()
+        .post(default_limit.url("/charges"))
+        .header("idempotency-key", "default-limit")
+        .header("authorization", "alice")
+        .body(vec![b'x'; 2 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 413);
+    assert_ne!(
+        header(&refused, "content-type").as_deref(),
+        Some("application/problem+json"),
+        "Envoy's own 413, not the filter's"
+    );
+    assert_eq!(upstream.count(), 4);
+}
