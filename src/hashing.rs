@@ -77,18 +77,27 @@ pub fn fleet_place(key: &[u8], table_size: u32) -> Placement {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeyHasher {
     seed: Seed,
+    /// A key of its own for partition keys, derived from the seed: what clients are shown
+    /// is never a placement hash.
+    partition_seed: Seed,
 }
 
 impl KeyHasher {
     pub fn new(seed: Seed) -> Self {
-        Self { seed }
+        let mut hasher = SipHasher13::new_with_keys(seed.0[0], seed.0[1]);
+        hasher.write(b"envoy-resilience partition key");
+        let derived = hasher.finish128();
+        Self {
+            seed,
+            partition_seed: Seed([derived.h1, derived.h2]),
+        }
     }
 
-    /// The partition key a client is shown for `key` (the RateLimit draft's `pk`): from the
-    /// same secret seed as placement, over other input, so it tells nothing of the slot.
+    /// The partition key a client is shown for `key` (the RateLimit draft's `pk`), under a key
+    /// derived from the seed, so it tells nothing of the slot.
     pub fn partition(&self, key: &[u8]) -> u64 {
-        let mut hasher = SipHasher13::new_with_keys(self.seed.0[0], self.seed.0[1]);
-        hasher.write(b"pk");
+        let mut hasher =
+            SipHasher13::new_with_keys(self.partition_seed.0[0], self.partition_seed.0[1]);
         hasher.write(key);
         hasher.finish()
     }

@@ -2,7 +2,7 @@
 
 use super::bucket::Bucket;
 use crate::clock::ceil_secs;
-use crate::config::json::{child, json_names, json_object, unknown, variant, FromJson, Json};
+use crate::config::json::{child, json_names, json_object, misused, variant, FromJson, Json};
 use crate::config::{check_name, check_request_header_name, ConfigError, Duration};
 use crate::etcd::config::{FleetStore, RawStore};
 use crate::grpc::GrpcStatus;
@@ -91,7 +91,7 @@ impl FromJson for RawKeyPart {
             (name, Some(header)) if name == "header" => {
                 String::from_json(header, &child(at, "header")).map(RawKeyPart::Header)
             }
-            (name, _) => Err(unknown(&name, NAMES, at)),
+            (name, inner) => Err(misused(&name, inner.as_ref(), NAMES, at)),
         }
     }
 }

@@ -47,7 +47,7 @@ pub struct Lease {
     pub refused_until: Instant,
     /// etcd did not answer: requests get `on_store_error` until then, without asking.
     pub unavailable_until: Instant,
-    /// When the global bucket is full again, as of etcd's last answer.
+    /// When the global bucket has another token, as of etcd's last answer.
     pub more_at: Instant,
     /// The ask whose grant the tokens came from: a token given back goes only to its grant.
     pub grant: u64,

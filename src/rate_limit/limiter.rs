@@ -95,7 +95,8 @@ struct Taken {
 struct Quota {
     rule: usize,
     remaining: u64,
-    more_in: Duration,
+    /// Until another token is there; `None` when the bucket is full and none is coming.
+    more_in: Option<Duration>,
     partition: Option<u64>,
 }
 
@@ -142,12 +143,12 @@ pub enum RateStep {
 enum Outcome {
     Admitted {
         remaining: u64,
-        more_in: Duration,
+        more_in: Option<Duration>,
         from: Source,
     },
     Refused {
         remaining: u64,
-        more_in: Duration,
+        more_in: Option<Duration>,
         retry_after: Duration,
     },
     /// The rule could not decide and its failure mode lets the request through.
@@ -377,7 +378,7 @@ impl RateLimit {
         if check.admitted {
             Outcome::Admitted {
                 remaining: check.remaining,
-                more_in: check.more_in,
+                more_in: (!check.more_in.is_zero()).then_some(check.more_in),
                 from: Source::Slot {
                     key: slot_key,
                     holder,
@@ -386,7 +387,7 @@ impl RateLimit {
         } else {
             Outcome::Refused {
                 remaining: check.remaining,
-                more_in: check.more_in,
+                more_in: (!check.more_in.is_zero()).then_some(check.more_in),
                 retry_after: check.retry_after,
             }
         }
@@ -448,7 +449,7 @@ impl RateLimit {
                 grant,
             } => Flow::Decided(Outcome::Admitted {
                 remaining: left,
-                more_in,
+                more_in: Some(more_in),
                 from: Source::Lease {
                     key: pending.lease_key,
                     owner: pending.owner,
@@ -460,7 +461,8 @@ impl RateLimit {
                 more_in,
             } => Flow::Decided(Outcome::Refused {
                 remaining: 0,
-                more_in,
+                // No more quota reaches this Envoy before it may ask etcd again.
+                more_in: Some(more_in.max(retry_after)),
                 retry_after,
             }),
             Taking::Unavailable => {
@@ -586,7 +588,7 @@ impl RateLimit {
         match granted {
             Granted::Tokens { grant, writer, .. } => Outcome::Admitted {
                 remaining: left,
-                more_in: grant.more_in,
+                more_in: Some(grant.more_in),
                 from: if lease {
                     Source::Lease {
                         key: pending.lease_key.clone(),
@@ -599,7 +601,7 @@ impl RateLimit {
             },
             Granted::Empty { grant, .. } => Outcome::Refused {
                 remaining: 0,
-                more_in: grant.more_in,
+                more_in: Some(grant.more_in.max(grant.retry_after)),
                 retry_after: grant.retry_after,
             },
             Granted::Unavailable(err) => self.unavailable(env, index, err),
@@ -780,8 +782,8 @@ impl RateLimit {
     fn quota_item(&self, quota: &Quota) -> String {
         let rule = &self.config.rules[quota.rule];
         let mut item = format!("\"{}\";r={}", rule.name, quota.remaining);
-        if !quota.more_in.is_zero() {
-            item.push_str(&format!(";t={}", ceil_secs(quota.more_in)));
+        if let Some(more_in) = quota.more_in {
+            item.push_str(&format!(";t={}", ceil_secs(more_in)));
         }
         item + &partition_param(quota.partition)
     }

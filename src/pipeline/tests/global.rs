@@ -226,3 +226,55 @@ fn losing_every_race_is_not_remembered_as_an_outage() {
     );
     assert_eq!(status(&proxy.call(post("/", &[]), b"", 200)), 200);
 }
+
+/// Review: a global rule's refusal from the lease dropped `t` once etcd's "one more token"
+/// instant had passed (read as "the bucket is full"), and gave a `t` earlier than Retry-After
+/// while the tokens held back for other Envoys (`chunk`) kept this one waiting. Here the
+/// refusal waits 2 s for three tokens, while the next token is 1 s away.
+#[test]
+fn a_global_refusal_says_when_more_quota_comes_never_before_retry_after() {
+    let etcd = Rc::new(FakeEtcd::default());
+    let rule = r#""rate_limit": {"rules": [{"name": "g", "capacity": 10, "cost": 3, "refill": {"tokens": 1, "interval": "1s"}, "global": {"chunk": 3}}],
+            "store": {"etcd": {"cluster": "etcd", "timeout": "500ms"}}}"#;
+    let proxy = Proxy::in_fleet(&config(&[rule]), 1, &etcd);
+    let decide = || {
+        let mut exchange = Exchange::default();
+        match proxy.headers(&mut exchange, post("/", &[]), true) {
+            Step::Call(call) => proxy.answer(&mut exchange, &call, b""),
+            step => step,
+        }
+    };
+    let seconds = |reply: &Reply, name: &str, prefix: &str| -> u64 {
+        let value = String::from_utf8_lossy(reply.header(name).unwrap_or_default()).into_owned();
+        value
+            .split(';')
+            .find_map(|part| part.strip_prefix(prefix))
+            .or((prefix.is_empty()).then_some(value.as_str()))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in {name}: {value:?}"))
+    };
+    let mut admitted = 0;
+    let first = loop {
+        match decide() {
+            Step::Continue => admitted += 1,
+            Step::Reply(reply) => break reply,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(admitted, 2, "ten tokens, three held back, three a request");
+    let (t, retry_after) = (
+        seconds(&first, "ratelimit", "t="),
+        seconds(&first, "retry-after", ""),
+    );
+    assert!(t >= retry_after, "t={t}, Retry-After {retry_after}");
+    proxy.advance(1_500);
+    let Step::Reply(later) = decide() else {
+        panic!("refused from the lease, without asking")
+    };
+    let (t, retry_after) = (
+        seconds(&later, "ratelimit", "t="),
+        seconds(&later, "retry-after", ""),
+    );
+    assert!(t >= retry_after, "t={t}, Retry-After {retry_after}");
+    assert!(t >= 1, "more quota is not here yet");
+}
