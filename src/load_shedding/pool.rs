@@ -257,13 +257,12 @@ fn adapt(
 
     let gradient = (adaptive.tolerance * min_rtt as f64 / sample.max(1) as f64).clamp(0.5, 1.0);
     let limit = f64::from(state.limit);
-    // Headroom only while latency is within tolerance: added under congestion as well (as in
-    // Gradient2), it holds the limit at the fixed point of L/2 + √L, 4, above any lower floor.
-    let next = if gradient < 1.0 {
-        (limit * gradient).floor()
-    } else {
-        (limit + limit.sqrt()).floor()
-    };
+    // Gradient2's headroom of √L, scaled down to nothing as the gradient falls to its floor
+    // of 0.5: full headroom under congestion holds the limit at the fixed point of L/2 + √L,
+    // 4, above any lower `min_limit`; none at all would let a latency just above tolerance
+    // that no limit can improve (a slow upstream, not a loaded one) drive it to the floor.
+    let headroom = limit.sqrt() * (2.0 * gradient - 1.0);
+    let next = (limit * gradient + headroom).floor();
     let next = (next as u32).clamp(adaptive.min_limit, max_limit);
     let change = LimitChange {
         from: state.limit,

@@ -326,6 +326,26 @@ fn a_congested_upstream_brings_the_limit_down_to_its_floor() {
     }
 }
 
+/// Review: with no headroom below tolerance, a mean latency steadily 6% over it (no limit
+/// could improve it) took a limit of 1000 down to 1 or 2.
+#[test]
+fn latency_a_little_over_tolerance_holds_the_limit_well_above_the_floor() {
+    let b = bench(
+        r#"{"pools": [{"name": "api", "max_in_flight": 1000, "adaptive": {"min_limit": 1, "sample_interval": "1s", "min_rtt_window": "1h", "tolerance": 1.5}}]}"#,
+    );
+    for s in 0..200u64 {
+        let latency = if s % 10 == 0 { 100 } else { 160 };
+        let held = b.held(&plain(), at(s * 1_000));
+        b.release(
+            held,
+            at(s * 1_000 + 1_000),
+            Some(Duration::from_millis(latency)),
+        );
+    }
+    let limit = b.limit("api");
+    assert!((100..1000).contains(&limit), "{limit}");
+}
+
 #[test]
 fn a_long_lasting_baseline_shift_is_learned_within_two_min_rtt_windows() {
     let b = bench(
