@@ -3,7 +3,7 @@
 //! Paths are compared after [`normalize_path`], so a rule written for `/reports/` also covers
 //! `//reports/`, `/%72eports/` and `/x/../reports/`. Header values are compared as bytes.
 
-use crate::config::json::{child, json_object, unknown, variant, FromJson, Json};
+use crate::config::json::{child, json_object, misused, variant, FromJson, Json};
 use crate::config::{check_methods, check_request_header_name, ConfigError};
 use crate::request::{normalize_path, percent_decode, RequestInfo};
 
@@ -54,7 +54,7 @@ impl FromJson for RawScope {
             (name, Some(matcher)) if name == "match" => {
                 RawMatch::from_json(matcher, &child(at, "match")).map(RawScope::Match)
             }
-            (name, _) => Err(unknown(&name, NAMES, at)),
+            (name, inner) => Err(misused(&name, inner.as_ref(), NAMES, at)),
         }
     }
 }

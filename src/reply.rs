@@ -88,19 +88,18 @@ impl Reply {
         }
     }
 
-    /// Shared data failed and `shared_data.on_error` is `deny`.
+    /// A policy's state could not be read or written (shared data, or etcd for a global
+    /// rule) and its failure mode is `deny`: an RFC 9457 problem of type `state-unavailable`.
     pub fn unavailable(policy: &str) -> Reply {
-        Reply {
-            status: 503,
-            headers: vec![("content-type".to_owned(), b"text/plain".to_vec())],
-            body: format!("{policy} state unavailable\n").into_bytes(),
-            details: "resilience_state_unavailable",
-            grpc: Some(GrpcAnswer {
-                status: GrpcStatus::UNAVAILABLE,
-                message: format!("{policy} state unavailable"),
-            }),
-            grpc_status: None,
-        }
+        Reply::problem(
+            503,
+            "state-unavailable",
+            "State unavailable",
+            &format!("{policy} state unavailable"),
+            None,
+            "resilience_state_unavailable",
+            GrpcStatus::UNAVAILABLE,
+        )
     }
 
     /// An RFC 9457 problem as `application/problem+json`; `kind` completes the type URI,

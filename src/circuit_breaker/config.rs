@@ -3,7 +3,7 @@
 
 use super::window::{WindowSpec, MAX_CALLS, TIME_BUCKETS};
 use crate::clock::nanos_saturating;
-use crate::config::json::{child, json_object, unknown, variant, FromJson, Json};
+use crate::config::json::{child, json_object, misused, variant, FromJson, Json};
 use crate::config::{check_name, check_range as range, ConfigError, Duration};
 use crate::grpc::{GrpcStatus, GrpcStatusSet};
 use crate::matcher::{RawScope, Scope};
@@ -116,7 +116,7 @@ impl FromJson for RawWindow {
             (name, Some(duration)) if name == "duration" => {
                 Duration::from_json(duration, &child(at, "duration")).map(RawWindow::Duration)
             }
-            (name, _) => Err(unknown(&name, NAMES, at)),
+            (name, inner) => Err(misused(&name, inner.as_ref(), NAMES, at)),
         }
     }
 }

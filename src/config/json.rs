@@ -260,6 +260,18 @@ pub fn unknown(text: &str, names: &[&str], at: &str) -> ConfigError {
     )
 }
 
+/// A variant [`variant`] read whose name is not among `names`, or is written in the wrong
+/// form: bare where it needs a value, or with a value where it takes none.
+pub fn misused(name: &str, inner: Option<&Json>, names: &[&str], at: &str) -> ConfigError {
+    if !names.contains(&name) {
+        return unknown(name, names, at);
+    }
+    match inner {
+        None => ConfigError::at(at, format!("`{name}` needs a value: {{\"{name}\": ...}}")),
+        Some(_) => ConfigError::at(at, format!("`{name}` takes no value: write \"{name}\"")),
+    }
+}
+
 /// An enum written as a bare name (`"client_address"`) or as an object with one member
 /// naming the variant (`{"header": "x-api-key"}`): the name, and the member's value if any.
 pub fn variant(value: Json, at: &str) -> Result<(String, Option<Json>), ConfigError> {
@@ -475,6 +487,22 @@ mod tests {
         assert!(variant(r#"{"inner": 2, "bare": 1}"#).is_err());
         assert!(variant("{}").is_err());
         assert!(variant("[]").is_err());
+    }
+
+    /// Review: `{"method": null}` and a bare `"header"` were called unknown values.
+    #[test]
+    fn a_known_variant_in_the_wrong_form_is_named_as_such() {
+        let names = ["method", "header"];
+        let reason = |name: &str, inner: Option<&Json>| misused(name, inner, &names, "k").reason;
+        assert_eq!(
+            reason("header", None),
+            "`header` needs a value: {\"header\": ...}"
+        );
+        assert_eq!(
+            reason("method", Some(&Json::Null)),
+            "`method` takes no value: write \"method\""
+        );
+        assert!(reason("cookie", None).starts_with("unknown value \"cookie\""));
     }
 
     #[test]

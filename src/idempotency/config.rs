@@ -1,6 +1,6 @@
 //! The `idempotency` section.
 
-use crate::config::json::{child, json_names, json_object, unknown, variant, FromJson, Json};
+use crate::config::json::{child, json_names, json_object, misused, variant, FromJson, Json};
 use crate::config::{
     check_duration, check_header_name, check_methods, check_request_header_name, ConfigError,
     Duration,
@@ -68,7 +68,7 @@ impl FromJson for RawIdentityPart {
             (name, Some(header)) if name == "header" => {
                 String::from_json(header, &child(at, "header")).map(RawIdentityPart::Header)
             }
-            (name, _) => Err(unknown(&name, NAMES, at)),
+            (name, inner) => Err(misused(&name, inner.as_ref(), NAMES, at)),
         }
     }
 }

@@ -725,9 +725,15 @@ fn shared_data_failures_follow_on_error_for_every_policy() {
                 ("allow", Step::Continue) => {}
                 ("deny", Step::Reply(reply)) => {
                     assert_eq!(reply.status, 503, "{policy}");
+                    let problem: serde_json::Value =
+                        serde_json::from_slice(&reply.body).unwrap_or_default();
                     assert_eq!(
-                        reply.body,
-                        format!("{policy} state unavailable\n").into_bytes()
+                        (problem["type"].as_str(), problem["detail"].as_str()),
+                        (
+                            Some("urn:envoy-resilience:state-unavailable"),
+                            Some(format!("{policy} state unavailable").as_str())
+                        ),
+                        "{policy}"
                     );
                 }
                 (_, step) => panic!("{policy}, {on_error}: {step:?}"),
