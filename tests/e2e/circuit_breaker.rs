@@ -173,6 +173,7 @@ async fn after_the_open_duration_at_most_k_probes_reach_the_upstream_and_success
     assert_eq!(stat(&envoy, "state").await, Some(0));
     assert_eq!(transitions(&envoy, "open", "half-open"), 1);
     assert_eq!(transitions(&envoy, "half-open", "closed"), 1);
+    assert_eq!(stat(&envoy, "transitions_to_half_open").await, Some(1));
     assert_eq!(stat(&envoy, "transitions_to_closed").await, Some(1));
 }
 

@@ -118,6 +118,43 @@ fn low_priority_work_is_shed_first_and_critical_last() {
     assert_eq!(b.in_flight("all"), 10);
 }
 
+/// Issue 16: each class's shed counter counts exactly the requests of that class the pool
+/// refused, as their clients saw them, and `admitted` the others.
+#[test]
+fn each_class_counts_its_own_sheds() {
+    let b = bench(
+        r#"{"pools": [{"name": "all", "max_in_flight": 10}],
+            "priority": {"rules": [{"match": {"path_prefix": "/batch/"}, "class": "low"},
+                                   {"match": {"path_prefix": "/pay/"}, "class": "high"},
+                                   {"match": {"path_prefix": "/health"}, "class": "critical"}]}}"#,
+    );
+    let mut refused = [0; 4];
+    let mut admitted = 0;
+    for (class, path) in ["/batch/x", "/x", "/pay/x", "/health"].iter().enumerate() {
+        let request = request(path, &[], "192.0.2.1");
+        for _ in 0..12 {
+            if b.admitted(&request, T0) {
+                admitted += 1;
+            } else {
+                refused[class] += 1;
+            }
+        }
+    }
+    assert_eq!(
+        refused,
+        [7, 9, 11, 11],
+        "low to 5, normal to 8, high to 9, critical to 10"
+    );
+    for (class, name) in ["low", "normal", "high", "critical"].iter().enumerate() {
+        assert_eq!(
+            b.metric(&format!("load_shedding.all.shed.{name}")),
+            refused[class],
+            "{name}"
+        );
+    }
+    assert_eq!(b.metric("load_shedding.all.admitted"), admitted);
+}
+
 #[test]
 fn every_class_gets_through_an_idle_pool() {
     assert_eq!(threshold(1, 500_000), 1);

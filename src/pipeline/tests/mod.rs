@@ -1043,3 +1043,54 @@ fn grpc_calls_are_refused_with_grpc_statuses() {
         "circuit breaker b is open"
     );
 }
+
+/// A store through which another worker writes right before this worker's next write: the
+/// window a compare-and-swap protects.
+struct Racing<'a> {
+    shared: &'a MemoryStore,
+    other_worker: RefCell<Option<Box<dyn FnOnce() + 'a>>>,
+}
+
+impl crate::store::Store for Racing<'_> {
+    fn get(&self, key: &str) -> Result<Option<crate::store::Versioned>, crate::store::StoreError> {
+        self.shared.get(key)
+    }
+
+    fn set(
+        &self,
+        key: &str,
+        value: &[u8],
+        cas: Option<std::num::NonZeroU32>,
+    ) -> Result<(), crate::store::StoreError> {
+        let other_worker = self.other_worker.borrow_mut().take();
+        if let Some(other_worker) = other_worker {
+            other_worker();
+        }
+        self.shared.set(key, value, cas)
+    }
+}
+
+/// Issue 16: `shared_data.conflicts` counts the compare-and-swaps this worker lost to another
+/// worker's write, once each, and the answers stay exact: two tokens, two admitted.
+#[test]
+fn a_compare_and_swap_lost_to_another_worker_is_counted_once() {
+    let proxy = Proxy::new(&config(&[
+        r#""rate_limit": {"rules": [{"name": "r", "capacity": 2, "refill": {"tokens": 1, "interval": "1h"}}]}"#,
+    ]));
+    let other_admitted = Cell::new(false);
+    let racing = Racing {
+        shared: &proxy.store,
+        other_worker: RefCell::new(Some(Box::new(|| {
+            other_admitted.set(status(&proxy.call(post("/", &[]), b"", 200)) == 200);
+        }))),
+    };
+    let mut exchange = Exchange::default();
+    let step = proxy.run(&racing, |filter, env| {
+        exchange.on_request_headers(filter, env, post("/", &[]), true)
+    });
+    assert_eq!(step, Step::Continue);
+    assert!(other_admitted.get());
+    assert_eq!(proxy.metric("shared_data.conflicts"), 1);
+    assert_eq!(proxy.metric("rate_limit.r.allowed"), 2);
+    assert_eq!(status(&proxy.call(post("/", &[]), b"", 200)), 429);
+}
