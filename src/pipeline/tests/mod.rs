@@ -460,6 +460,12 @@ fn an_abort_gives_everything_back_but_the_claim_on_a_request_the_upstream_may_ha
         409,
         "still in flight"
     );
+    assert_eq!(
+        proxy.metric("idempotency.conflicts"),
+        1,
+        "the 409, and only it (issue 16)"
+    );
+    assert_eq!(proxy.metric("idempotency.replays"), 0);
     proxy.advance(30_000);
     assert_eq!(
         status(&proxy.call(keyed("k"), b"{}", 201)),
