@@ -28,6 +28,8 @@ pub struct EnvoyBuilder {
     grpc_port: Option<u16>,
     websocket_upgrades: bool,
     buffer_limit: Option<u32>,
+    /// http_filters entries as a document shows them, run as written but for the .wasm path.
+    documented: Vec<serde_json::Value>,
 }
 
 pub fn envoy() -> EnvoyBuilder {
@@ -39,6 +41,7 @@ pub fn envoy() -> EnvoyBuilder {
         grpc_port: None,
         websocket_upgrades: false,
         buffer_limit: None,
+        documented: Vec::new(),
     }
 }
 
@@ -75,6 +78,13 @@ impl EnvoyBuilder {
     /// Leaves out `allow_on_headers_stop_iteration`, as an operator might.
     pub fn without_headers_stop_iteration(mut self) -> Self {
         self.stop_iteration = false;
+        self
+    }
+
+    /// An `http_filters` entry exactly as a document shows it (before the router this harness
+    /// adds), with its `.wasm` path pointed at the freshly built one.
+    pub fn documented_filter(mut self, entry: &serde_json::Value) -> Self {
+        self.documented.push(entry.clone());
         self
     }
 
@@ -197,6 +207,13 @@ impl EnvoyBuilder {
                 stop_iteration = self.stop_iteration,
             )
             .expect("format filter");
+        }
+        for entry in &self.documented {
+            let mut entry = entry.clone();
+            entry["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] =
+                serde_json::Value::from(wasm.display().to_string());
+            // JSON is YAML: the entry goes in as the document wrote it.
+            write!(filters, "\n          - {entry}").expect("format documented filter");
         }
         format!(
             r#"

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod circuit_breaker;
+mod docs;
 mod envoy;
 mod grpc;
 mod hostile;
