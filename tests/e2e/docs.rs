@@ -193,3 +193,72 @@ async fn the_idempotency_walkthrough_answers_as_documented() {
     assert_eq!(compared, 3);
     assert_eq!(upstream.count(), 1, "executed once, as the document says");
 }
+
+/// Issue 16: `make run`'s printed walkthrough, run as printed. Its load-shedding lines used to
+/// send the `critical` request after the slow ones had ended, which showed nothing; now six
+/// slow normal requests fill the pool's normal share (3 in flight, 3 shed) while the
+/// critical one takes the fourth slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_walkthrough_sheds_and_admits_as_printed() {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let root = super::envoy::repo_root();
+    let mut demo = Command::new("bash")
+        .arg("envoy/demo.sh")
+        .current_dir(root)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("envoy/demo.sh");
+    let stdout = demo.stdout.take().unwrap();
+    // The walkthrough is printed once Envoy is ready; read it up to its last line.
+    let printed = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut text = String::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let done = line.starts_with("Ctrl-C stops Envoy");
+            text.push_str(&line);
+            text.push('\n');
+            if done {
+                break;
+            }
+        }
+        text
+    })
+    .await
+    .unwrap();
+    let section: Vec<&str> = printed
+        .split("\n\n")
+        .find(|part| part.trim_start().starts_with("# load shedding"))
+        .expect("a load-shedding section")
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .collect();
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(section.join("\n"))
+        .output()
+        .expect("bash");
+    // Stop the demo (Envoy and the gRPC server, the script's process group).
+    let _ = Command::new("kill")
+        .args(["--", &format!("-{}", demo.id())])
+        .status();
+    let _ = demo.wait();
+    let output = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.contains("critical: 200"), "{output}");
+    let normal = output.replace("critical: 200", "");
+    let statuses: Vec<&str> = normal
+        .split_whitespace()
+        .filter(|word| word.len() == 3 && word.bytes().all(|b| b.is_ascii_digit()))
+        .collect();
+    assert_eq!(
+        (
+            statuses.iter().filter(|s| **s == "200").count(),
+            statuses.iter().filter(|s| **s == "503").count()
+        ),
+        (3, 3),
+        "six slow normal requests: three in flight, three shed: {output}"
+    );
+}

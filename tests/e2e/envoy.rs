@@ -393,7 +393,7 @@ impl Drop for Envoy {
     }
 }
 
-fn repo_root() -> &'static Path {
+pub fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
