@@ -262,3 +262,92 @@ async fn the_demo_walkthrough_sheds_and_admits_as_printed() {
         "six slow normal requests: three in flight, three shed: {output}"
     );
 }
+
+/// The text the document quotes in backticks right after `marker`.
+fn quoted_after<'a>(text: &'a str, marker: &str) -> &'a str {
+    let at = text
+        .find(marker)
+        .unwrap_or_else(|| panic!("{marker:?} is not in the document"));
+    text[at..].split('`').nth(1).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_circuit_breaker_worked_example_opens_and_logs_as_documented() {
+    let doc = markdown("filters/circuit_breaker/README.md");
+    let upstream = Upstream::start().await;
+    upstream.set_status(503);
+    let envoy = envoy()
+        .documented_filter(&wasm_entries(&doc)[0])
+        .named_cluster("payments")
+        .start(&upstream)
+        .await;
+    let client = fresh_connections();
+    for _ in 0..5 {
+        let failed = client
+            .get(envoy.url("/payments/charge"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(failed.status(), 503);
+    }
+    assert_eq!(upstream.count(), 5);
+    let refused = client
+        .get(envoy.url("/payments/charge"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        refused
+            .headers()
+            .get("x-circuit-breaker")
+            .map(|v| v.to_str().unwrap()),
+        Some("payments"),
+        "\"Calls routed to the payments cluster trip the breaker after 5 failures in a row\""
+    );
+    assert_eq!(upstream.count(), 5);
+    let line = quoted_after(
+        &doc,
+        "Each transition is logged once, at info, with its reason",
+    );
+    assert!(
+        envoy.log().contains(line),
+        "{line:?} not in:\n{}",
+        envoy.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_load_shedding_worked_example_sheds_as_documented() {
+    let doc = markdown("filters/load_shedding/README.md");
+    let upstream = Upstream::start().await;
+    upstream.set_delay(std::time::Duration::from_millis(1_500));
+    let envoy = envoy()
+        .documented_filter(&wasm_entries(&doc)[0])
+        .named_cluster("search")
+        .start(&upstream)
+        .await;
+    // "a slow search backend fills its own 200 slots and is shed there": normal requests
+    // from 160 in flight (80%).
+    let url = envoy.url("/search/q");
+    let requests: Vec<_> = (0..170)
+        .map(|_| {
+            let request = fresh_connections().get(&url).send();
+            async move { request.await.unwrap() }
+        })
+        .collect();
+    let responses = super::join_all(requests).await;
+    let shed: Vec<&Response> = responses.iter().filter(|r| r.status() == 503).collect();
+    assert_eq!(
+        responses.len() - shed.len(),
+        160,
+        "admitted up to 80% of 200"
+    );
+    let shown_response: Vec<&str> = block_after(&doc, "A shed request gets, at once:")
+        .lines()
+        .filter(|line| !line.is_empty())
+        .collect();
+    for response in shed {
+        assert_eq!(response.status().as_u16(), status_of(shown_response[0]));
+        compare_headers(response, &shown_response[1..]);
+    }
+}

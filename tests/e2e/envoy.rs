@@ -30,6 +30,8 @@ pub struct EnvoyBuilder {
     buffer_limit: Option<u32>,
     /// http_filters entries as a document shows them, run as written but for the .wasm path.
     documented: Vec<serde_json::Value>,
+    /// Clusters by these names, each the upstream, with requests under `/<name>/` routed to it.
+    named_clusters: Vec<String>,
 }
 
 pub fn envoy() -> EnvoyBuilder {
@@ -42,6 +44,7 @@ pub fn envoy() -> EnvoyBuilder {
         websocket_upgrades: false,
         buffer_limit: None,
         documented: Vec::new(),
+        named_clusters: Vec::new(),
     }
 }
 
@@ -85,6 +88,13 @@ impl EnvoyBuilder {
     /// adds), with its `.wasm` path pointed at the freshly built one.
     pub fn documented_filter(mut self, entry: &serde_json::Value) -> Self {
         self.documented.push(entry.clone());
+        self
+    }
+
+    /// A cluster named `name` in front of the upstream, for requests under `/<name>/`: a
+    /// documented configuration scoped by cluster runs as written.
+    pub fn named_cluster(mut self, name: &str) -> Self {
+        self.named_clusters.push(name.to_owned());
         self
     }
 
@@ -244,7 +254,7 @@ static_resources:
               - match: {{prefix: "/", headers: [{{name: x-upstream-protocol, string_match: {{exact: h2}}}}]}}
                 route: {{cluster: upstream_h2, timeout: 30s}}
               - match: {{prefix: "/", grpc: {{}}}}
-                route: {{cluster: grpc, timeout: 30s}}
+                route: {{cluster: grpc, timeout: 30s}}{named_routes}
               - match: {{prefix: "/"}}
                 {route}
           http_filters:{filters}
@@ -275,8 +285,23 @@ static_resources:
       - lb_endpoints:
         - endpoint:
             address: {{socket_address: {{address: 127.0.0.1, port_value: {dead_port}}}}}
-"#,
+{named_clusters}"#,
             dead_port = free_port(),
+            named_routes = self.named_clusters.iter().fold(String::new(), |mut out, name| {
+                let _ = write!(
+                    out,
+                    "\n              - match: {{prefix: \"/{name}/\"}}\n                route: {{cluster: {name}, timeout: 30s}}"
+                );
+                out
+            }),
+            named_clusters = self.named_clusters.iter().fold(String::new(), |mut out, name| {
+                let _ = write!(
+                    out,
+                    "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}\n",
+                    upstream.addr.port()
+                );
+                out
+            }),
             upstream_h2 = h2_cluster("upstream_h2", upstream.addr.port()),
             grpc = h2_cluster("grpc", self.grpc_port.unwrap_or_else(free_port)),
             upstream_port = upstream.addr.port(),
