@@ -10,8 +10,9 @@ grpc_pid=$!
 pid=$!
 trap 'kill $pid $grpc_pid 2>/dev/null; wait $pid $grpc_pid 2>/dev/null' EXIT INT TERM
 for _ in $(seq 100); do
-  curl -sf http://127.0.0.1:9901/ready >/dev/null 2>&1 && break
+  # This Envoy first: another one on the same ports (a second `make run`) would answer ready.
   kill -0 $pid 2>/dev/null || { echo "Envoy exited; see its log above" >&2; exit 1; }
+  curl -sf http://127.0.0.1:9901/ready >/dev/null 2>&1 && break
   sleep 0.1
 done
 cat <<'TXT'

@@ -221,7 +221,8 @@ pub fn threshold(limit: u32, shed_at: u32) -> u32 {
 
 /// Closes the sampling period if it has run its length, and moves the limit by the gradient
 /// of the minimum latency over the period's mean latency (as Envoy's adaptive_concurrency and
-/// Netflix's Gradient2 do): `limit × clamp(tolerance × min / sample, 0.5, 1) + √limit`.
+/// Netflix's Gradient2 do): with `g = clamp(tolerance × min / sample, 0.5, 1)`, the limit
+/// becomes `limit × g + √limit × (2g − 1)`.
 fn adapt(
     adaptive: &Adaptive,
     max_limit: u32,
