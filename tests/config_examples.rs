@@ -428,3 +428,26 @@ fn every_configuration_in_the_docs_is_accepted() {
     }
     assert!(checked >= 5, "only {checked} snippets found");
 }
+
+/// Issue 13: every shipped Envoy that runs the filter exports its metrics with the same
+/// Prometheus labels (one `stats_config`, the one envoy/demo.yaml carries).
+#[test]
+fn every_shipped_envoy_with_the_filter_has_the_same_stats_tags() {
+    let shipped = shipped_yaml();
+    let demo = &shipped
+        .iter()
+        .find(|(path, _)| path.ends_with("envoy/demo.yaml"))
+        .unwrap()
+        .1["stats_config"];
+    assert!(demo["stats_tags"]
+        .as_array()
+        .is_some_and(|tags| tags.len() == 5));
+    let mut checked = 0;
+    for (path, value) in &shipped {
+        if value.get("static_resources").is_some() && !wasm_filters(value).is_empty() {
+            assert_eq!(&value["stats_config"], demo, "{}", path.display());
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3, "demo, docker, fleet");
+}

@@ -32,6 +32,7 @@ pub struct EnvoyBuilder {
     documented: Vec<serde_json::Value>,
     /// Clusters by these names, each the upstream, with requests under `/<name>/` routed to it.
     named_clusters: Vec<String>,
+    prometheus_labels: bool,
 }
 
 pub fn envoy() -> EnvoyBuilder {
@@ -45,6 +46,7 @@ pub fn envoy() -> EnvoyBuilder {
         buffer_limit: None,
         documented: Vec::new(),
         named_clusters: Vec::new(),
+        prometheus_labels: false,
     }
 }
 
@@ -95,6 +97,13 @@ impl EnvoyBuilder {
     /// documented configuration scoped by cluster runs as written.
     pub fn named_cluster(mut self, name: &str) -> Self {
         self.named_clusters.push(name.to_owned());
+        self
+    }
+
+    /// The `stats_config` the shipped configurations carry (taken from envoy/demo.yaml): the
+    /// filter's metrics as Prometheus labels.
+    pub fn prometheus_labels(mut self) -> Self {
+        self.prometheus_labels = true;
         self
     }
 
@@ -228,7 +237,7 @@ impl EnvoyBuilder {
         format!(
             r#"
 admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}{stats_config}
 static_resources:
   listeners:
   - name: main
@@ -287,6 +296,15 @@ static_resources:
             address: {{socket_address: {{address: 127.0.0.1, port_value: {dead_port}}}}}
 {named_clusters}"#,
             dead_port = free_port(),
+            stats_config = if self.prometheus_labels {
+                let demo: serde_json::Value = serde_norway::from_str(
+                    &std::fs::read_to_string(repo_root().join("envoy/demo.yaml")).expect("demo.yaml"),
+                )
+                .expect("demo.yaml is YAML");
+                format!("\nstats_config: {}", demo["stats_config"])
+            } else {
+                String::new()
+            },
             named_routes = self.named_clusters.iter().fold(String::new(), |mut out, name| {
                 let _ = write!(
                     out,

@@ -204,3 +204,58 @@ fn the_filter_is_at_most_450_kb() {
         "the .wasm is {bytes} bytes: over the 450 KB budget (was it built by `make build`?)"
     );
 }
+
+/// Issue 13: with the shipped `stats_config`, Prometheus gets the instance, rule, breaker,
+/// pool and class as labels, each series counting what the clients saw.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shipped_stats_tags_make_prometheus_labels() {
+    let upstream = Upstream::start().await;
+    let config = r#"{
+        "rate_limit": {"rules": [{"name": "per-client", "key": ["client_address"], "capacity": 3,
+                                  "refill": {"tokens": 1, "interval": "1h"}}]},
+        "circuit_breaker": {"breakers": [{"name": "api", "scope": {"match": {}},
+                                          "trip": {"consecutive_failures": 5}}]},
+        "load_shedding": {"pools": [{"name": "all", "max_in_flight": 10}],
+                          "priority": {"rules": [{"match": {"path_prefix": "/batch/"}, "class": "low"}]}}}"#;
+    let envoy = envoy()
+        .filter("labelled", config)
+        .prometheus_labels()
+        .start(&upstream)
+        .await;
+    let client = super::fresh_connections();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(
+            client
+                .get(envoy.url("/"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    tokio::time::sleep(super::METRICS_FLUSHED).await;
+    let prometheus = envoy.admin("/stats/prometheus").await.unwrap();
+    for series in [
+        r#"resilience_requests{resilience_instance="labelled"} 5"#,
+        r#"resilience_rate_limit_allowed{resilience_instance="labelled",resilience_rule="per-client"} 3"#,
+        r#"resilience_rate_limit_limited{resilience_instance="labelled",resilience_rule="per-client"} 2"#,
+        r#"resilience_circuit_breaker_state{resilience_instance="labelled",resilience_breaker="api"} 0"#,
+        r#"resilience_load_shedding_admitted{resilience_instance="labelled",resilience_pool="all"} 5"#,
+        r#"resilience_load_shedding_in_flight{resilience_instance="labelled",resilience_pool="all"} 0"#,
+        r#"resilience_load_shedding_shed{resilience_instance="labelled",resilience_pool="all",resilience_class="low"} 0"#,
+        r#"resilience_load_shedding_shed{resilience_instance="labelled",resilience_pool="all",resilience_class="normal"} 0"#,
+    ] {
+        assert!(
+            prometheus.lines().any(|line| line == series),
+            "{series} not in:\n{}",
+            prometheus
+                .lines()
+                .filter(|l| l.starts_with("resilience_"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
