@@ -271,31 +271,15 @@ static_resources:
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:
-  - name: upstream
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: upstream
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream_port}}}}}
+{upstream}
   # The same upstream over HTTP/2, which carries trailers both ways.
 {upstream_h2}
   # The gRPC server of a test, when it has one.
 {grpc}
   # Nothing listens here: requests under /dead/ fail to connect (response flag UF).
-  - name: dead
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: dead
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address: {{socket_address: {{address: 127.0.0.1, port_value: {dead_port}}}}}
-{named_clusters}"#,
-            dead_port = free_port(),
+{dead}{named_clusters}"#,
+            upstream = cluster("upstream", upstream.addr.port()),
+            dead = cluster("dead", free_port()),
             stats_config = if self.prometheus_labels {
                 let demo: serde_json::Value = serde_norway::from_str(
                     &std::fs::read_to_string(repo_root().join("envoy/demo.yaml")).expect("demo.yaml"),
@@ -313,16 +297,11 @@ static_resources:
                 out
             }),
             named_clusters = self.named_clusters.iter().fold(String::new(), |mut out, name| {
-                let _ = write!(
-                    out,
-                    "  - name: {name}\n    type: STATIC\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}\n",
-                    upstream.addr.port()
-                );
+                let _ = write!(out, "\n{}", cluster(name, upstream.addr.port()));
                 out
             }),
             upstream_h2 = h2_cluster("upstream_h2", upstream.addr.port()),
             grpc = h2_cluster("grpc", self.grpc_port.unwrap_or_else(free_port)),
-            upstream_port = upstream.addr.port(),
             buffer_limit = self
                 .buffer_limit
                 .map(|bytes| format!("\n    per_connection_buffer_limit_bytes: {bytes}"))
@@ -441,6 +420,21 @@ pub fn repo_root() -> &'static Path {
 }
 
 /// A cluster of one local endpoint that Envoy speaks HTTP/2 to.
+/// A static cluster of one endpoint on loopback.
+fn cluster(name: &str, port: u16) -> String {
+    format!(
+        r#"  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}"#
+    )
+}
+
 fn h2_cluster(name: &str, port: u16) -> String {
     format!(
         r#"  - name: {name}
