@@ -6,6 +6,10 @@ use envoy_resilience::pipeline::config::Config;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
+#[path = "common/markdown.rs"]
+mod markdown;
+use markdown::{fenced_blocks, markdown_files};
+
 fn filters_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("filters")
 }
@@ -380,26 +384,6 @@ fn istio_manifests_use_documented_fields_and_what_the_filter_needs() {
     }
 }
 
-/// Every Markdown file of the repository (README, filters/, envoy/), recursively.
-fn markdown_files() -> Vec<PathBuf> {
-    fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
-        for entry in std::fs::read_dir(dir).unwrap().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, found);
-            } else if path.extension().is_some_and(|e| e == "md") {
-                found.push(path);
-            }
-        }
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut found = vec![root.join("README.md")];
-    walk(&root.join("filters"), &mut found);
-    walk(&root.join("envoy"), &mut found);
-    found.sort();
-    found
-}
-
 /// Issue 16: every filter configuration a document shows in a YAML snippet is one the filter
 /// and the schema accept, as written.
 #[test]
@@ -408,10 +392,10 @@ fn every_configuration_in_the_docs_is_accepted() {
     let mut checked = 0;
     for path in markdown_files() {
         let text = std::fs::read_to_string(&path).unwrap();
-        for block in text.split("```").skip(1).step_by(2) {
-            let Some(yaml) = block.strip_prefix("yaml\n") else {
+        for (info, yaml) in fenced_blocks(&text) {
+            if info != "yaml" {
                 continue;
-            };
+            }
             let Ok(value) = serde_norway::from_str::<Value>(yaml) else {
                 assert!(
                     !yaml.contains(WASM_FILTER),

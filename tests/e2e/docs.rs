@@ -4,6 +4,7 @@
 
 use super::envoy::envoy;
 use super::fresh_connections;
+use super::markdown::{fenced_blocks, markdown_files};
 use super::upstream::Upstream;
 use reqwest::Response;
 use serde_json::Value;
@@ -13,21 +14,17 @@ fn markdown(path: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
 }
 
-/// The fenced blocks of a document: info string, body.
-fn blocks(text: &str) -> Vec<(&str, &str)> {
-    text.split("```")
-        .skip(1)
-        .step_by(2)
-        .map(|block| block.split_once('\n').unwrap_or((block, "")))
-        .collect()
+/// The document from `marker` on.
+fn from<'a>(text: &'a str, marker: &str) -> &'a str {
+    let at = text
+        .find(marker)
+        .unwrap_or_else(|| panic!("{marker:?} is not in the document"));
+    &text[at..]
 }
 
 /// The first fenced block after `marker`.
 fn block_after<'a>(text: &'a str, marker: &str) -> &'a str {
-    let at = text
-        .find(marker)
-        .unwrap_or_else(|| panic!("{marker:?} is not in the document"));
-    blocks(&text[at..])[0].1
+    fenced_blocks(from(text, marker))[0].1
 }
 
 /// Every Wasm filter entry (`name: envoy.filters.http.wasm`) in the YAML snippets.
@@ -45,7 +42,7 @@ fn wasm_entries(text: &str) -> Vec<Value> {
         }
     }
     let mut found = Vec::new();
-    for (info, body) in blocks(text) {
+    for (info, body) in fenced_blocks(text) {
         if let ("yaml", Ok(value)) = (info, serde_norway::from_str::<Value>(body)) {
             find(&value, &mut found);
         }
@@ -96,14 +93,9 @@ fn status_of(line: &str) -> u16 {
 async fn every_documented_filter_entry_loads_in_envoy_and_lets_requests_through() {
     let upstream = Upstream::start().await;
     let mut loaded = 0;
-    for doc in [
-        "README.md",
-        "filters/rate_limit/README.md",
-        "filters/circuit_breaker/README.md",
-        "filters/load_shedding/README.md",
-        "filters/idempotency/README.md",
-    ] {
-        for entry in wasm_entries(&markdown(doc)) {
+    for path in markdown_files() {
+        let doc = path.display();
+        for entry in wasm_entries(&std::fs::read_to_string(&path).unwrap()) {
             let envoy = envoy().documented_filter(&entry).start(&upstream).await;
             let before = upstream.count();
             let response = fresh_connections()
@@ -283,10 +275,7 @@ async fn the_demo_walkthrough_sheds_and_admits_as_printed() {
 
 /// The text the document quotes in backticks right after `marker`.
 fn quoted_after<'a>(text: &'a str, marker: &str) -> &'a str {
-    let at = text
-        .find(marker)
-        .unwrap_or_else(|| panic!("{marker:?} is not in the document"));
-    text[at..].split('`').nth(1).unwrap()
+    from(text, marker).split('`').nth(1).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

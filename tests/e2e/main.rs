@@ -20,4 +20,6 @@ mod wire;
 
 #[path = "../common/http.rs"]
 mod http;
+#[path = "../common/markdown.rs"]
+mod markdown;
 pub use http::{clients, fresh_connections, join_all, METRICS_FLUSHED};
