@@ -12,11 +12,12 @@
 //! - The policies: [`load_shedding`], [`rate_limit`], [`idempotency`], [`circuit_breaker`].
 //! - Shared pieces: [`store`] (shared data and compare-and-swap), [`request`] (request parts,
 //!   path normalization, keys), [`matcher`], [`reply`], [`hashing`], [`clock`], [`config`]
-//!   (errors and checks every section uses), [`telemetry`], [`grpc`].
+//!   (errors and checks every section uses), [`telemetry`], [`decision`], [`grpc`].
 
 pub mod circuit_breaker;
 pub mod clock;
 pub mod config;
+pub mod decision;
 pub mod etcd;
 pub mod grpc;
 pub mod hashing;

@@ -111,9 +111,10 @@ impl<S: Store> Env<'_, S> {
 
     /// Applies `shared_data.on_error` to an admission shared data could not answer: the one
     /// place that decides. `Ok`: go on without this policy's protection; `Err`: refuse.
+    /// `policy` is the policy's section name (`rate_limit`).
     pub fn admission_failed(
         &mut self,
-        policy: &str,
+        policy: &'static str,
         what: &str,
         error: StoreError,
     ) -> Result<(), Reply> {

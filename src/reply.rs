@@ -4,6 +4,7 @@
 
 use crate::config::json::json_object;
 use crate::config::{check_header_name, ConfigError};
+use crate::decision::Decision;
 use crate::grpc::GrpcStatus;
 use std::collections::BTreeMap;
 
@@ -23,6 +24,9 @@ pub struct Reply {
     /// Set once the reply is made for a gRPC call ([`Reply::for_grpc_call`]): Envoy answers
     /// trailers-only with this `grpc-status`, and `body` as `grpc-message`.
     pub grpc_status: Option<GrpcStatus>,
+    /// Which policy answered, and how: for the decision header and filter state. Boxed, as
+    /// a refusal is rare and every `Result<_, Reply>` carries its size.
+    pub decision: Box<Decision>,
 }
 
 /// A trailers-only gRPC answer: the code a gRPC client acts on (retry policies name
@@ -50,6 +54,7 @@ pub struct Refusal<'a> {
     pub detail: String,
     /// The rule names, for [`QUOTA_EXCEEDED`].
     pub violated_policies: &'a [&'a str],
+    pub decision: Decision,
 }
 
 impl Reply {
@@ -85,34 +90,42 @@ impl Reply {
                 message: response.grpc_message.clone().unwrap_or(refusal.detail),
             }),
             grpc_status: None,
+            decision: Box::new(refusal.decision),
         }
     }
 
     /// A policy's state could not be read or written (shared data, or etcd for a global
     /// rule) and its failure mode is `deny`: an RFC 9457 problem of type `state-unavailable`.
-    pub fn unavailable(policy: &str) -> Reply {
+    /// `policy` is the policy's section name (`rate_limit`).
+    pub fn unavailable(policy: &'static str) -> Reply {
         Reply::problem(
             503,
-            "state-unavailable",
-            "State unavailable",
-            &format!("{policy} state unavailable"),
+            Refusal {
+                problem_type: &format!("{PROBLEM_TYPE_BASE}state-unavailable"),
+                title: "State unavailable",
+                detail: format!("{} state unavailable", policy.replace('_', " ")),
+                violated_policies: &[],
+                decision: Decision::new(policy, "state-unavailable"),
+            },
             None,
             "resilience_state_unavailable",
             GrpcStatus::UNAVAILABLE,
         )
     }
 
-    /// An RFC 9457 problem as `application/problem+json`; `kind` completes the type URI,
-    /// e.g. `idempotency:key-reused`.
+    /// An RFC 9457 problem as `application/problem+json`, of one of our types
+    /// ([`PROBLEM_TYPE_BASE`]); a gRPC call gets the type's last part and the detail.
     pub fn problem(
         status: u16,
-        kind: &str,
-        title: &str,
-        detail: &str,
+        refusal: Refusal<'_>,
         retry_after_secs: Option<u64>,
         details: &'static str,
         grpc_status: GrpcStatus,
     ) -> Reply {
+        let kind = refusal
+            .problem_type
+            .strip_prefix(PROBLEM_TYPE_BASE)
+            .unwrap_or(refusal.problem_type);
         let mut headers = vec![(
             "content-type".to_owned(),
             b"application/problem+json".to_vec(),
@@ -124,18 +137,19 @@ impl Reply {
             status,
             headers,
             body: problem_body(
-                &format!("{PROBLEM_TYPE_BASE}{kind}"),
-                title,
+                refusal.problem_type,
+                refusal.title,
                 status,
-                detail,
-                &[],
+                &refusal.detail,
+                refusal.violated_policies,
             ),
             details,
             grpc: Some(GrpcAnswer {
                 status: grpc_status,
-                message: format!("{kind}: {detail}"),
+                message: format!("{kind}: {}", refusal.detail),
             }),
             grpc_status: None,
+            decision: Box::new(refusal.decision),
         }
     }
 
@@ -154,6 +168,7 @@ impl Reply {
             details: "resilience_idempotency_replay",
             grpc: None,
             grpc_status: None,
+            decision: Box::new(Decision::new("idempotency", "replayed")),
         }
     }
 
@@ -246,7 +261,7 @@ pub struct Response {
 }
 
 /// The headers policies set on their refusals themselves.
-const POLICY_HEADERS: [&str; 5] = [
+pub const POLICY_HEADERS: [&str; 5] = [
     "retry-after",
     "ratelimit",
     "ratelimit-policy",
@@ -348,6 +363,7 @@ mod tests {
                 title: "t",
                 detail: "m".to_owned(),
                 violated_policies: &[],
+                decision: Decision::new("rate_limit", "limited"),
             };
             let reply = Reply::configured(&response, own, "d", refusal).for_grpc_call();
             reply

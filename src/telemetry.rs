@@ -1,9 +1,11 @@
 //! What the core reports besides its answers: metric changes and log lines, as events the host
-//! turns into Envoy stats and log calls.
+//! turns into Envoy stats and log calls, and the refusals dry-run policies would have made.
 //!
 //! Each policy declares its metrics once, at configuration, in a [`Catalog`]; the host defines
 //! one Envoy stat per entry, under `resilience.<instance>.<name>`, and applies the events a
 //! request produced. Tests apply them to a map instead.
+
+use crate::decision::Decision;
 
 /// How often the host hands counters to Envoy: they trail the requests by at most this.
 pub const METRICS_FLUSH: std::time::Duration = std::time::Duration::from_millis(100);
@@ -54,8 +56,13 @@ impl Catalog {
 
     fn declare(&mut self, kind: MetricKind, name: &str) -> MetricId {
         let id = MetricId(self.metrics.len() as u32);
-        self.metrics.push((kind, format!("{}{name}", self.prefix)));
+        self.metrics.push((kind, self.full_name(name)));
         id
+    }
+
+    /// `name` under the instance's prefix: `resilience.<instance>.<name>`.
+    pub fn full_name(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
     }
 
     /// Every metric, in [`MetricId`] order.
@@ -85,6 +92,9 @@ pub enum Event {
 #[derive(Debug, Default)]
 pub struct Telemetry {
     events: Vec<Event>,
+    /// Refusals a dry-run (`shadow`) policy would have made; the pipeline takes them for the
+    /// stream's decisions.
+    shadow_decisions: Vec<Decision>,
 }
 
 impl Telemetry {
@@ -113,6 +123,15 @@ impl Telemetry {
 
     pub fn drain(&mut self) -> std::vec::Drain<'_, Event> {
         self.events.drain(..)
+    }
+
+    /// A dry-run policy would have refused the request with `decision`.
+    pub fn would_refuse(&mut self, decision: Decision) {
+        self.shadow_decisions.push(decision.shadow());
+    }
+
+    pub fn take_shadow_decisions(&mut self) -> Vec<Decision> {
+        std::mem::take(&mut self.shadow_decisions)
     }
 }
 

@@ -28,6 +28,7 @@ pub struct RawBreaker {
     pub half_open: Option<RawHalfOpen>,
     pub response: Option<RawResponse>,
     pub long_lived: Option<RawBreakerLongLived>,
+    pub shadow: Option<bool>,
 }
 
 json_object!(RawBreaker {
@@ -38,7 +39,8 @@ json_object!(RawBreaker {
     open: "open",
     half_open: "half_open",
     response: "response",
-    long_lived: "long_lived"
+    long_lived: "long_lived",
+    shadow: "shadow"
 });
 
 #[derive(Debug, Default)]
@@ -195,6 +197,9 @@ pub struct BreakerConfig {
     /// A long-lived request whose response headers took longer than this is slow; without
     /// it, none is.
     pub long_lived_slow_call: Option<std::time::Duration>,
+    /// Dry run: the breaker opens, probes and closes as it would, but lets through what it
+    /// would refuse (counted as `shadow_rejected`, never as calls it judged).
+    pub shadow: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -469,6 +474,7 @@ impl BreakerConfig {
             response,
             long_lived_counted,
             long_lived_slow_call,
+            shadow: raw.shadow.unwrap_or(false),
         })
     }
 }

@@ -2,8 +2,9 @@
 //! hears how it ended.
 
 use super::breaker::{self, phase_value, Admission, Effects, Outcome, Permit, Phase};
-use super::config::CircuitBreakerConfig;
+use super::config::{BreakerConfig, CircuitBreakerConfig};
 use crate::clock::retry_after_secs;
+use crate::decision::Decision;
 use crate::matcher::Scope;
 use crate::policy::{Completion, Env, Needs, Policy};
 use crate::reply::{Refusal, Reply};
@@ -26,6 +27,7 @@ pub struct CircuitBreaker {
 struct BreakerMetrics {
     state: MetricId,
     rejected: MetricId,
+    shadow_rejected: MetricId,
     to_open: MetricId,
     to_half_open: MetricId,
     to_closed: MetricId,
@@ -51,6 +53,7 @@ impl CircuitBreaker {
                 BreakerMetrics {
                     state: catalog.gauge(&name("state")),
                     rejected: catalog.counter(&name("rejected")),
+                    shadow_rejected: catalog.counter(&name("shadow_rejected")),
                     to_open: catalog.counter(&name("transitions_to_open")),
                     to_half_open: catalog.counter(&name("transitions_to_half_open")),
                     to_closed: catalog.counter(&name("transitions_to_closed")),
@@ -124,6 +127,11 @@ impl CircuitBreaker {
     }
 }
 
+/// An open breaker's refusal (or, half-open, one whose probes are all out).
+fn open_decision(breaker: &BreakerConfig) -> Decision {
+    Decision::new("circuit_breaker", "open").of("breaker", &breaker.name)
+}
+
 impl Policy for CircuitBreaker {
     type Loan = Permits;
 
@@ -184,6 +192,18 @@ impl Policy for CircuitBreaker {
                         held.push(held_permit);
                     }
                 }
+                Ok((Admission::Reject { .. }, effects)) if breaker.shadow => {
+                    self.apply(env, index, effects);
+                    env.telemetry.increment(metrics.shadow_rejected);
+                    env.telemetry.log(
+                        Level::Info,
+                        format!(
+                            "shadow circuit breaker {:?} would refuse {} {}",
+                            breaker.name, request.method, request.path
+                        ),
+                    );
+                    env.telemetry.would_refuse(open_decision(breaker));
+                }
                 Ok((Admission::Reject { retry_after }, effects)) => {
                     self.apply(env, index, effects);
                     env.telemetry.increment(metrics.rejected);
@@ -206,12 +226,16 @@ impl Policy for CircuitBreaker {
                             title: "Circuit open",
                             detail: format!("circuit breaker {} is open", breaker.name),
                             violated_policies: &[],
+                            decision: open_decision(breaker),
                         },
                     ));
                 }
+                Err(err) if breaker.shadow => {
+                    env.store_failed(&format!("shadow circuit breaker {:?}", breaker.name), err);
+                }
                 Err(err) => {
                     let what = format!("circuit breaker {:?}", breaker.name);
-                    if let Err(reply) = env.admission_failed("circuit breaker", &what, err) {
+                    if let Err(reply) = env.admission_failed("circuit_breaker", &what, err) {
                         for h in held {
                             self.record(env, h, Outcome::Ignored);
                         }

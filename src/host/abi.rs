@@ -76,6 +76,12 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
     fn proxy_get_shared_data(
         key_data: *const u8,
         key_size: usize,
@@ -255,6 +261,13 @@ pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
         Err(NOT_FOUND) => Ok(None),
         Err(other) => Err(other),
     }
+}
+
+/// Sets the stream's filter state `wasm.<key>` (bytes, for access logs' `%FILTER_STATE%` and
+/// later filters); it lives as long as the stream.
+pub fn set_filter_state(key: &str, value: &[u8]) -> Result<(), Status> {
+    count(Call::SetProperty);
+    check(unsafe { proxy_set_property(key.as_ptr(), key.len(), value.as_ptr(), value.len()) })
 }
 
 /// An integer attribute (Envoy passes them as 8 little-endian bytes).

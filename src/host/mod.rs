@@ -242,14 +242,23 @@ impl Root {
     /// tick, or an answer to a call the root sent for it).
     fn act_for(&mut self, configured: &Configured, stream: StreamRef, step: Step) {
         let (id, exchange) = stream;
+        let publish_for = |exchange: &Weak<RefCell<Exchange>>| {
+            if let Some(exchange) = exchange.upgrade() {
+                if let Ok(mut exchange) = exchange.try_borrow_mut() {
+                    publish(configured, &mut exchange);
+                }
+            }
+        };
         match step {
             Step::Continue => {
                 if abi::set_effective_context(id).is_ok() {
+                    publish_for(&exchange);
                     let _ = abi::continue_request();
                 }
             }
             Step::Reply(reply) => {
                 if abi::set_effective_context(id).is_ok() {
+                    publish_for(&exchange);
                     send(configured, &reply);
                 }
             }
@@ -465,6 +474,14 @@ impl RootContext for Root {
     }
 }
 
+/// Puts the stream's new decisions in Envoy's filter state, in the stream's context, before
+/// its reply or its access log: a decision that cannot be published is still in the header.
+fn publish(configured: &Configured, exchange: &mut Exchange) {
+    if let Some(decisions) = exchange.unpublished_decisions() {
+        let _ = abi::set_filter_state(configured.filter.decision_state(), decisions.as_bytes());
+    }
+}
+
 /// Sends a local reply; a reply that cannot be sent is logged, and the stream stays paused.
 fn send(configured: &Configured, reply: &Reply) {
     if let Err(status) = abi::send_local_response(reply) {
@@ -523,6 +540,7 @@ impl Stream {
             return Action::Continue;
         };
         let step = configured.run(|filter, env| call(&mut exchange, filter, env));
+        publish(configured, &mut exchange);
         let waiting = exchange.polls();
         drop(exchange);
         self.act(configured, step, waiting)

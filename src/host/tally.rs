@@ -14,6 +14,7 @@ pub enum Call {
     Headers,
     AddHeader,
     Property,
+    SetProperty,
     GetSharedData,
     SetSharedData,
     SendLocalResponse,
@@ -35,7 +36,7 @@ pub enum Call {
 
 /// Metric names, in [`Call`] order.
 #[cfg(feature = "host-calls")]
-const NAMES: [&str; 25] = [
+const NAMES: [&str; 26] = [
     "log",
     "now",
     "set_tick_period",
@@ -44,6 +45,7 @@ const NAMES: [&str; 25] = [
     "headers",
     "add_header",
     "property",
+    "set_property",
     "get_shared_data",
     "set_shared_data",
     "send_local_response",
@@ -66,10 +68,10 @@ const NAMES: [&str; 25] = [
 #[cfg(feature = "host-calls")]
 thread_local! {
     /// Per call, in [`Call`] order: how many since the last report.
-    static COUNTS: std::cell::RefCell<[u64; 25]> = const { std::cell::RefCell::new([0; 25]) };
+    static COUNTS: std::cell::RefCell<[u64; 26]> = const { std::cell::RefCell::new([0; 26]) };
     /// Per call: its counter's id, once defined.
-    static METRICS: std::cell::RefCell<[Option<u32>; 25]> =
-        const { std::cell::RefCell::new([None; 25]) };
+    static METRICS: std::cell::RefCell<[Option<u32>; 26]> =
+        const { std::cell::RefCell::new([None; 26]) };
 }
 
 #[inline]
@@ -104,5 +106,5 @@ pub fn report() {
             }
         }
     });
-    COUNTS.with(|counts| *counts.borrow_mut() = [0; 25]);
+    COUNTS.with(|counts| *counts.borrow_mut() = [0; 26]);
 }

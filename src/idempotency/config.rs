@@ -30,6 +30,7 @@ pub struct RawIdempotency {
     pub records: Option<u32>,
     pub when_full: Option<Overflow>,
     pub store: Option<RawStore>,
+    pub shadow: Option<bool>,
 }
 
 json_object!(RawIdempotency {
@@ -51,7 +52,8 @@ json_object!(RawIdempotency {
     max_response_bytes: "max_response_bytes",
     records: "records",
     when_full: "when_full",
-    store: "store"
+    store: "store",
+    shadow: "shadow"
 });
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,6 +127,10 @@ pub struct IdempotencyConfig {
     pub when_full: Overflow,
     /// `None`: this Envoy's shared data is the only tier.
     pub store: Option<FleetStore>,
+    /// Dry run: keys are claimed and responses stored as when enforcing, but a request the
+    /// policy would answer itself (a replay, a conflict, a bad key) goes on to the upstream
+    /// instead, without a claim.
+    pub shadow: bool,
 }
 
 const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
@@ -317,6 +323,7 @@ impl IdempotencyConfig {
             records,
             when_full: raw.when_full.unwrap_or(Overflow::Reject),
             store,
+            shadow: raw.shadow.unwrap_or(false),
         })
     }
 

@@ -7,7 +7,7 @@
 //! record; a slot's expired record is overwritten by the next key placed there.
 
 use super::policy::{
-    Claim, ClaimId, Decision, Idempotency, Outcome, Placement, Problem, REPLAYED_HEADER,
+    Claim, ClaimId, Idempotency, KeyCheck, Outcome, Placement, Problem, REPLAYED_HEADER,
 };
 use super::record::{Entry, IdempotencyRecord};
 use crate::clock::Instant;
@@ -49,7 +49,7 @@ pub struct FleetClaim {
 pub enum FleetStep {
     /// Send this, then hand its answer to [`Idempotency::fleet_answer`].
     Call(StoreCall),
-    Decided(Decision),
+    Decided(KeyCheck),
     /// The store gave no usable answer in time: `on_store_error` decides.
     Unavailable(AnswerError),
 }
@@ -276,7 +276,7 @@ impl Idempotency {
             Err(err) => return FleetStep::Unavailable(err),
             Ok(Swapped::Written { revision }) => {
                 fleet.revision = Some(revision);
-                return FleetStep::Decided(Decision::Claimed);
+                return FleetStep::Decided(KeyCheck::Claimed);
             }
             Ok(Swapped::Found(found)) => found,
         };
@@ -289,7 +289,7 @@ impl Idempotency {
                 && record.entry == (Entry::InFlight { claim: id.claim })
             {
                 fleet.revision = Some(found.revision);
-                return FleetStep::Decided(Decision::Claimed);
+                return FleetStep::Decided(KeyCheck::Claimed);
             }
         }
         let ((decision, _), write) =
@@ -344,20 +344,20 @@ impl Idempotency {
         &self,
         env: &mut Env<'_, S>,
         claim: &mut Option<Claim>,
-        decision: Decision,
+        decision: KeyCheck,
     ) -> Result<(), Reply> {
         self.give_back(env, claim.take());
         self.count(env, &decision);
         let decision = match decision {
             // The record may be answered already, its write on the way from another Envoy
             // (sent within a tick): retry soon, not when the claim's lease would end.
-            Decision::InFlight { retry_after_secs } => Decision::InFlight {
+            KeyCheck::InFlight { retry_after_secs } => KeyCheck::InFlight {
                 retry_after_secs: retry_after_secs.min(1),
             },
             other => other,
         };
         match decision {
-            Decision::Replay(stored) => Err(Reply::replay(
+            KeyCheck::Replay(stored) => Err(Reply::replay(
                 stored.status,
                 stored.headers,
                 stored.body,
@@ -386,7 +386,7 @@ impl Idempotency {
         match mode {
             FailureMode::Allow => {
                 if claim.as_ref().is_some_and(|claim| claim.local) {
-                    self.count(env, &Decision::Claimed);
+                    self.count(env, &KeyCheck::Claimed);
                 }
                 Ok(())
             }
@@ -410,7 +410,7 @@ impl Idempotency {
 
     /// etcd granted the claim.
     pub fn fleet_claimed<S: Store>(&self, env: &mut Env<'_, S>) {
-        self.count(env, &Decision::Claimed);
+        self.count(env, &KeyCheck::Claimed);
     }
 
     /// A write the full queue dropped.

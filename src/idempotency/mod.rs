@@ -21,7 +21,7 @@ pub use fleet::{
 };
 pub use key::{parse_key, KeyError};
 pub use policy::{
-    Begin, Claim, ClaimId, Decision, Finished, Idempotency, Outcome, Pending, Placement, Problem,
+    Begin, Claim, ClaimId, Finished, Idempotency, KeyCheck, Outcome, Pending, Placement, Problem,
     REPLAYED_HEADER, SWEEP_PER_SECOND,
 };
 pub use record::{

@@ -7,10 +7,11 @@ use super::fleet::{FleetClaim, FleetWrite};
 use super::key::{parse_key, KeyError};
 use super::record::{Entry, IdempotencyRecord, StoredResponse};
 use crate::clock::{retry_after_secs, Instant};
+use crate::decision::Decision;
 use crate::grpc::GrpcStatus;
 use crate::hashing::KeyHasher;
 use crate::policy::{Completion, Env, Needs, Policy};
-use crate::reply::Reply;
+use crate::reply::{Refusal, Reply, PROBLEM_TYPE_BASE};
 use crate::request::{Field, KeyBuilder, RequestInfo};
 use crate::store::{self, Namespace, SharedDataSettings, Store, StoreError};
 use crate::telemetry::{Catalog, Level, MetricId};
@@ -38,6 +39,8 @@ pub(super) struct Metrics {
     evictions: MetricId,
     body_timeouts: MetricId,
     unanswered: MetricId,
+    /// Dry run: requests the policy would have answered itself, let through.
+    shadow_passed: MetricId,
     /// Requests decided by `on_store_error`: the fleet store gave no answer in time.
     pub(super) store_unavailable: MetricId,
     /// Fleet writes still failing when their claim's lease ran out.
@@ -91,7 +94,7 @@ pub enum Begin {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum Decision {
+pub enum KeyCheck {
     /// This request owns the key: send it upstream, then [`Idempotency::finish`].
     Claimed,
     /// Same key, same request, already executed: answer with the stored response.
@@ -156,9 +159,13 @@ impl Problem {
     pub fn reply(&self) -> Reply {
         Reply::problem(
             self.status,
-            &format!("idempotency:{}", self.kind),
-            self.title,
-            &self.detail,
+            Refusal {
+                problem_type: &format!("{PROBLEM_TYPE_BASE}idempotency:{}", self.kind),
+                title: self.title,
+                detail: self.detail.clone(),
+                violated_policies: &[],
+                decision: Decision::new("idempotency", self.kind),
+            },
             self.retry_after_secs,
             "resilience_idempotency",
             self.grpc,
@@ -197,6 +204,7 @@ impl Idempotency {
             evictions: counter("evictions"),
             body_timeouts: counter("body_timeouts"),
             unanswered: counter("unanswered"),
+            shadow_passed: counter("shadow_passed"),
             store_unavailable: counter("store_unavailable"),
             store_writes_lost: counter("store_writes_lost"),
         };
@@ -331,30 +339,30 @@ impl Idempotency {
     }
 
     /// The answer to a decision other than a claim (for `Full`, `None` means: pass unprotected).
-    pub fn problem(&self, decision: &Decision) -> Option<Problem> {
+    pub fn problem(&self, decision: &KeyCheck) -> Option<Problem> {
         let header = &self.config.header;
         Some(match decision {
-            Decision::Claimed | Decision::Replay(_) => return None,
-            Decision::InFlight { retry_after_secs } => Problem {
+            KeyCheck::Claimed | KeyCheck::Replay(_) => return None,
+            KeyCheck::InFlight { retry_after_secs } => Problem {
                 retry_after_secs: Some(*retry_after_secs),
                 ..Problem::new(409, "in-flight", GrpcStatus::ABORTED, "Request in progress", format!("A request with this `{header}` is still being processed. Retry it later with the same key to get its response."))
             },
-            Decision::Mismatch => Problem::new(
+            KeyCheck::Mismatch => Problem::new(
                 422,
                 "key-reused",
                 GrpcStatus::INVALID_ARGUMENT,
                 "Idempotency key reused",
                 format!("This `{header}` was used for a different request (method, path, query or body). Use a new key for a new request."),
             ),
-            Decision::Unreplayable { status } => Problem::new(
+            KeyCheck::Unreplayable { status } => Problem::new(
                 409,
                 "not-replayable",
                 GrpcStatus::ALREADY_EXISTS,
                 "Request already executed",
                 format!("The request with this `{header}` was executed and answered {status}, but its response could not be stored (too large, cut short, or not replayable). It will not be executed again."),
             ),
-            Decision::Full { .. } if self.config.when_full == Overflow::Pass => return None,
-            Decision::Full { retry_after_secs } => Problem {
+            KeyCheck::Full { .. } if self.config.when_full == Overflow::Pass => return None,
+            KeyCheck::Full { retry_after_secs } => Problem {
                 retry_after_secs: Some(*retry_after_secs),
                 ..Problem::new(503, "store-full", GrpcStatus::RESOURCE_EXHAUSTED, "Idempotency store full", "The idempotency store has no room for this key right now. Retry later.".to_owned())
             },
@@ -375,7 +383,7 @@ impl Idempotency {
         fingerprint: [u8; 32],
         now: Instant,
         settings: SharedDataSettings,
-    ) -> Result<(Decision, bool), StoreError> {
+    ) -> Result<(KeyCheck, bool), StoreError> {
         let (pending, claim) = (id.pending, id.claim);
         let key = self.slot_key(namespace, pending.slot);
         let updated = store::update::<IdempotencyRecord, _>(
@@ -397,7 +405,7 @@ impl Idempotency {
         fingerprint: [u8; 32],
         claim: u64,
         now: Instant,
-    ) -> ((Decision, bool), Option<IdempotencyRecord>) {
+    ) -> ((KeyCheck, bool), Option<IdempotencyRecord>) {
         let record = record.unwrap_or_else(IdempotencyRecord::free);
         if !record.is_live(now) {
             let evicted = record.entry != Entry::Free;
@@ -407,23 +415,23 @@ impl Idempotency {
                 deadline: now.saturating_add(self.config.lease),
                 entry: Entry::InFlight { claim },
             };
-            return ((Decision::Claimed, evicted), Some(claimed));
+            return ((KeyCheck::Claimed, evicted), Some(claimed));
         }
         let live_for = retry_after_secs(record.deadline.saturating_since(now));
         let decision = if record.owner != owner {
-            Decision::Full {
+            KeyCheck::Full {
                 retry_after_secs: live_for,
             }
         } else if record.fingerprint != fingerprint {
-            Decision::Mismatch
+            KeyCheck::Mismatch
         } else {
             match record.entry {
-                Entry::InFlight { .. } => Decision::InFlight {
+                Entry::InFlight { .. } => KeyCheck::InFlight {
                     retry_after_secs: live_for,
                 },
-                Entry::Completed(response) => Decision::Replay(response),
-                Entry::Unreplayable { status } => Decision::Unreplayable { status },
-                Entry::Free => Decision::Full {
+                Entry::Completed(response) => KeyCheck::Replay(response),
+                Entry::Unreplayable { status } => KeyCheck::Unreplayable { status },
+                Entry::Free => KeyCheck::Full {
                     retry_after_secs: live_for,
                 },
             }
@@ -527,6 +535,23 @@ pub const SWEEP_PER_SECOND: u32 = 256;
 
 impl Idempotency {
     /// A request body reached the filter: the plugin config lets bodies through.
+    /// Dry run: the request goes on although the policy would have answered it with `reply`.
+    pub fn shadow_pass<S: Store>(
+        &self,
+        env: &mut Env<'_, S>,
+        request: &RequestInfo,
+        reply: &Reply,
+    ) {
+        env.telemetry.increment(self.metrics.shadow_passed);
+        env.telemetry.log(
+            Level::Info,
+            format!(
+                "shadow idempotency would answer {} {} itself ({} {})",
+                request.method, request.path, reply.status, reply.decision.outcome
+            ),
+        );
+    }
+
     pub fn saw_body(&self) {
         self.body_seen.set(true);
     }
@@ -574,13 +599,13 @@ impl Idempotency {
         next
     }
 
-    pub(super) fn count(&self, env: &mut Env<'_, impl Store>, decision: &Decision) {
+    pub(super) fn count(&self, env: &mut Env<'_, impl Store>, decision: &KeyCheck) {
         let metric = match decision {
-            Decision::Claimed => self.metrics.claims,
-            Decision::Replay(_) => self.metrics.replays,
-            Decision::InFlight { .. } | Decision::Unreplayable { .. } => self.metrics.conflicts,
-            Decision::Mismatch => self.metrics.mismatches,
-            Decision::Full { .. } => self.metrics.full,
+            KeyCheck::Claimed => self.metrics.claims,
+            KeyCheck::Replay(_) => self.metrics.replays,
+            KeyCheck::InFlight { .. } | KeyCheck::Unreplayable { .. } => self.metrics.conflicts,
+            KeyCheck::Mismatch => self.metrics.mismatches,
+            KeyCheck::Full { .. } => self.metrics.full,
         };
         env.telemetry.increment(metric);
     }
@@ -650,27 +675,27 @@ impl Policy for Idempotency {
         // With a fleet store, a claim counts once etcd has granted it too, and a slot full
         // here is no answer yet: the fleet's table may have room, or the stored response.
         let local = match (&decision, fleet.is_some()) {
-            (Decision::Claimed, true) => true,
-            (Decision::Full { .. }, true) => false,
+            (KeyCheck::Claimed, true) => true,
+            (KeyCheck::Full { .. }, true) => false,
             _ => {
                 self.count(env, &decision);
-                decision == Decision::Claimed
+                decision == KeyCheck::Claimed
             }
         };
         match decision {
-            Decision::Claimed | Decision::Full { .. } if fleet.is_some() => Ok(Some(Claim {
+            KeyCheck::Claimed | KeyCheck::Full { .. } if fleet.is_some() => Ok(Some(Claim {
                 id,
                 capture: Capture::default(),
                 fleet,
                 local,
             })),
-            Decision::Claimed => Ok(Some(Claim {
+            KeyCheck::Claimed => Ok(Some(Claim {
                 id,
                 capture: Capture::default(),
                 fleet: None,
                 local: true,
             })),
-            Decision::Replay(stored) => Err(Reply::replay(
+            KeyCheck::Replay(stored) => Err(Reply::replay(
                 stored.status,
                 stored.headers,
                 stored.body,

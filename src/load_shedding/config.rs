@@ -35,6 +35,7 @@ pub struct RawPool {
     pub adaptive: Option<RawAdaptive>,
     pub long_lived: Option<LongLived>,
     pub slot_lease: Option<Duration>,
+    pub shadow: Option<bool>,
 }
 
 json_object!(RawPool {
@@ -43,7 +44,8 @@ json_object!(RawPool {
     max_in_flight: "max_in_flight",
     adaptive: "adaptive",
     long_lived: "long_lived",
-    slot_lease: "slot_lease"
+    slot_lease: "slot_lease",
+    shadow: "shadow"
 });
 
 /// Whether a pool counts long-lived requests (upgrades, `CONNECT`, the streaming RPCs the
@@ -183,6 +185,9 @@ pub struct PoolConfig {
     pub long_lived: LongLived,
     /// A third of the pool's slot lease: slots are counted by epochs of this length.
     pub epoch_ns: u64,
+    /// Dry run: a request the pool would shed goes on, counted as `shadow_shed.<class>`, and
+    /// holds no slot in it, so the pool's count stays what enforcing it would make it.
+    pub shadow: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -418,6 +423,7 @@ impl PoolConfig {
             adaptive,
             long_lived,
             epoch_ns,
+            shadow: raw.shadow.unwrap_or(false),
         })
     }
 }

@@ -4,6 +4,7 @@
 use super::config::{Class, LoadSheddingConfig, PoolConfig};
 use super::pool::PoolState;
 use crate::clock::retry_after_secs;
+use crate::decision::Decision;
 use crate::matcher::Scope;
 use crate::policy::{Completion, Env, Needs, Policy};
 use crate::reply::{Refusal, Reply};
@@ -29,6 +30,8 @@ struct PoolMetrics {
     expired: MetricId,
     /// Per class, in `Class::ALL` order.
     shed: [MetricId; 4],
+    /// Per class: what a dry-run pool would have shed.
+    shadow_shed: [MetricId; 4],
     in_flight: MetricId,
     limit: MetricId,
 }
@@ -49,6 +52,9 @@ impl LoadShedding {
                     expired: catalog.counter(&name("expired")),
                     shed: Class::ALL
                         .map(|class| catalog.counter(&name(&format!("shed.{}", class.name())))),
+                    shadow_shed: Class::ALL.map(|class| {
+                        catalog.counter(&name(&format!("shadow_shed.{}", class.name())))
+                    }),
                     in_flight: catalog.gauge(&name("in_flight")),
                     limit: catalog.gauge(&name("limit")),
                 }
@@ -241,6 +247,20 @@ impl Policy for LoadShedding {
                     env.telemetry.move_gauge(metrics.in_flight, 1);
                     held.push((index, epoch));
                 }
+                Ok(None) if pool.shadow => {
+                    env.telemetry.increment(metrics.shadow_shed[class.index()]);
+                    env.telemetry.log(
+                        Level::Info,
+                        format!(
+                            "shadow load shedding pool {} would shed {} {} (class {})",
+                            pool.name,
+                            request.method,
+                            request.path,
+                            class.name()
+                        ),
+                    );
+                    env.telemetry.would_refuse(shed_decision(pool, class));
+                }
                 Ok(None) => {
                     env.telemetry.increment(metrics.shed[class.index()]);
                     self.release_slots(env, &held, None);
@@ -267,12 +287,16 @@ impl Policy for LoadShedding {
                                 class.name()
                             ),
                             violated_policies: &[],
+                            decision: shed_decision(pool, class),
                         },
                     ));
                 }
+                Err(err) if pool.shadow => {
+                    env.store_failed(&format!("shadow load shedding pool {}", pool.name), err);
+                }
                 Err(err) => {
                     let what = format!("load shedding pool {}", pool.name);
-                    if let Err(reply) = env.admission_failed("load shedding", &what, err) {
+                    if let Err(reply) = env.admission_failed("load_shedding", &what, err) {
                         self.release_slots(env, &held, None);
                         return Err(reply);
                     }
@@ -287,6 +311,12 @@ impl Policy for LoadShedding {
     fn release<S: Store>(&self, env: &mut Env<'_, S>, held: Slots, completion: &Completion) {
         self.release_slots(env, &held, completion.latency_sample());
     }
+}
+
+fn shed_decision(pool: &PoolConfig, class: Class) -> Decision {
+    Decision::new("load_shedding", "shed")
+        .of("pool", &pool.name)
+        .class(class.name())
 }
 
 /// The shared-data key of a pool's state.

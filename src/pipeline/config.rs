@@ -8,11 +8,12 @@
 
 use crate::circuit_breaker::{CircuitBreakerConfig, RawCircuitBreaker};
 use crate::config::json::{json_object, FromJson, Json};
-use crate::config::ConfigError;
-use crate::idempotency::{IdempotencyConfig, RawIdempotency};
+use crate::config::{check_header_name, ConfigError};
+use crate::idempotency::{IdempotencyConfig, RawIdempotency, REPLAYED_HEADER};
 use crate::load_shedding::{LoadSheddingConfig, RawLoadShedding};
 use crate::matcher::{Match, RawMatch};
 use crate::rate_limit::{RateLimitConfig, RawRateLimit};
+use crate::reply::POLICY_HEADERS;
 use crate::store::{RawSharedData, SharedDataSettings};
 
 /// The configuration as written, before validation.
@@ -24,6 +25,7 @@ pub struct RawConfig {
     pub load_shedding: Option<RawLoadShedding>,
     pub idempotency: Option<RawIdempotency>,
     pub long_lived: Option<RawLongLived>,
+    pub decision_header: Option<String>,
 }
 
 /// Which requests are long-lived: a streaming RPC cannot be told from a unary call on the wire,
@@ -41,6 +43,7 @@ json_object!(RawConfig {
     load_shedding: "load_shedding",
     idempotency: "idempotency",
     long_lived: "long_lived",
+    decision_header: "decision_header",
 });
 json_object!(RawLongLived { matches: "match" });
 
@@ -56,6 +59,9 @@ pub struct Config {
     pub idempotency: Option<IdempotencyConfig>,
     /// Requests that are long-lived besides upgrades and `CONNECT`.
     pub long_lived: Vec<Match>,
+    /// The response header that names the policies that refused the request, or would have
+    /// in dry run; `None`: no such header (the filter state carries them still).
+    pub decision_header: Option<String>,
 }
 
 impl Config {
@@ -79,6 +85,7 @@ impl Config {
             load_shedding,
             idempotency,
             long_lived,
+            decision_header,
         } = raw;
         let mut long_lived_matches = Vec::new();
         if let Some(raw) = long_lived {
@@ -113,7 +120,7 @@ impl Config {
                 ));
             }
         }
-        Ok(Config {
+        let config = Config {
             shared_data: SharedDataSettings::validate(
                 shared_data.unwrap_or_default(),
                 "shared_data",
@@ -131,7 +138,46 @@ impl Config {
                 .map(|raw| IdempotencyConfig::validate(raw, "idempotency"))
                 .transpose()?,
             long_lived: long_lived_matches,
+            decision_header: None,
+        };
+        let decision_header = decision_header
+            .map(|name| config.check_decision_header(&name))
+            .transpose()?;
+        Ok(Config {
+            decision_header,
+            ..config
         })
+    }
+
+    /// The decision header must be a name of its own: a second value beside a header the
+    /// filter or a configured response sets would leave a client to guess which is meant.
+    fn check_decision_header(&self, name: &str) -> Result<String, ConfigError> {
+        let at = "decision_header";
+        let name = check_header_name(name, at)?;
+        let configured = self
+            .rate_limit
+            .iter()
+            .map(|c| &c.limited_response)
+            .chain(self.load_shedding.iter().map(|c| &c.response))
+            .chain(
+                self.circuit_breaker
+                    .iter()
+                    .flat_map(|c| &c.breakers)
+                    .map(|b| &b.response),
+            )
+            .flat_map(|response| &response.headers)
+            .map(|(name, _)| name.as_str());
+        let taken = POLICY_HEADERS.contains(&name.as_str())
+            || [REPLAYED_HEADER, "content-type", "content-length"].contains(&name.as_str())
+            || name.starts_with("grpc-")
+            || self.idempotency.as_ref().is_some_and(|c| c.header == name);
+        if taken || configured.clone().any(|set| set == name) {
+            return Err(ConfigError::at(
+                at,
+                format!("{name:?} is a header the filter or a configured response already sets or reads"),
+            ));
+        }
+        Ok(name)
     }
 }
 

@@ -24,6 +24,7 @@ fn empty_configuration_runs_with_defaults() {
         load_shedding: None,
         idempotency: None,
         long_lived: Vec::new(),
+        decision_header: None,
     };
     assert_eq!(Config::parse(b""), Ok(defaults.clone()));
     assert_eq!(Config::parse(b" \n"), Ok(defaults.clone()));

@@ -20,10 +20,11 @@ pub mod config;
 
 use crate::circuit_breaker::{CircuitBreaker, Permits};
 use crate::clock::Instant;
+use crate::decision::{self, Decision};
 use crate::etcd::{self, AnswerError, StoreCall};
 use crate::grpc::{self, GrpcStatus};
 use crate::hashing::{shared_seed, KeyHasher, Seed};
-use crate::idempotency::{Claim, Decision, FleetStep, FleetWrite, FleetWrites, Idempotency};
+use crate::idempotency::{self, Claim, FleetStep, FleetWrite, FleetWrites, Idempotency};
 use crate::load_shedding::{LoadShedding, Slots};
 use crate::matcher::Match;
 use crate::policy::{Completion, Env, Instance, Needs, Policy};
@@ -46,6 +47,9 @@ pub struct Filter {
     circuit_breaker: Option<CircuitBreaker>,
     /// Requests that are long-lived besides upgrades and `CONNECT`.
     long_lived: Vec<Match>,
+    decision_header: Option<String>,
+    /// The filter state key of the stream's decisions (Envoy prefixes it with `wasm.`).
+    decision_state: String,
 }
 
 /// How often a VM whose filter waits for request bodies checks their deadlines.
@@ -75,8 +79,10 @@ impl Filter {
             load_shedding,
             idempotency,
             long_lived,
+            decision_header,
         } = config;
         let mut catalog = Catalog::new(name);
+        let decision_state = catalog.full_name("decision");
         let instance = Instance::new(name, shared_data, &mut catalog);
         if let Err(err) = instance.namespace.prepare(store) {
             // Not fatal: creation writes the witness itself when it finds it missing.
@@ -114,6 +120,8 @@ impl Filter {
             idempotency,
             circuit_breaker,
             long_lived,
+            decision_header,
+            decision_state,
         };
         filter.needs = filter.count_needs();
         if let Some(policy) = &filter.load_shedding {
@@ -142,6 +150,8 @@ impl Filter {
             circuit_breaker,
             // Matched on the method and path alone, which every request carries.
             long_lived: _,
+            decision_header: _,
+            decision_state: _,
         } = self;
         let mut needs = Needs::default();
         load_shedding.iter().for_each(|p| needs.merge(p.needs()));
@@ -154,6 +164,12 @@ impl Filter {
 
     pub fn needs(&self) -> &Needs {
         &self.needs
+    }
+
+    /// The filter state key under which the host publishes a stream's decisions
+    /// ([`Exchange::unpublished_decisions`]): `resilience.<instance>.decision`.
+    pub fn decision_state(&self) -> &str {
+        &self.decision_state
     }
 
     /// Every metric of the instance, for the host to define.
@@ -296,6 +312,11 @@ pub struct Exchange {
     permits: Option<Permits>,
     /// The request is a gRPC call and its response is a gRPC answer.
     grpc_response: bool,
+    /// Every policy that answered the request, or would have in dry run, as the RFC 9651
+    /// list the decision header and filter state carry.
+    decisions: String,
+    /// How much of `decisions` the host has published to Envoy's filter state.
+    published: usize,
 }
 
 impl Exchange {
@@ -312,9 +333,11 @@ impl Exchange {
             self.request.canonical && filter.long_lived.iter().any(|m| m.matches(&self.request));
         self.started = env.now;
         if let Some(policy) = &filter.load_shedding {
-            match policy.admit(env, &self.request) {
+            let admitted = policy.admit(env, &self.request);
+            self.heard(env);
+            match admitted {
                 Ok(slots) => self.slots = Some(slots).filter(|s| !s.is_empty()),
-                Err(reply) => return self.answer(reply),
+                Err(reply) => return self.answer(filter, reply),
             }
         }
         self.request_ended = end_of_stream;
@@ -334,9 +357,10 @@ impl Exchange {
         step: RateStep,
         read_body: impl FnOnce(usize) -> Vec<u8>,
     ) -> Step {
+        self.heard(env);
         match step {
             RateStep::Done(Ok(())) => self.admit_before_body(filter, env, read_body),
-            RateStep::Done(Err(reply)) => self.answer(reply),
+            RateStep::Done(Err(reply)) => self.answer(filter, reply),
             RateStep::Call(call) => {
                 self.stage = Stage::AwaitingStore;
                 Step::Call(call)
@@ -395,7 +419,7 @@ impl Exchange {
         };
         policy.saw_body();
         if let Some(reply) = self.on_body_timeout(filter, env) {
-            return self.answer(reply);
+            return self.idempotency_answers(filter, env, reply);
         }
         if size > policy.config().max_body_bytes {
             return self.body_too_large(filter, env);
@@ -422,7 +446,7 @@ impl Exchange {
             return Step::Continue;
         };
         if let Some(reply) = self.on_body_timeout(filter, env) {
-            return self.answer(reply);
+            return self.idempotency_answers(filter, env, reply);
         }
         self.admit_whole_body(filter, env, policy.config().max_body_bytes, read_body)
     }
@@ -471,7 +495,7 @@ impl Exchange {
         match self.stage {
             Stage::AwaitingBody { .. } => self
                 .on_body_timeout(filter, env)
-                .map(|reply| self.answer(reply)),
+                .map(|reply| self.idempotency_answers(filter, env, reply)),
             Stage::AwaitingGrant => {
                 let (Some(policy), Some(admission)) = (&filter.rate_limit, &mut self.rate) else {
                     return Some(Step::Continue);
@@ -501,12 +525,12 @@ impl Exchange {
     }
 
     /// The headers to add to the response; a held claim starts capturing it.
-    pub fn on_response_headers(
-        &mut self,
-        filter: &Filter,
+    pub fn on_response_headers<'a>(
+        &'a mut self,
+        filter: &'a Filter,
         response: &impl ResponseView,
         end_of_stream: bool,
-    ) -> &[(String, String)] {
+    ) -> impl Iterator<Item = (&'a str, &'a str)> {
         // Only a gRPC answer has a grpc-status: a client claiming gRPC to an HTTP service
         // must not make its 200s and 400s count as UNKNOWN and INTERNAL.
         self.grpc_response = self.request.grpc
@@ -522,7 +546,18 @@ impl Exchange {
                 end_of_stream,
             );
         }
-        self.rate.as_ref().map_or(&[], Admission::headers)
+        // A local reply of this filter carries its decisions already.
+        let decisions = filter
+            .decision_header
+            .as_deref()
+            .filter(|_| !self.decisions.is_empty() && !matches!(self.stage, Stage::Answered))
+            .map(|name| (name, self.decisions.as_str()));
+        self.rate
+            .as_ref()
+            .map_or(&[][..], Admission::headers)
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .chain(decisions)
     }
 
     /// Whether breakers judge the stream by the response headers just seen: the host then
@@ -687,7 +722,7 @@ impl Exchange {
                 self.stage = Stage::AwaitingStore;
                 return Step::Call(call);
             }
-            FleetStep::Decided(Decision::Claimed) => {
+            FleetStep::Decided(idempotency::KeyCheck::Claimed) => {
                 policy.fleet_claimed(env);
                 Ok(())
             }
@@ -696,7 +731,7 @@ impl Exchange {
         };
         match settled {
             Ok(()) => self.admit_breakers(filter, env),
-            Err(reply) => self.answer(reply),
+            Err(reply) => self.idempotency_answers(filter, env, reply),
         }
     }
 
@@ -710,7 +745,7 @@ impl Exchange {
         {
             match policy.admit(env, &self.request) {
                 Ok(claim) => self.claim = claim,
-                Err(reply) => return self.answer(reply),
+                Err(reply) => return self.idempotency_answers(filter, env, reply),
             }
             if let Some(claim) = &mut self.claim {
                 if let Some(fleet) = &mut claim.fleet {
@@ -724,9 +759,11 @@ impl Exchange {
 
     fn admit_breakers<S: Store>(&mut self, filter: &Filter, env: &mut Env<'_, S>) -> Step {
         if let Some(policy) = &filter.circuit_breaker {
-            match policy.admit(env, &self.request) {
+            let admitted = policy.admit(env, &self.request);
+            self.heard(env);
+            match admitted {
                 Ok(permits) => self.permits = Some(permits).filter(|p| !p.is_empty()),
-                Err(reply) => return self.answer(reply),
+                Err(reply) => return self.answer(filter, reply),
             }
         }
         self.stage = Stage::Forwarded;
@@ -740,14 +777,59 @@ impl Exchange {
             .as_ref()
             .and_then(|policy| policy.body_too_large());
         match refusal {
-            Some(problem) => self.answer(problem.reply()),
+            Some(problem) => self.idempotency_answers(filter, env, problem.reply()),
             None => self.admit_breakers(filter, env),
         }
     }
 
+    /// Idempotency answers the request itself, unless it runs dry: then the request goes on
+    /// to the breakers, and the answer is only a decision.
+    fn idempotency_answers<S: Store>(
+        &mut self,
+        filter: &Filter,
+        env: &mut Env<'_, S>,
+        reply: Reply,
+    ) -> Step {
+        match &filter.idempotency {
+            Some(policy) if policy.config().shadow => {
+                policy.shadow_pass(env, &self.request, &reply);
+                self.decided(&reply.decision.shadow());
+                self.admit_breakers(filter, env)
+            }
+            _ => self.answer(filter, reply),
+        }
+    }
+
+    /// Takes the refusals dry-run policies would have made in the call just made.
+    fn heard<S: Store>(&mut self, env: &mut Env<'_, S>) {
+        for decision in env.telemetry.take_shadow_decisions() {
+            self.decided(&decision);
+        }
+    }
+
+    fn decided(&mut self, decision: &Decision) {
+        decision::append(&mut self.decisions, decision);
+    }
+
+    /// The stream's decisions, when some were made since the host last published them to
+    /// Envoy's filter state (under [`Filter::decision_state`]): then it publishes them now.
+    pub fn unpublished_decisions(&mut self) -> Option<&str> {
+        if self.decisions.len() == self.published {
+            return None;
+        }
+        self.published = self.decisions.len();
+        Some(&self.decisions)
+    }
+
     /// Every local reply goes out through here: a gRPC call gets it as a gRPC answer.
-    fn answer(&mut self, reply: Reply) -> Step {
+    fn answer(&mut self, filter: &Filter, mut reply: Reply) -> Step {
         self.stage = Stage::Answered;
+        self.decided(&reply.decision);
+        if let Some(name) = &filter.decision_header {
+            reply
+                .headers
+                .push((name.clone(), self.decisions.clone().into_bytes()));
+        }
         Step::Reply(if self.request.grpc {
             reply.for_grpc_call()
         } else {

@@ -9,6 +9,7 @@ use super::config::{Global, KeyPart, MissingKey, RateLimitConfig, Rule};
 use super::global::{self, AskStep, Asking, Granted, Lease, Taking};
 use super::table::{admit, refund, Slot};
 use crate::clock::{ceil_secs, retry_after_secs, Instant};
+use crate::decision::Decision;
 use crate::etcd::{self, AnswerError, Expected, StoreCall, Swapped};
 use crate::hashing::{fleet_place, KeyHasher};
 use crate::policy::{Env, Needs};
@@ -638,7 +639,7 @@ impl RateLimit {
         match mode {
             FailureMode::Allow => Outcome::Skipped,
             FailureMode::Deny => {
-                let mut reply = Reply::unavailable("rate limit");
+                let mut reply = Reply::unavailable("rate_limit");
                 reply
                     .headers
                     .push(("retry-after".to_owned(), b"1".to_vec()));
@@ -654,7 +655,12 @@ impl RateLimit {
         err: store::StoreError,
     ) -> Outcome {
         let what = format!("rate limit rule {:?}", rule.name);
-        match env.admission_failed("rate limit", &what, err) {
+        if rule.shadow {
+            // A trial refuses nothing, not even when its state is out of reach.
+            env.store_failed(&what, err);
+            return Outcome::Skipped;
+        }
+        match env.admission_failed("rate_limit", &what, err) {
             Ok(()) => Outcome::Skipped,
             Err(reply) => Outcome::Failed(reply),
         }
@@ -703,6 +709,8 @@ impl RateLimit {
             Outcome::Skipped => Ok(()),
             Outcome::Refused { .. } if rule.shadow => {
                 env.telemetry.increment(metrics.shadow_limited);
+                env.telemetry
+                    .would_refuse(Decision::new("rate_limit", "limited").of("rule", &rule.name));
                 env.telemetry.log(
                     Level::Info,
                     format!(
@@ -744,6 +752,7 @@ impl RateLimit {
                         title: "Quota exceeded",
                         detail: format!("rate limited by rule {}", rule.name),
                         violated_policies: &[&rule.name],
+                        decision: Decision::new("rate_limit", "limited").of("rule", &rule.name),
                     },
                 ))
             }

@@ -70,13 +70,13 @@ fn a_claim_whose_answer_was_lost_is_recognised_when_its_transaction_is_sent_agai
         "within the one timeout"
     );
     let decided = p.fleet_answer(&mut fleet, id, answer(&etcd, &again), at(12));
-    assert_eq!(decided, FleetStep::Decided(Decision::Claimed));
+    assert_eq!(decided, FleetStep::Decided(KeyCheck::Claimed));
     // And another claim on the same key is in flight, not a second execution.
     let (mut other, other_id) = claim(&p, 2);
     let first = call(p.fleet_start(&mut other, other_id, at(20)));
     assert_eq!(
         p.fleet_answer(&mut other, other_id, answer(&etcd, &first), at(21)),
-        FleetStep::Decided(Decision::InFlight {
+        FleetStep::Decided(KeyCheck::InFlight {
             retry_after_secs: 30
         })
     );
@@ -139,7 +139,7 @@ fn a_finished_claim_writes_its_record_only_over_its_own_revision() {
     let first = call(p.fleet_start(&mut fleet, id, T0));
     assert_eq!(
         p.fleet_answer(&mut fleet, id, answer(&etcd, &first), T0),
-        FleetStep::Decided(Decision::Claimed)
+        FleetStep::Decided(KeyCheck::Claimed)
     );
     let unanswered = p.fleet_finish(fleet.clone(), id, &Outcome::Unanswered, at(5));
     assert_eq!(unanswered, None, "kept until the lease runs out");

@@ -60,7 +60,7 @@ impl Bench {
         }
     }
 
-    fn decide(&self, pending: Pending, body: &[u8], claim: u64, now: Instant) -> Decision {
+    fn decide(&self, pending: Pending, body: &[u8], claim: u64, now: Instant) -> KeyCheck {
         let fingerprint = Idempotency::fingerprint("POST", b"/charges?x=1", body);
         self.policy
             .decide(
@@ -101,10 +101,10 @@ fn created() -> StoredResponse {
 fn the_first_request_claims_and_duplicates_get_the_stored_response() {
     let b = Bench::new("{}");
     let k = b.pending(&post(Some("k1"), "Bearer a"));
-    assert_eq!(b.decide(k, b"{}", 1, T0), Decision::Claimed);
+    assert_eq!(b.decide(k, b"{}", 1, T0), KeyCheck::Claimed);
     assert_eq!(
         b.decide(k, b"{}", 2, at(10)),
-        Decision::InFlight {
+        KeyCheck::InFlight {
             retry_after_secs: 30
         }
     );
@@ -112,10 +112,10 @@ fn the_first_request_claims_and_duplicates_get_the_stored_response() {
         b.finish(k, 1, Outcome::Response(created()), at(100)),
         Finished::Stored
     );
-    assert_eq!(b.decide(k, b"{}", 3, at(200)), Decision::Replay(created()));
+    assert_eq!(b.decide(k, b"{}", 3, at(200)), KeyCheck::Replay(created()));
     assert_eq!(
         b.decide(k, b"{\"other\": 1}", 4, at(300)),
-        Decision::Mismatch
+        KeyCheck::Mismatch
     );
 }
 
@@ -138,7 +138,7 @@ fn keys_are_scoped_by_client_identity() {
 fn a_5xx_releases_the_key_and_4xx_are_kept_for_less_time() {
     let b = Bench::new(r#"{"ttl": "1h", "client_error_ttl": "1m"}"#);
     let k = b.pending(&post(Some("k"), "a"));
-    assert_eq!(b.decide(k, b"", 1, T0), Decision::Claimed);
+    assert_eq!(b.decide(k, b"", 1, T0), KeyCheck::Claimed);
     let failed = StoredResponse {
         status: 503,
         headers: vec![],
@@ -150,7 +150,7 @@ fn a_5xx_releases_the_key_and_4xx_are_kept_for_less_time() {
     );
     assert_eq!(
         b.decide(k, b"", 2, at(20)),
-        Decision::Claimed,
+        KeyCheck::Claimed,
         "the client may retry"
     );
     let refused = StoredResponse {
@@ -162,10 +162,10 @@ fn a_5xx_releases_the_key_and_4xx_are_kept_for_less_time() {
         b.finish(k, 2, Outcome::Response(refused.clone()), at(30)),
         Finished::Stored
     );
-    assert_eq!(b.decide(k, b"", 3, at(59_000)), Decision::Replay(refused));
+    assert_eq!(b.decide(k, b"", 3, at(59_000)), KeyCheck::Replay(refused));
     assert_eq!(
         b.decide(k, b"", 4, at(60_031)),
-        Decision::Claimed,
+        KeyCheck::Claimed,
         "the 4xx expired after a minute"
     );
 }
@@ -183,7 +183,7 @@ fn a_not_executed_answer_frees_the_key_unless_configured_otherwise() {
     let b = Bench::new("{}");
     for (claim, status) in [(1, 408), (2, 409), (3, 425), (4, 429)] {
         let k = b.pending(&post(Some(&format!("k{status}")), "a"));
-        assert_eq!(b.decide(k, b"", claim, T0), Decision::Claimed);
+        assert_eq!(b.decide(k, b"", claim, T0), KeyCheck::Claimed);
         assert_eq!(
             b.finish(k, claim, Outcome::Response(answer(status)), at(10)),
             Finished::Released,
@@ -191,20 +191,20 @@ fn a_not_executed_answer_frees_the_key_unless_configured_otherwise() {
         );
         assert_eq!(
             b.decide(k, b"", claim + 10, at(20)),
-            Decision::Claimed,
+            KeyCheck::Claimed,
             "{status}"
         );
     }
     let kept = Bench::new(r#"{"released_statuses": []}"#);
     let k = kept.pending(&post(Some("k"), "a"));
-    assert_eq!(kept.decide(k, b"", 1, T0), Decision::Claimed);
+    assert_eq!(kept.decide(k, b"", 1, T0), KeyCheck::Claimed);
     assert_eq!(
         kept.finish(k, 1, Outcome::Response(answer(429)), at(10)),
         Finished::Stored
     );
     assert_eq!(
         kept.decide(k, b"", 2, at(20)),
-        Decision::Replay(answer(429)),
+        KeyCheck::Replay(answer(429)),
         "replayed with its Retry-After"
     );
     assert!(kept
@@ -218,7 +218,7 @@ fn a_not_executed_answer_frees_the_key_unless_configured_otherwise() {
 fn server_errors_can_be_kept_when_configured() {
     let b = Bench::new(r#"{"server_error_ttl": "5m"}"#);
     let k = b.pending(&post(Some("k"), "a"));
-    assert_eq!(b.decide(k, b"", 1, T0), Decision::Claimed);
+    assert_eq!(b.decide(k, b"", 1, T0), KeyCheck::Claimed);
     let failed = StoredResponse {
         status: 500,
         headers: vec![],
@@ -228,32 +228,32 @@ fn server_errors_can_be_kept_when_configured() {
         b.finish(k, 1, Outcome::Response(failed.clone()), at(1)),
         Finished::Stored
     );
-    assert_eq!(b.decide(k, b"", 2, at(2)), Decision::Replay(failed));
+    assert_eq!(b.decide(k, b"", 2, at(2)), KeyCheck::Replay(failed));
 }
 
 #[test]
 fn a_request_without_a_response_frees_its_key() {
     let b = Bench::new("{}");
     let k = b.pending(&post(Some("k"), "a"));
-    assert_eq!(b.decide(k, b"", 1, T0), Decision::Claimed);
+    assert_eq!(b.decide(k, b"", 1, T0), KeyCheck::Claimed);
     assert_eq!(b.finish(k, 1, Outcome::NotSent, at(5)), Finished::Released);
-    assert_eq!(b.decide(k, b"", 2, at(6)), Decision::Claimed);
+    assert_eq!(b.decide(k, b"", 2, at(6)), KeyCheck::Claimed);
 }
 
 #[test]
 fn a_claim_nobody_finishes_expires_with_its_lease_and_its_late_finish_is_dropped() {
     let b = Bench::new(r#"{"lease": "2s"}"#);
     let k = b.pending(&post(Some("k"), "a"));
-    assert_eq!(b.decide(k, b"", 1, T0), Decision::Claimed);
+    assert_eq!(b.decide(k, b"", 1, T0), KeyCheck::Claimed);
     assert_eq!(
         b.decide(k, b"", 2, at(1_999)),
-        Decision::InFlight {
+        KeyCheck::InFlight {
             retry_after_secs: 1
         }
     );
     assert_eq!(
         b.decide(k, b"", 3, at(2_000)),
-        Decision::Claimed,
+        KeyCheck::Claimed,
         "the lease ran out: claimable"
     );
     assert_eq!(
@@ -262,7 +262,7 @@ fn a_claim_nobody_finishes_expires_with_its_lease_and_its_late_finish_is_dropped
     );
     assert_eq!(
         b.decide(k, b"", 4, at(2_600)),
-        Decision::InFlight {
+        KeyCheck::InFlight {
             retry_after_secs: 2
         },
         "claim 3 still holds it"
@@ -273,13 +273,13 @@ fn a_claim_nobody_finishes_expires_with_its_lease_and_its_late_finish_is_dropped
 fn a_response_too_large_to_store_is_never_executed_again() {
     let b = Bench::new("{}");
     let k = b.pending(&post(Some("k"), "a"));
-    assert_eq!(b.decide(k, b"", 1, T0), Decision::Claimed);
+    assert_eq!(b.decide(k, b"", 1, T0), KeyCheck::Claimed);
     assert_eq!(
         b.finish(k, 1, Outcome::ResponseNotStored { status: 200 }, at(1)),
         Finished::Stored
     );
     let again = b.decide(k, b"", 2, at(2));
-    assert_eq!(again, Decision::Unreplayable { status: 200 });
+    assert_eq!(again, KeyCheck::Unreplayable { status: 200 });
     assert_eq!(b.policy.problem(&again).map(|p| p.status), Some(409));
 }
 
@@ -288,11 +288,11 @@ fn a_live_record_of_another_key_makes_the_table_full() {
     let b = Bench::new(r#"{"records": 1}"#);
     let first = b.pending(&post(Some("first"), "a"));
     let second = b.pending(&post(Some("second"), "a"));
-    assert_eq!(b.decide(first, b"", 1, T0), Decision::Claimed);
+    assert_eq!(b.decide(first, b"", 1, T0), KeyCheck::Claimed);
     let full = b.decide(second, b"", 2, at(1));
     assert_eq!(
         full,
-        Decision::Full {
+        KeyCheck::Full {
             retry_after_secs: 30
         },
         "the claim in the way holds for its lease"
@@ -309,14 +309,14 @@ fn a_live_record_of_another_key_makes_the_table_full() {
     );
     assert_eq!(
         b.decide(second, b"", 3, at(2)),
-        Decision::Full {
+        KeyCheck::Full {
             retry_after_secs: 86_400
         },
         "found in review: Retry-After said 30 s while the record in the way lives a day"
     );
     assert_eq!(
         b.decide(second, b"", 4, at(86_400_002)),
-        Decision::Claimed,
+        KeyCheck::Claimed,
         "the first expired after a day"
     );
     let (passing, _) = policy(r#"{"records": 1, "when_full": "pass"}"#);
@@ -329,7 +329,7 @@ fn expired_records_are_swept_and_give_their_bytes_back() {
     let mut stored = 0;
     for i in 0..20 {
         let k = b.pending(&post(Some(&format!("k{i}")), "a"));
-        if b.decide(k, b"", i, T0) == Decision::Claimed {
+        if b.decide(k, b"", i, T0) == KeyCheck::Claimed {
             assert_eq!(
                 b.finish(k, i, Outcome::Response(created()), T0),
                 Finished::Stored
@@ -411,7 +411,7 @@ fn keys_are_checked_before_anything_else() {
 #[test]
 fn problems_are_rfc_9457_json() {
     let (p, _) = policy("{}");
-    let reply = p.problem(&Decision::Mismatch).unwrap().reply();
+    let reply = p.problem(&KeyCheck::Mismatch).unwrap().reply();
     assert_eq!(
         reply.header("content-type"),
         Some(&b"application/problem+json"[..])
@@ -484,7 +484,7 @@ fn eight_workers_racing_with_one_key_make_one_claim() {
                             T0,
                             settings,
                         );
-                        decided.unwrap().0 == Decision::Claimed
+                        decided.unwrap().0 == KeyCheck::Claimed
                     })
                     .count()
             })
@@ -745,18 +745,18 @@ fn a_request_the_upstream_may_have_keeps_its_claim_until_the_lease() {
 
     let b = Bench::new(r#"{"lease": "2s"}"#);
     let k = b.pending(&post(Some("k"), "a"));
-    assert_eq!(b.decide(k, b"", 1, T0), Decision::Claimed);
+    assert_eq!(b.decide(k, b"", 1, T0), KeyCheck::Claimed);
     assert_eq!(b.finish(k, 1, Outcome::Unanswered, at(500)), Finished::Kept);
     assert_eq!(
         b.decide(k, b"", 2, at(600)),
-        Decision::InFlight {
+        KeyCheck::InFlight {
             retry_after_secs: 2
         },
         "a retry must not run while the first may still be executing"
     );
     assert_eq!(
         b.decide(k, b"", 3, at(2_000)),
-        Decision::Claimed,
+        KeyCheck::Claimed,
         "after the lease"
     );
 }

@@ -154,7 +154,8 @@ impl Proxy {
     ) -> Vec<(String, String)> {
         let added = exchange
             .on_response_headers(&self.filter, response, end_of_stream)
-            .to_vec();
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .collect();
         if exchange.judged_at_start() {
             self.run(&self.store, |filter, env| {
                 exchange.judge_start(filter, env, response, end_of_stream);
@@ -922,6 +923,7 @@ fn a_breaker_refusal_leaves_the_rate_limit_token_spent() {
     );
 }
 
+mod dry_run;
 mod fleet;
 mod global;
 mod long_lived;
