@@ -6,7 +6,7 @@ envoy=${ENVOY_BIN:-.venv/bin/envoy}
 # The demo gRPC server (grpcio, installed into .venv by `make setup`) on :10002.
 .venv/bin/python tests/e2e/grpc_peer.py serve --port 10002 >/dev/null &
 grpc_pid=$!
-"$envoy" -c envoy/demo.yaml --concurrency 2 --disable-hot-restart --log-level "${LOG_LEVEL:-warning}" --component-log-level wasm:info &
+"$envoy" -c envoy/demo.yaml --concurrency 2 --disable-hot-restart --file-flush-interval-msec 100 --log-level "${LOG_LEVEL:-warning}" --component-log-level wasm:info &
 pid=$!
 trap 'kill $pid $grpc_pid 2>/dev/null; wait $pid $grpc_pid 2>/dev/null' EXIT INT TERM
 for _ in $(seq 100); do

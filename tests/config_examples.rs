@@ -414,7 +414,8 @@ fn every_configuration_in_the_docs_is_accepted() {
 }
 
 /// Issue 13: every shipped Envoy that runs the filter exports its metrics with the same
-/// Prometheus labels (one `stats_config`, the one envoy/demo.yaml carries).
+/// Prometheus labels (one `stats_config`, the one envoy/demo.yaml carries), and Istio's
+/// bootstrap patch merges that same one.
 #[test]
 fn every_shipped_envoy_with_the_filter_has_the_same_stats_tags() {
     let shipped = shipped_yaml();
@@ -425,7 +426,7 @@ fn every_shipped_envoy_with_the_filter_has_the_same_stats_tags() {
         .1["stats_config"];
     assert!(demo["stats_tags"]
         .as_array()
-        .is_some_and(|tags| tags.len() == 5));
+        .is_some_and(|tags| tags.len() == 6));
     let mut checked = 0;
     for (path, value) in &shipped {
         if value.get("static_resources").is_some() && !wasm_filters(value).is_empty() {
@@ -434,4 +435,19 @@ fn every_shipped_envoy_with_the_filter_has_the_same_stats_tags() {
         }
     }
     assert_eq!(checked, 3, "demo, docker, fleet");
+    let istio = &shipped
+        .iter()
+        .find(|(path, _)| path.ends_with("envoy/istio/stats-tags.yaml"))
+        .expect("the Istio bootstrap patch")
+        .1;
+    assert_eq!(istio["kind"], "EnvoyFilter");
+    let patch = &istio["spec"]["configPatches"][0];
+    assert_eq!(
+        (&patch["applyTo"], &patch["patch"]["operation"]),
+        (&Value::from("BOOTSTRAP"), &Value::from("MERGE"))
+    );
+    assert_eq!(
+        &patch["patch"]["value"]["stats_config"], demo,
+        "Istio's patch"
+    );
 }

@@ -161,6 +161,12 @@ impl<'de> Visitor<'de> for Seed<'_> {
 }
 
 /// A path below `at`: `at.name`, or `name` at the document's root (whose own path is empty).
+/// `text` as a JSON string, quotes included.
+pub fn quote(text: &str) -> String {
+    // Serializing a str cannot fail.
+    serde_json::to_string(text).unwrap_or_default()
+}
+
 pub fn child(at: &str, name: &str) -> String {
     if at.is_empty() {
         name.to_owned()

@@ -33,6 +33,7 @@ pub struct EnvoyBuilder {
     /// Clusters by these names, each the upstream, with requests under `/<name>/` routed to it.
     named_clusters: Vec<String>,
     prometheus_labels: bool,
+    demo_access_log: bool,
 }
 
 pub fn envoy() -> EnvoyBuilder {
@@ -47,6 +48,7 @@ pub fn envoy() -> EnvoyBuilder {
         documented: Vec::new(),
         named_clusters: Vec::new(),
         prometheus_labels: false,
+        demo_access_log: false,
     }
 }
 
@@ -104,6 +106,13 @@ impl EnvoyBuilder {
     /// filter's metrics as Prometheus labels.
     pub fn prometheus_labels(mut self) -> Self {
         self.prometheus_labels = true;
+        self
+    }
+
+    /// The access log of envoy/demo.yaml, one line per request in [`Envoy::log`], naming
+    /// the deciding policies of the instance called `demo`.
+    pub fn demo_access_log(mut self) -> Self {
+        self.demo_access_log = true;
         self
     }
 
@@ -185,6 +194,8 @@ impl EnvoyBuilder {
             .arg(&config_path)
             .args(["--concurrency", &self.concurrency.to_string()])
             .args(["--disable-hot-restart", "--log-level", "info"])
+            // Access log lines reach the log within 100 ms, not Envoy's default 10 s.
+            .args(["--file-flush-interval-msec", "100"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
@@ -249,7 +260,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: main
           codec_type: AUTO
-          use_remote_address: true{upgrades}
+          use_remote_address: true{upgrades}{access_log}
           route_config:
             virtual_hosts:
             - name: all
@@ -281,11 +292,12 @@ static_resources:
             upstream = cluster("upstream", upstream.addr.port()),
             dead = cluster("dead", free_port()),
             stats_config = if self.prometheus_labels {
-                let demo: serde_json::Value = serde_norway::from_str(
-                    &std::fs::read_to_string(repo_root().join("envoy/demo.yaml")).expect("demo.yaml"),
-                )
-                .expect("demo.yaml is YAML");
-                format!("\nstats_config: {}", demo["stats_config"])
+                format!("\nstats_config: {}", demo()["stats_config"])
+            } else {
+                String::new()
+            },
+            access_log = if self.demo_access_log {
+                format!("\n          access_log: {}", demo_hcm()["access_log"])
             } else {
                 String::new()
             },
@@ -413,6 +425,20 @@ impl Drop for Envoy {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// envoy/demo.yaml.
+fn demo() -> serde_json::Value {
+    serde_norway::from_str(
+        &std::fs::read_to_string(repo_root().join("envoy/demo.yaml")).expect("demo.yaml"),
+    )
+    .expect("demo.yaml is YAML")
+}
+
+/// The demo's front listener's HTTP connection manager.
+fn demo_hcm() -> serde_json::Value {
+    demo()["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        .clone()
 }
 
 pub fn repo_root() -> &'static Path {

@@ -7,12 +7,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod circuit_breaker;
+mod decisions;
 mod docs;
 mod envoy;
 mod grpc;
 mod hostile;
 mod idempotency;
 mod load_shed;
+mod metrics;
 mod rate_limit;
 mod smoke;
 mod upstream;
