@@ -34,6 +34,10 @@ pub struct EnvoyBuilder {
     named_clusters: Vec<String>,
     prometheus_labels: bool,
     demo_access_log: bool,
+    /// The `retry_policy` of a listener in front of the filter's, as an edge Envoy would be.
+    front_retry_policy: Option<serde_json::Value>,
+    /// The `retry_policy` of the routes to the upstream and to `dead`.
+    upstream_retry_policy: Option<serde_json::Value>,
 }
 
 pub fn envoy() -> EnvoyBuilder {
@@ -49,6 +53,8 @@ pub fn envoy() -> EnvoyBuilder {
         named_clusters: Vec::new(),
         prometheus_labels: false,
         demo_access_log: false,
+        front_retry_policy: None,
+        upstream_retry_policy: None,
     }
 }
 
@@ -113,6 +119,21 @@ impl EnvoyBuilder {
     /// the deciding policies of the instance called `demo`.
     pub fn demo_access_log(mut self) -> Self {
         self.demo_access_log = true;
+        self
+    }
+
+    /// A second listener ([`Envoy::front_url`]) in front of the filter's, as an Envoy at the
+    /// edge would be: it routes every request to the filter's listener with this route
+    /// `retry_policy`, so the filter's answers are upstream responses to it.
+    pub fn front_retry_policy(mut self, policy: &serde_json::Value) -> Self {
+        self.front_retry_policy = Some(policy.clone());
+        self
+    }
+
+    /// A `retry_policy` on the routes behind the filter, to the upstream (`/`) and to the
+    /// port where nothing listens (`/dead/`).
+    pub fn upstream_retry_policy(mut self, policy: &serde_json::Value) -> Self {
+        self.upstream_retry_policy = Some(policy.clone());
         self
     }
 
@@ -184,7 +205,8 @@ impl EnvoyBuilder {
         let dir = scratch_dir();
         let port = free_port();
         let admin_port = free_port();
-        let yaml = self.yaml(port, admin_port, upstream);
+        let front_port = self.front_retry_policy.as_ref().map(|_| free_port());
+        let yaml = self.yaml(port, admin_port, front_port, upstream);
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, yaml).expect("write Envoy config");
         let log_path = dir.join("envoy.log");
@@ -204,13 +226,20 @@ impl EnvoyBuilder {
         Envoy {
             child,
             port,
+            front_port,
             admin_port,
             log_path,
             dir,
         }
     }
 
-    fn yaml(&self, port: u16, admin_port: u16, upstream: &Upstream) -> String {
+    fn yaml(
+        &self,
+        port: u16,
+        admin_port: u16,
+        front_port: Option<u16>,
+        upstream: &Upstream,
+    ) -> String {
         let wasm = wasm_path();
         let mut filters = String::new();
         for filter in &self.filters {
@@ -245,6 +274,11 @@ impl EnvoyBuilder {
             // JSON is YAML: the entry goes in as the document wrote it.
             write!(filters, "\n          - {entry}").expect("format documented filter");
         }
+        let retries = self
+            .upstream_retry_policy
+            .as_ref()
+            .map(|policy| format!(", retry_policy: {policy}"))
+            .unwrap_or_default();
         format!(
             r#"
 admin:
@@ -267,7 +301,7 @@ static_resources:
               domains: ["*"]
               routes:
               - match: {{prefix: "/dead/"}}
-                route: {{cluster: dead, timeout: 5s}}
+                route: {{cluster: dead, timeout: 5s{retries}}}
               # Envoy answers 504 (flag SI) when the upstream is silent for 500 ms.
               - match: {{prefix: "/idle/"}}
                 route: {{cluster: upstream, timeout: 30s, idle_timeout: 0.5s}}
@@ -280,7 +314,7 @@ static_resources:
           http_filters:{filters}
           - name: envoy.filters.http.router
             typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router{front}
   clusters:
 {upstream}
   # The same upstream over HTTP/2, which carries trailers both ways.
@@ -288,11 +322,41 @@ static_resources:
   # The gRPC server of a test, when it has one.
 {grpc}
   # Nothing listens here: requests under /dead/ fail to connect (response flag UF).
-{dead}{named_clusters}"#,
+{dead}{named_clusters}{filtered}"#,
             upstream = cluster("upstream", upstream.addr.port()),
             dead = cluster("dead", free_port()),
             stats_config = if self.prometheus_labels {
                 format!("\nstats_config: {}", demo()["stats_config"])
+            } else {
+                String::new()
+            },
+            front = match (front_port, &self.front_retry_policy) {
+                (Some(front_port), Some(policy)) => format!(
+                    r#"
+  - name: front
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {front_port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: front
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: filtered, timeout: 30s, retry_policy: {policy}}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"#
+                ),
+                _ => String::new(),
+            },
+            filtered = if front_port.is_some() {
+                format!("\n{}", cluster("filtered", port))
             } else {
                 String::new()
             },
@@ -324,10 +388,11 @@ static_resources:
                 ""
             },
             route = if self.direct_response {
-                r#"direct_response: {status: 200, body: {inline_string: "direct\n"}}"#
+                r#"direct_response: {status: 200, body: {inline_string: "direct\n"}}"#.to_owned()
             } else {
-                "route: {cluster: upstream, timeout: 30s}"
+                format!("route: {{cluster: upstream, timeout: 30s{retries}}}")
             },
+
         )
     }
 }
@@ -335,6 +400,7 @@ static_resources:
 pub struct Envoy {
     child: Child,
     pub port: u16,
+    front_port: Option<u16>,
     admin_port: u16,
     log_path: PathBuf,
     dir: PathBuf,
@@ -343,6 +409,12 @@ pub struct Envoy {
 impl Envoy {
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The listener in front of the filter's ([`EnvoyBuilder::front_retry_policy`]).
+    pub fn front_url(&self, path: &str) -> String {
+        let port = self.front_port.expect("an Envoy with a front listener");
+        format!("http://127.0.0.1:{port}{path}")
     }
 
     pub fn log(&self) -> String {
