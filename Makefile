@@ -20,11 +20,14 @@ PLUGIN_IMAGE  := localhost/envoy-resilience/plugin
 ETCD_IMAGE    := localhost/envoy-resilience/etcd
 WASM_BINDGEN_VERSION = $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/^version = "\(.*\)"$$/\1/p;}' Cargo.lock)
 export PATH := $(HOME)/.cargo/bin:$(PATH)
+# Recipes use bash's PIPESTATUS.
+SHELL := /bin/bash
 
 .PHONY: setup targets envoy grpcio wasm-bindgen tools wasm-opt build test unit wasm-test e2e e2e-oldest docker-test run bench lint clean \
+	fuzz-tools fuzz fuzz-short \
 	docker-image etcd-image oci
 
-setup: targets envoy grpcio wasm-bindgen tools
+setup: targets envoy grpcio wasm-bindgen tools fuzz-tools
 
 targets:
 	@rustup target list --installed | grep -qx wasm32-wasip1 && rustup target list --installed | grep -qx wasm32-unknown-unknown \
@@ -75,7 +78,33 @@ build: targets wasm-opt
 		wasm-opt -Os $(WASM_FEATURES) $(WASM) -o $(WASM).opt && mv $(WASM).opt $(WASM); fi
 	@ls -l $(WASM)
 
-test: unit wasm-test e2e e2e-oldest docker-test
+test: unit wasm-test e2e e2e-oldest docker-test fuzz-short
+
+# libFuzzer over the core (tests/fuzz): the configuration document, every request part, foreign
+# bytes in shared data, and arbitrary interleavings of streams on several workers. cargo fuzz
+# needs a nightly toolchain. New inputs go to target/fuzz-corpus (the committed corpus in
+# tests/fuzz/corpus is read, never written); a crash lands in target/fuzz-artifacts/<target>/
+# and fails the run. -a: arithmetic overflow panics, as in debug builds.
+FUZZ_TARGETS := config request records pipeline
+FUZZ_SECONDS  ?= 600
+
+fuzz-tools:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
+fuzz: fuzz-tools
+	@for t in $(FUZZ_TARGETS); do \
+		echo "fuzz target $$t:" && mkdir -p target/fuzz-corpus/$$t target/fuzz-artifacts/$$t && \
+		cargo +nightly fuzz run -O -a --fuzz-dir tests/fuzz --target-dir target/fuzz $$t \
+			target/fuzz-corpus/$$t tests/fuzz/corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -artifact_prefix=target/fuzz-artifacts/$$t/ -print_final_stats=1 2>&1 \
+			| grep -E '^(Done|stat::number_of_executed_units|==[0-9]+== ERROR)|panicked' ; \
+		test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	done
+
+# The pass `make test` runs: 20 s per target.
+fuzz-short:
+	$(MAKE) fuzz FUZZ_SECONDS=20
 
 # The core natively, and every example configuration against parser and schema.
 unit:

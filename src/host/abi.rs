@@ -70,6 +70,14 @@ extern "C" {
         value_data: *const u8,
         value_size: usize,
     ) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
     fn proxy_get_property(
         path_data: *const u8,
         path_size: usize,
@@ -247,6 +255,26 @@ pub fn add_header(map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
             value.len(),
         )
     })
+}
+
+/// Sets a header to one line, `value`, replacing every line it had.
+pub fn replace_header(map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
+    count(Call::ReplaceHeader);
+    check(unsafe {
+        proxy_replace_header_map_value(
+            map as u32,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    })
+}
+
+/// Removes every line of a header.
+pub fn remove_header(map: Map, name: &str) -> Result<(), Status> {
+    count(Call::RemoveHeader);
+    check(unsafe { proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) })
 }
 
 /// A stream or plugin attribute, e.g. `["source", "address"]`.

@@ -263,6 +263,9 @@ impl Root {
                 }
             }
             Step::Pause => {
+                if abi::set_effective_context(id).is_ok() {
+                    publish_for(&exchange);
+                }
                 let polls = exchange
                     .upgrade()
                     .is_some_and(|e| e.try_borrow().is_ok_and(|e| e.polls()));
@@ -654,11 +657,17 @@ impl HttpContext for Stream {
         else {
             return Action::Continue;
         };
-        for (name, value) in
-            exchange.on_response_headers(&configured.filter, &EnvoyResponse, end_of_stream)
-        {
+        let edits = exchange.on_response_headers(&configured.filter, &EnvoyResponse, end_of_stream);
+        for (name, value) in edits.added {
             let _ = abi::add_header(Map::Response, name, value.as_bytes());
         }
+        let _ = match edits.decision {
+            Some((name, Some(decisions))) => {
+                abi::replace_header(Map::Response, name, decisions.as_bytes())
+            }
+            Some((name, None)) => abi::remove_header(Map::Response, name),
+            None => Ok(()),
+        };
         if exchange.judged_at_start() {
             configured.run(|filter, env| {
                 exchange.judge_start(filter, env, &EnvoyResponse, end_of_stream);
@@ -697,6 +706,9 @@ impl HttpContext for Stream {
         else {
             return;
         };
+        // Decisions made while the stream waited on a call the root sent: the last chance,
+        // for the filters and loggers that read the state after this one.
+        publish(configured, &mut exchange);
         if !exchange.holds_loans() {
             exchange.end();
             return;

@@ -13,6 +13,8 @@ pub enum Call {
     Header,
     Headers,
     AddHeader,
+    ReplaceHeader,
+    RemoveHeader,
     Property,
     SetProperty,
     GetSharedData,
@@ -36,7 +38,7 @@ pub enum Call {
 
 /// Metric names, in [`Call`] order.
 #[cfg(feature = "host-calls")]
-const NAMES: [&str; 26] = [
+const NAMES: [&str; 28] = [
     "log",
     "now",
     "set_tick_period",
@@ -44,6 +46,8 @@ const NAMES: [&str; 26] = [
     "header",
     "headers",
     "add_header",
+    "replace_header",
+    "remove_header",
     "property",
     "set_property",
     "get_shared_data",
@@ -68,10 +72,10 @@ const NAMES: [&str; 26] = [
 #[cfg(feature = "host-calls")]
 thread_local! {
     /// Per call, in [`Call`] order: how many since the last report.
-    static COUNTS: std::cell::RefCell<[u64; 26]> = const { std::cell::RefCell::new([0; 26]) };
+    static COUNTS: std::cell::RefCell<[u64; 28]> = const { std::cell::RefCell::new([0; 28]) };
     /// Per call: its counter's id, once defined.
-    static METRICS: std::cell::RefCell<[Option<u32>; 26]> =
-        const { std::cell::RefCell::new([None; 26]) };
+    static METRICS: std::cell::RefCell<[Option<u32>; 28]> =
+        const { std::cell::RefCell::new([None; 28]) };
 }
 
 #[inline]
@@ -106,5 +110,5 @@ pub fn report() {
             }
         }
     });
-    COUNTS.with(|counts| *counts.borrow_mut() = [0; 26]);
+    COUNTS.with(|counts| *counts.borrow_mut() = [0; 28]);
 }

@@ -49,6 +49,31 @@ json_object!(RawLongLived { matches: "match" });
 
 pub const MAX_LONG_LIVED_MATCHES: usize = 64;
 
+/// Response headers HTTP or Envoy gives a meaning the decisions would change or lose:
+/// hop-by-hop ones (Envoy strips them), framing, caching, redirects, cookies, authentication.
+const RESPONSE_HEADERS_WITH_A_MEANING: [&str; 20] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "date",
+    "server",
+    "location",
+    "set-cookie",
+    "vary",
+    "cache-control",
+    "etag",
+    "last-modified",
+    "expires",
+    "age",
+    "www-authenticate",
+    "proxy-authenticate",
+    "alt-svc",
+];
+
 /// Validated settings, ready for the data path.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -168,13 +193,19 @@ impl Config {
             .flat_map(|response| &response.headers)
             .map(|(name, _)| name.as_str());
         let taken = POLICY_HEADERS.contains(&name.as_str())
-            || [REPLAYED_HEADER, "content-type", "content-length"].contains(&name.as_str())
-            || name.starts_with("grpc-")
-            || self.idempotency.as_ref().is_some_and(|c| c.header == name);
+            || RESPONSE_HEADERS_WITH_A_MEANING.contains(&name.as_str())
+            || name == REPLAYED_HEADER
+            || ["content-", "grpc-", "x-envoy-", "access-control-"]
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+            || self
+                .idempotency
+                .as_ref()
+                .is_some_and(|c| c.header == name || c.stored_headers.contains(&name));
         if taken || configured.clone().any(|set| set == name) {
             return Err(ConfigError::at(
                 at,
-                format!("{name:?} is a header the filter or a configured response already sets or reads"),
+                format!("{name:?} is a header the filter, a configured response, HTTP or Envoy already gives a meaning: name one of its own, such as x-resilience-decision"),
             ));
         }
         Ok(name)

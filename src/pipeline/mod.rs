@@ -265,6 +265,17 @@ pub enum Step {
     Call(StoreCall),
 }
 
+/// What the host changes in a response's headers.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HeaderEdits<'a> {
+    /// Added: the RateLimit fields.
+    pub added: &'a [(String, String)],
+    /// The decision header: set to the stream's decisions, replacing any value the response
+    /// came with, or removed when there are none. `None`: left alone (no header is configured,
+    /// or the response is this filter's own reply, which carries it).
+    pub decision: Option<(&'a str, Option<&'a str>)>,
+}
+
 /// The response as the host can show it, read only when the exchange asks.
 pub trait ResponseView {
     /// `:status`.
@@ -500,7 +511,11 @@ impl Exchange {
                 let (Some(policy), Some(admission)) = (&filter.rate_limit, &mut self.rate) else {
                     return Some(Step::Continue);
                 };
-                match policy.on_tick(env, &self.request, admission) {
+                let step = policy.on_tick(env, &self.request, admission);
+                // Rules decided before the one that waits again may have made decisions: taken
+                // now, or the next stream of this tick would take them for its own.
+                self.heard(env);
+                match step {
                     RateStep::Wait => None,
                     step => Some(self.on_rate_step(filter, env, step, read_body)),
                 }
@@ -524,13 +539,13 @@ impl Exchange {
         Some(policy.body_timed_out(env))
     }
 
-    /// The headers to add to the response; a held claim starts capturing it.
+    /// What to change in the response's headers; a held claim starts capturing it.
     pub fn on_response_headers<'a>(
         &'a mut self,
         filter: &'a Filter,
         response: &impl ResponseView,
         end_of_stream: bool,
-    ) -> impl Iterator<Item = (&'a str, &'a str)> {
+    ) -> HeaderEdits<'a> {
         // Only a gRPC answer has a grpc-status: a client claiming gRPC to an HTTP service
         // must not make its 200s and 400s count as UNKNOWN and INTERNAL.
         self.grpc_response = self.request.grpc
@@ -546,18 +561,23 @@ impl Exchange {
                 end_of_stream,
             );
         }
-        // A local reply of this filter carries its decisions already.
-        let decisions = filter
+        // A local reply of this filter carries its decisions already. Any other response
+        // gets the header from this filter alone: never the upstream's, which could claim a
+        // refusal that never happened.
+        let decision = filter
             .decision_header
             .as_deref()
-            .filter(|_| !self.decisions.is_empty() && !matches!(self.stage, Stage::Answered))
-            .map(|name| (name, self.decisions.as_str()));
-        self.rate
-            .as_ref()
-            .map_or(&[][..], Admission::headers)
-            .iter()
-            .map(|(name, value)| (name.as_str(), value.as_str()))
-            .chain(decisions)
+            .filter(|_| !matches!(self.stage, Stage::Answered))
+            .map(|name| {
+                (
+                    name,
+                    Some(self.decisions.as_str()).filter(|d| !d.is_empty()),
+                )
+            });
+        HeaderEdits {
+            added: self.rate.as_ref().map_or(&[][..], Admission::headers),
+            decision,
+        }
     }
 
     /// Whether breakers judge the stream by the response headers just seen: the host then

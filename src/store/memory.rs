@@ -39,6 +39,13 @@ impl MemoryStore {
         self.lock().values.len()
     }
 
+    /// Every key written, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.lock().values.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -2,7 +2,7 @@
 //! filter state the demo's access log prints.
 
 use super::envoy::{envoy, Envoy};
-use super::upstream::{Upstream, DELAY_HEADER, STATUS_HEADER};
+use super::upstream::{Upstream, DELAY_HEADER, RESPOND_HEADER, STATUS_HEADER};
 use super::{fresh_connections, METRICS_FLUSHED};
 use reqwest::{Client, Response};
 use std::time::Duration;
@@ -191,9 +191,18 @@ async fn an_enforced_refusal_names_its_policy_and_rule_in_the_header_and_the_acc
         .start(&upstream)
         .await;
     let client = fresh_connections();
-    assert_eq!(get(&client, &envoy, "/a").await, (200, None));
+    // The header is the filter's alone: one an upstream sends never reaches the client.
+    let spoofed = client.get(envoy.url("/a")).header(
+        RESPOND_HEADER,
+        "x-resilience-decision: circuit_breaker;outcome=open",
+    );
+    assert_eq!(seen(spoofed.send().await.unwrap()).await, (200, None));
+    let spoofed = client.get(envoy.url("/b")).header(
+        RESPOND_HEADER,
+        "x-resilience-decision: circuit_breaker;outcome=open",
+    );
     assert_eq!(
-        get(&client, &envoy, "/b").await,
+        seen(spoofed.send().await.unwrap()).await,
         (
             200,
             Some(r#"rate_limit;outcome=limited;rule="trial";shadow"#.to_owned())

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::circuit_breaker::Phase;
+use crate::etcd::fake::FakeEtcd;
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
@@ -241,7 +242,19 @@ fn the_decision_header_is_refused_where_it_would_collide() {
             r#", "load_shedding": {"pools": [{"name": "p", "max_in_flight": 1}], "response": {"headers": {"x-why": "busy"}}}"#,
         ),
         ("idempotency-key", r#", "idempotency": {}"#),
+        (
+            "x-stored",
+            r#", "idempotency": {"stored_headers": ["x-stored"]}"#,
+        ),
         ("bad header", ""),
+        ("transfer-encoding", ""),
+        ("connection", ""),
+        ("content-encoding", ""),
+        ("server", ""),
+        ("date", ""),
+        ("location", ""),
+        ("set-cookie", ""),
+        ("x-envoy-overloaded", ""),
     ] {
         let json = format!(r#"{{"decision_header": "{name}"{extra}}}"#);
         let err = Config::parse(json.as_bytes()).err();
@@ -255,5 +268,99 @@ fn the_decision_header_is_refused_where_it_would_collide() {
     assert_eq!(
         config.map(|c| c.decision_header),
         Ok(Some("x-resilience-decision".to_owned()))
+    );
+}
+
+/// Global rules make the rate-limit stage wait for etcd, or for another worker's grant, and
+/// decide again at a tick: a shadow refusal decided there belongs to its own stream, even
+/// when the stream then waits on a later rule, and even when the host ticks every waiting
+/// stream in one call.
+#[test]
+fn a_shadow_refusal_decided_at_a_tick_stays_with_its_stream() {
+    let etcd = Rc::new(FakeEtcd::default());
+    let rules = r#""rate_limit": {"rules": [
+        {"name": "g1", "capacity": 100, "refill": {"tokens": 1, "interval": "1h"}, "global": {"chunk": 10}},
+        {"name": "s", "shadow": true, "capacity": 1, "refill": {"tokens": 1, "interval": "1h"}},
+        {"name": "g2", "match": {"path_prefix": "/g2"}, "capacity": 100, "refill": {"tokens": 1, "interval": "1h"}, "global": {"chunk": 10}}],
+        "store": {"etcd": {"cluster": "etcd", "timeout": "500ms"}, "on_store_error": "deny"}}"#;
+    let proxy = Proxy::in_fleet(&config(&[HEADER, rules]), 1, &etcd);
+    let answer = |exchange: &mut Exchange, call: &crate::etcd::StoreCall| {
+        let answer = etcd.answer(&call.body);
+        proxy.run(&proxy.store, |filter, env| {
+            let answer = answer
+                .as_ref()
+                .map(|(status, body)| (*status, body.as_slice()))
+                .ok_or(crate::etcd::AnswerError::NoAnswer);
+            exchange.on_store_answer(filter, env, answer, |_| Vec::new())
+        })
+    };
+    let mut first = Exchange::default();
+    let Step::Call(grant) = proxy.headers(&mut first, post("/g2", &[]), true) else {
+        panic!("the first request asks etcd for g1")
+    };
+    let mut second = Exchange::default();
+    assert_eq!(
+        proxy.headers(&mut second, post("/g2", &[]), true),
+        Step::Pause
+    );
+    let mut third = Exchange::default();
+    assert_eq!(
+        proxy.headers(&mut third, post("/x", &[]), true),
+        Step::Pause
+    );
+    // The first takes g1, then the shadow rule's only token, and asks for g2.
+    let Step::Call(grant_2) = answer(&mut first, &grant) else {
+        panic!("the first request asks etcd for g2")
+    };
+    // One tick for every waiting stream, in one call, as the host makes it: the second
+    // passes g1, is refused by the shadow rule, and waits for g2; the third passes g1, is
+    // refused by the shadow rule, and goes on.
+    let (second_step, third_step) = proxy.run(&proxy.store, |filter, env| {
+        (
+            second.on_tick(filter, env, |_| Vec::new()),
+            third.on_tick(filter, env, |_| Vec::new()),
+        )
+    });
+    assert_eq!((second_step, third_step), (None, Some(Step::Continue)));
+    let refused = Some(r#"rate_limit;outcome=limited;rule="s";shadow"#);
+    assert_eq!(third.unpublished_decisions(), refused, "its own, once");
+    assert_eq!(second.unpublished_decisions(), refused);
+    assert_eq!(answer(&mut first, &grant_2), Step::Continue);
+    let step = proxy.run(&proxy.store, |filter, env| {
+        second.on_tick(filter, env, |_| Vec::new())
+    });
+    assert_eq!(step, Some(Step::Continue));
+    assert_eq!(proxy.metric("rate_limit.s.shadow_limited"), 2);
+}
+
+#[test]
+fn the_decision_header_is_the_filters_alone_on_every_response_it_passes() {
+    let proxy = Proxy::new(&config(&[HEADER, LIMIT_ONE]));
+    let spoofed = Upstream {
+        status: 200,
+        headers: vec![(
+            "x-resilience-decision".to_owned(),
+            b"circuit_breaker;outcome=open".to_vec(),
+        )],
+    };
+    let mut exchange = Exchange::default();
+    assert_eq!(
+        proxy.send(&mut exchange, post("/", &[]), b""),
+        Step::Continue
+    );
+    let edits = exchange.on_response_headers(&proxy.filter, &spoofed, false);
+    assert_eq!(
+        edits.decision,
+        Some(("x-resilience-decision", None)),
+        "no decision: the upstream's value is removed"
+    );
+    let mut exchange = Exchange::default();
+    let Step::Reply(_) = proxy.send(&mut exchange, post("/", &[]), b"") else {
+        panic!("the bucket had one token")
+    };
+    let edits = exchange.on_response_headers(&proxy.filter, &Local(429), true);
+    assert_eq!(
+        edits.decision, None,
+        "its own reply carries the header already"
     );
 }

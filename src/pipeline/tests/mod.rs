@@ -152,9 +152,16 @@ impl Proxy {
         response: &impl ResponseView,
         end_of_stream: bool,
     ) -> Vec<(String, String)> {
-        let added = exchange
-            .on_response_headers(&self.filter, response, end_of_stream)
-            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        let edits = exchange.on_response_headers(&self.filter, response, end_of_stream);
+        let added = edits
+            .added
+            .iter()
+            .cloned()
+            .chain(
+                edits
+                    .decision
+                    .and_then(|(name, value)| Some((name.to_owned(), value?.to_owned()))),
+            )
             .collect();
         if exchange.judged_at_start() {
             self.run(&self.store, |filter, env| {
