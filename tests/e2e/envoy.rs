@@ -38,6 +38,9 @@ pub struct EnvoyBuilder {
     front_retry_policy: Option<serde_json::Value>,
     /// The `retry_policy` of the routes to the upstream and to `dead`.
     upstream_retry_policy: Option<serde_json::Value>,
+    /// The filters' listener comes from a file Envoy watches (LDS), which
+    /// [`Envoy::push_filters`] rewrites.
+    dynamic_listener: bool,
 }
 
 pub fn envoy() -> EnvoyBuilder {
@@ -55,6 +58,7 @@ pub fn envoy() -> EnvoyBuilder {
         demo_access_log: false,
         front_retry_policy: None,
         upstream_retry_policy: None,
+        dynamic_listener: false,
     }
 }
 
@@ -137,6 +141,13 @@ impl EnvoyBuilder {
         self
     }
 
+    /// Serves the filters' listener from a file-based listener source, the way operators
+    /// push configuration: [`Envoy::push_filters`] replaces the filter chain while Envoy runs.
+    pub fn dynamic_listener(mut self) -> Self {
+        self.dynamic_listener = true;
+        self
+    }
+
     /// The listener's `per_connection_buffer_limit_bytes` (Envoy's default is 1 MiB): how much
     /// of a request Envoy buffers while a filter holds it.
     pub fn buffer_limit(mut self, bytes: u32) -> Self {
@@ -206,7 +217,33 @@ impl EnvoyBuilder {
         let port = free_port();
         let admin_port = free_port();
         let front_port = self.front_retry_policy.as_ref().map(|_| free_port());
-        let yaml = self.yaml(port, admin_port, front_port, upstream);
+        let mut yaml = self.yaml(port, admin_port, front_port, upstream);
+        let listener = self.dynamic_listener.then(|| {
+            let mut bootstrap: serde_json::Value =
+                serde_norway::from_str(&yaml).expect("the bootstrap is YAML");
+            let listeners = bootstrap["static_resources"]["listeners"]
+                .as_array_mut()
+                .expect("listeners");
+            let mut listener = listeners.remove(0);
+            listener["@type"] =
+                serde_json::Value::from("type.googleapis.com/envoy.config.listener.v3.Listener");
+            bootstrap["static_resources"]
+                .as_object_mut()
+                .expect("static_resources")
+                .remove("listeners");
+            // A file-based source still wants the node named.
+            bootstrap["node"] = serde_json::json!({"id": "e2e", "cluster": "e2e"});
+            bootstrap["dynamic_resources"] = serde_json::json!({"lds_config": {
+                "resource_api_version": "V3",
+                "path_config_source": {
+                    "path": dir.join("lds.yaml"),
+                    "watched_directory": {"path": dir},
+                }
+            }});
+            write_listener(&dir, &listener);
+            yaml = bootstrap.to_string();
+            listener
+        });
         let config_path = dir.join("envoy.yaml");
         std::fs::write(&config_path, yaml).expect("write Envoy config");
         let log_path = dir.join("envoy.log");
@@ -226,6 +263,8 @@ impl EnvoyBuilder {
         Envoy {
             child,
             port,
+            listener,
+            stop_iteration: self.stop_iteration,
             front_port,
             admin_port,
             log_path,
@@ -243,29 +282,9 @@ impl EnvoyBuilder {
         let wasm = wasm_path();
         let mut filters = String::new();
         for filter in &self.filters {
-            let config = serde_json::to_string(&filter.config).expect("quote config");
-            write!(
-                filters,
-                r#"
-          - name: envoy.filters.http.wasm
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: {name}
-                root_id: resilience
-                allow_on_headers_stop_iteration: {stop_iteration}
-                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: {config}
-                vm_config:
-                  vm_id: {VM_ID}
-                  runtime: envoy.wasm.runtime.v8
-                  code: {{local: {{filename: {wasm}}}}}"#,
-                name = filter.name,
-                wasm = wasm.display(),
-                stop_iteration = self.stop_iteration,
-            )
-            .expect("format filter");
+            // JSON is YAML.
+            let entry = wasm_filter(filter, self.stop_iteration);
+            write!(filters, "\n          - {entry}").expect("format filter");
         }
         for entry in &self.documented {
             let mut entry = entry.clone();
@@ -400,6 +419,9 @@ static_resources:
 pub struct Envoy {
     child: Child,
     pub port: u16,
+    /// The listener Envoy reads from `lds.yaml`, for an Envoy with a dynamic listener.
+    listener: Option<serde_json::Value>,
+    stop_iteration: bool,
     front_port: Option<u16>,
     admin_port: u16,
     log_path: PathBuf,
@@ -409,6 +431,53 @@ pub struct Envoy {
 impl Envoy {
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Replaces the filter instances of the dynamic listener, as an operator's push does: Envoy
+    /// reads the new listener from its file and builds new filter configurations under the
+    /// same `vm_id`; connections it already had drain on the old ones. Waits until Envoy has
+    /// applied the update (`listener_manager.lds.update_success` moved).
+    pub async fn push_filters(&mut self, filters: &[Filter]) {
+        self.push(filters, "listener_manager.lds.update_success")
+            .await;
+    }
+
+    /// Writes the listener with `filters` and waits until the counter `outcome` moves.
+    async fn push(&mut self, filters: &[Filter], outcome: &str) {
+        let before = self.stat(outcome).await;
+        let listener = self
+            .listener
+            .as_mut()
+            .expect("an Envoy with a dynamic listener");
+        let chain = &mut listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"];
+        let router = chain
+            .as_array()
+            .and_then(|entries| entries.last().cloned())
+            .expect("the router");
+        let mut entries: Vec<serde_json::Value> = filters
+            .iter()
+            .map(|filter| wasm_filter(filter, self.stop_iteration))
+            .collect();
+        entries.push(router);
+        *chain = serde_json::Value::from(entries);
+        write_listener(&self.dir, listener);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while self.stat(outcome).await == before {
+            assert!(
+                Instant::now() < deadline,
+                "Envoy did not count {outcome}:\n{}",
+                self.log()
+            );
+        }
+    }
+
+    /// Pushes filter instances Envoy must refuse, and waits until it has
+    /// (`listener_manager.lds.update_rejected` moved); the listener it had stays.
+    pub async fn push_filters_expecting_rejection(&mut self, filters: &[Filter]) {
+        let kept = self.listener.clone();
+        self.push(filters, "listener_manager.lds.update_rejected")
+            .await;
+        self.listener = kept;
     }
 
     /// The listener in front of the filter's ([`EnvoyBuilder::front_retry_policy`]).
@@ -497,6 +566,39 @@ impl Drop for Envoy {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// A filter instance's `http_filters` entry.
+fn wasm_filter(filter: &Filter, stop_iteration: bool) -> serde_json::Value {
+    serde_json::json!({
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": filter.name,
+                "root_id": "resilience",
+                "allow_on_headers_stop_iteration": stop_iteration,
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": filter.config,
+                },
+                "vm_config": {
+                    "vm_id": VM_ID,
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": wasm_path()}},
+                },
+            },
+        },
+    })
+}
+
+/// Writes the listener where Envoy watches for it: a new file moved into place, the one
+/// change a watched directory reports.
+fn write_listener(dir: &Path, listener: &serde_json::Value) {
+    let resources = serde_json::json!({"resources": [listener]});
+    let staged = dir.join("lds.yaml.new");
+    std::fs::write(&staged, resources.to_string()).expect("write the listener");
+    std::fs::rename(&staged, dir.join("lds.yaml")).expect("move the listener into place");
 }
 
 /// envoy/demo.yaml.

@@ -16,6 +16,7 @@ mod idempotency;
 mod load_shed;
 mod metrics;
 mod rate_limit;
+mod reload;
 mod retries;
 mod smoke;
 mod upstream;
