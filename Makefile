@@ -24,7 +24,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 SHELL := /bin/bash
 
 .PHONY: setup targets envoy grpcio wasm-bindgen tools wasm-opt build test unit wasm-test e2e e2e-oldest docker-test run bench lint clean \
-	fuzz-tools fuzz fuzz-short \
+	fuzz-tools fuzz fuzz-short build-fault \
 	docker-image etcd-image oci
 
 setup: targets envoy grpcio wasm-bindgen tools fuzz-tools
@@ -116,11 +116,15 @@ wasm-test: targets wasm-bindgen
 		cargo test --lib --target wasm32-unknown-unknown
 
 # Real Envoy, several workers, the freshly built filter.
-e2e: build envoy grpcio tools
+e2e: build build-fault envoy grpcio tools
 	cargo test --test e2e
 
+# The filter with the `fault-injection` feature, for the VM-failure tests: a VM that traps.
+build-fault: targets
+	cargo build --release --target wasm32-wasip1 --features fault-injection --target-dir target/fault
+
 # The same tests on the oldest Envoy supported.
-e2e-oldest: build envoy grpcio tools $(OLDEST_VENV)/bin/envoy
+e2e-oldest: build build-fault envoy grpcio tools $(OLDEST_VENV)/bin/envoy
 	ENVOY_BIN=$(OLDEST_VENV)/bin/envoy cargo test --test e2e
 
 $(OLDEST_VENV)/bin/envoy:

@@ -26,6 +26,7 @@ pub const CAS_MISMATCH: Status = Status(8);
 pub enum Map {
     Request = 0,
     Response = 2,
+    ResponseTrailers = 3,
     /// The answer to a call the filter dispatched.
     CallResponse = 6,
 }
@@ -64,13 +65,6 @@ extern "C" {
         return_value_size: *mut usize,
     ) -> u32;
     fn proxy_add_header_map_value(
-        map_type: u32,
-        key_data: *const u8,
-        key_size: usize,
-        value_data: *const u8,
-        value_size: usize,
-    ) -> u32;
-    fn proxy_replace_header_map_value(
         map_type: u32,
         key_data: *const u8,
         key_size: usize,
@@ -248,20 +242,6 @@ pub fn add_header(map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
     count(Call::AddHeader);
     check(unsafe {
         proxy_add_header_map_value(
-            map as u32,
-            name.as_ptr(),
-            name.len(),
-            value.as_ptr(),
-            value.len(),
-        )
-    })
-}
-
-/// Sets a header to one line, `value`, replacing every line it had.
-pub fn replace_header(map: Map, name: &str, value: &[u8]) -> Result<(), Status> {
-    count(Call::ReplaceHeader);
-    check(unsafe {
-        proxy_replace_header_map_value(
             map as u32,
             name.as_ptr(),
             name.len(),

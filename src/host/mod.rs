@@ -623,6 +623,14 @@ fn via_upstream() -> bool {
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         count(Call::OnRequestHeaders);
+        #[cfg(feature = "fault-injection")]
+        if abi::header(Map::Request, "x-resilience-fault")
+            .ok()
+            .flatten()
+            .is_some_and(|value| value == b"trap")
+        {
+            core::arch::wasm32::unreachable();
+        }
         let Some(configured) = self.configured.clone() else {
             return Action::Continue;
         };
@@ -661,13 +669,13 @@ impl HttpContext for Stream {
         for (name, value) in edits.added {
             let _ = abi::add_header(Map::Response, name, value.as_bytes());
         }
-        let _ = match edits.decision {
-            Some((name, Some(decisions))) => {
-                abi::replace_header(Map::Response, name, decisions.as_bytes())
+        // Removed first: Envoy's replace sets only the first of several lines.
+        if let Some((name, decisions)) = edits.decision {
+            let _ = abi::remove_header(Map::Response, name);
+            if let Some(decisions) = decisions {
+                let _ = abi::add_header(Map::Response, name, decisions.as_bytes());
             }
-            Some((name, None)) => abi::remove_header(Map::Response, name),
-            None => Ok(()),
-        };
+        }
         if exchange.judged_at_start() {
             configured.run(|filter, env| {
                 exchange.judge_start(filter, env, &EnvoyResponse, end_of_stream);
@@ -693,6 +701,15 @@ impl HttpContext for Stream {
         count(Call::OnResponseTrailers);
         if let Ok(mut exchange) = self.exchange.try_borrow_mut() {
             exchange.on_response_trailers();
+        }
+        // gRPC clients read the filter's decisions as trailing metadata (its refusals are
+        // trailers-only): no upstream may put the header there either.
+        if let Some(name) = self
+            .configured
+            .as_ref()
+            .and_then(|c| c.filter.decision_header())
+        {
+            let _ = abi::remove_header(Map::ResponseTrailers, name);
         }
         Action::Continue
     }

@@ -13,7 +13,6 @@ pub enum Call {
     Header,
     Headers,
     AddHeader,
-    ReplaceHeader,
     RemoveHeader,
     Property,
     SetProperty,
@@ -38,7 +37,7 @@ pub enum Call {
 
 /// Metric names, in [`Call`] order.
 #[cfg(feature = "host-calls")]
-const NAMES: [&str; 28] = [
+const NAMES: [&str; 27] = [
     "log",
     "now",
     "set_tick_period",
@@ -46,7 +45,6 @@ const NAMES: [&str; 28] = [
     "header",
     "headers",
     "add_header",
-    "replace_header",
     "remove_header",
     "property",
     "set_property",
@@ -72,10 +70,10 @@ const NAMES: [&str; 28] = [
 #[cfg(feature = "host-calls")]
 thread_local! {
     /// Per call, in [`Call`] order: how many since the last report.
-    static COUNTS: std::cell::RefCell<[u64; 28]> = const { std::cell::RefCell::new([0; 28]) };
+    static COUNTS: std::cell::RefCell<[u64; 27]> = const { std::cell::RefCell::new([0; 27]) };
     /// Per call: its counter's id, once defined.
-    static METRICS: std::cell::RefCell<[Option<u32>; 28]> =
-        const { std::cell::RefCell::new([None; 28]) };
+    static METRICS: std::cell::RefCell<[Option<u32>; 27]> =
+        const { std::cell::RefCell::new([None; 27]) };
 }
 
 #[inline]
@@ -110,5 +108,5 @@ pub fn report() {
             }
         }
     });
-    COUNTS.with(|counts| *counts.borrow_mut() = [0; 28]);
+    COUNTS.with(|counts| *counts.borrow_mut() = [0; 27]);
 }

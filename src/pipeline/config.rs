@@ -51,7 +51,8 @@ pub const MAX_LONG_LIVED_MATCHES: usize = 64;
 
 /// Response headers HTTP or Envoy gives a meaning the decisions would change or lose:
 /// hop-by-hop ones (Envoy strips them), framing, caching, redirects, cookies, authentication.
-const RESPONSE_HEADERS_WITH_A_MEANING: [&str; 20] = [
+/// `x-request-id`, `via` and `proxy-status` Envoy itself writes after the filters ran.
+const RESPONSE_HEADERS_WITH_A_MEANING: [&str; 23] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -72,6 +73,9 @@ const RESPONSE_HEADERS_WITH_A_MEANING: [&str; 20] = [
     "www-authenticate",
     "proxy-authenticate",
     "alt-svc",
+    "x-request-id",
+    "via",
+    "proxy-status",
 ];
 
 /// Validated settings, ready for the data path.

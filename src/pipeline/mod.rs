@@ -166,6 +166,11 @@ impl Filter {
         &self.needs
     }
 
+    /// The response header that carries the decisions, if one is configured.
+    pub fn decision_header(&self) -> Option<&str> {
+        self.decision_header.as_deref()
+    }
+
     /// The filter state key under which the host publishes a stream's decisions
     /// ([`Exchange::unpublished_decisions`]): `resilience.<instance>.decision`.
     pub fn decision_state(&self) -> &str {
@@ -846,6 +851,8 @@ impl Exchange {
         self.stage = Stage::Answered;
         self.decided(&reply.decision);
         if let Some(name) = &filter.decision_header {
+            // A replay may carry the header, stored under a configuration that stored it.
+            reply.headers.retain(|(stored, _)| stored != name);
             reply
                 .headers
                 .push((name.clone(), self.decisions.clone().into_bytes()));

@@ -2,7 +2,10 @@
 //! filter state the demo's access log prints.
 
 use super::envoy::{envoy, Envoy};
-use super::upstream::{Upstream, DELAY_HEADER, RESPOND_HEADER, STATUS_HEADER};
+use super::upstream::{
+    Upstream, DELAY_HEADER, H2_ROUTE_HEADER, RESPOND_HEADER, STATUS_HEADER, TRAILER_HEADER,
+};
+use super::wire::http2;
 use super::{fresh_connections, METRICS_FLUSHED};
 use reqwest::{Client, Response};
 use std::time::Duration;
@@ -75,6 +78,31 @@ async fn every_policy_in_dry_run_refuses_nothing_and_names_what_it_would_have_re
         .start(&upstream)
         .await;
     let client = fresh_connections();
+    // An upstream's decision header never reaches the client, in the response's trailers
+    // either, where gRPC clients read the filter's decisions.
+    let response = http2(
+        envoy.port,
+        "GET",
+        "/trailers",
+        &[
+            (H2_ROUTE_HEADER, b"h2"),
+            (
+                TRAILER_HEADER,
+                b"x-resilience-decision: circuit_breaker;outcome=open",
+            ),
+            (TRAILER_HEADER, b"x-checksum: abc"),
+        ],
+        Vec::new(),
+        &[],
+    )
+    .await;
+    let trailers: Vec<&str> = response.trailers.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        trailers,
+        ["x-checksum"],
+        "the upstream's decision trailer is gone"
+    );
 
     // The pool's one slot is taken, and the rule's one token.
     let slow = {
@@ -126,6 +154,7 @@ async fn every_policy_in_dry_run_refuses_nothing_and_names_what_it_would_have_re
     assert_eq!(
         paths,
         [
+            "/trailers",
             "/limited/slow",
             "/limited/second",
             "/orders",
@@ -197,10 +226,17 @@ async fn an_enforced_refusal_names_its_policy_and_rule_in_the_header_and_the_acc
         "x-resilience-decision: circuit_breaker;outcome=open",
     );
     assert_eq!(seen(spoofed.send().await.unwrap()).await, (200, None));
-    let spoofed = client.get(envoy.url("/b")).header(
-        RESPOND_HEADER,
-        "x-resilience-decision: circuit_breaker;outcome=open",
-    );
+    // Two lines of it too (Envoy's replace would keep the second).
+    let spoofed = client
+        .get(envoy.url("/b"))
+        .header(
+            RESPOND_HEADER,
+            "x-resilience-decision: circuit_breaker;outcome=open",
+        )
+        .header(
+            RESPOND_HEADER,
+            "x-resilience-decision: load_shedding;outcome=shed",
+        );
     assert_eq!(
         seen(spoofed.send().await.unwrap()).await,
         (

@@ -41,6 +41,10 @@ pub struct EnvoyBuilder {
     /// The filters' listener comes from a file Envoy watches (LDS), which
     /// [`Envoy::push_filters`] rewrites.
     dynamic_listener: bool,
+    /// The filters' `failure_policy`; Envoy's default (`FAIL_CLOSED`) when unset.
+    failure_policy: Option<&'static str>,
+    /// The build with the `fault-injection` feature instead of the one we ship.
+    fault_injection: bool,
 }
 
 pub fn envoy() -> EnvoyBuilder {
@@ -59,6 +63,8 @@ pub fn envoy() -> EnvoyBuilder {
         front_retry_policy: None,
         upstream_retry_policy: None,
         dynamic_listener: false,
+        failure_policy: None,
+        fault_injection: false,
     }
 }
 
@@ -148,6 +154,14 @@ impl EnvoyBuilder {
         self
     }
 
+    /// Runs the build with the `fault-injection` feature (`make build-fault`), whose VM traps
+    /// at a request carrying `x-resilience-fault: trap`, under this `failure_policy`.
+    pub fn trapping_build(mut self, failure_policy: &'static str) -> Self {
+        self.fault_injection = true;
+        self.failure_policy = Some(failure_policy);
+        self
+    }
+
     /// The listener's `per_connection_buffer_limit_bytes` (Envoy's default is 1 MiB): how much
     /// of a request Envoy buffers while a filter holds it.
     pub fn buffer_limit(mut self, bytes: u32) -> Self {
@@ -212,6 +226,51 @@ impl EnvoyBuilder {
         }
     }
 
+    /// A filter instance's `http_filters` entry.
+    fn wasm_filter(&self, filter: &Filter) -> serde_json::Value {
+        let wasm = if self.fault_injection {
+            fault_wasm_path()
+        } else {
+            wasm_path()
+        };
+        let mut config = serde_json::json!({
+            "name": filter.name,
+            "root_id": "resilience",
+            "allow_on_headers_stop_iteration": self.stop_iteration,
+            "configuration": {
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": filter.config,
+            },
+            "vm_config": {
+                "vm_id": VM_ID,
+                "runtime": "envoy.wasm.runtime.v8",
+                "code": {"local": {"filename": wasm}},
+            },
+        });
+        if let Some(policy) = self.failure_policy {
+            config["failure_policy"] = serde_json::Value::from(policy);
+        }
+        serde_json::json!({
+            "name": "envoy.filters.http.wasm",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": config,
+            },
+        })
+    }
+
+    /// What [`EnvoyBuilder::wasm_filter`] reads, for pushes to a running Envoy.
+    fn settings(&self) -> EnvoyBuilder {
+        EnvoyBuilder {
+            filters: Vec::new(),
+            documented: Vec::new(),
+            named_clusters: Vec::new(),
+            front_retry_policy: None,
+            upstream_retry_policy: None,
+            ..*self
+        }
+    }
+
     fn spawn(&self, upstream: &Upstream) -> Envoy {
         let dir = scratch_dir();
         let port = free_port();
@@ -264,7 +323,7 @@ impl EnvoyBuilder {
             child,
             port,
             listener,
-            stop_iteration: self.stop_iteration,
+            builder: self.settings(),
             front_port,
             admin_port,
             log_path,
@@ -283,7 +342,7 @@ impl EnvoyBuilder {
         let mut filters = String::new();
         for filter in &self.filters {
             // JSON is YAML.
-            let entry = wasm_filter(filter, self.stop_iteration);
+            let entry = self.wasm_filter(filter);
             write!(filters, "\n          - {entry}").expect("format filter");
         }
         for entry in &self.documented {
@@ -421,7 +480,8 @@ pub struct Envoy {
     pub port: u16,
     /// The listener Envoy reads from `lds.yaml`, for an Envoy with a dynamic listener.
     listener: Option<serde_json::Value>,
-    stop_iteration: bool,
+    /// What each filter entry it pushes is built with.
+    builder: EnvoyBuilder,
     front_port: Option<u16>,
     admin_port: u16,
     log_path: PathBuf,
@@ -445,6 +505,10 @@ impl Envoy {
     /// Writes the listener with `filters` and waits until the counter `outcome` moves.
     async fn push(&mut self, filters: &[Filter], outcome: &str) {
         let before = self.stat(outcome).await;
+        let mut entries: Vec<serde_json::Value> = filters
+            .iter()
+            .map(|filter| self.builder.wasm_filter(filter))
+            .collect();
         let listener = self
             .listener
             .as_mut()
@@ -454,10 +518,6 @@ impl Envoy {
             .as_array()
             .and_then(|entries| entries.last().cloned())
             .expect("the router");
-        let mut entries: Vec<serde_json::Value> = filters
-            .iter()
-            .map(|filter| wasm_filter(filter, self.stop_iteration))
-            .collect();
         entries.push(router);
         *chain = serde_json::Value::from(entries);
         write_listener(&self.dir, listener);
@@ -568,30 +628,6 @@ impl Drop for Envoy {
     }
 }
 
-/// A filter instance's `http_filters` entry.
-fn wasm_filter(filter: &Filter, stop_iteration: bool) -> serde_json::Value {
-    serde_json::json!({
-        "name": "envoy.filters.http.wasm",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": filter.name,
-                "root_id": "resilience",
-                "allow_on_headers_stop_iteration": stop_iteration,
-                "configuration": {
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": filter.config,
-                },
-                "vm_config": {
-                    "vm_id": VM_ID,
-                    "runtime": "envoy.wasm.runtime.v8",
-                    "code": {"local": {"filename": wasm_path()}},
-                },
-            },
-        },
-    })
-}
-
 /// Writes the listener where Envoy watches for it: a new file moved into place, the one
 /// change a watched directory reports.
 fn write_listener(dir: &Path, listener: &serde_json::Value) {
@@ -665,11 +701,26 @@ fn envoy_binary() -> PathBuf {
 /// The release `.wasm`, refused if any source it was built from changed since: a stale filter
 /// would make every end-to-end result a lie. Cargo's dep-info lists exactly those sources.
 pub fn wasm_path() -> PathBuf {
-    let release = repo_root().join("target/wasm32-wasip1/release");
+    built_wasm(
+        &repo_root().join("target/wasm32-wasip1/release"),
+        "make build",
+    )
+}
+
+/// The build with the `fault-injection` feature.
+fn fault_wasm_path() -> PathBuf {
+    built_wasm(
+        &repo_root().join("target/fault/wasm32-wasip1/release"),
+        "make build-fault",
+    )
+}
+
+/// The filter cargo left in `release`, refused if a source changed after it was built.
+fn built_wasm(release: &Path, make: &str) -> PathBuf {
     let wasm = release.join("envoy_resilience.wasm");
     let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let built = modified(&wasm)
-        .unwrap_or_else(|| panic!("{} is missing: run `make build`", wasm.display()));
+    let built =
+        modified(&wasm).unwrap_or_else(|| panic!("{} is missing: run `{make}`", wasm.display()));
     let dep_info = std::fs::read_to_string(release.join("envoy_resilience.d")).unwrap_or_default();
     let sources = dep_info
         .lines()
@@ -680,7 +731,7 @@ pub fn wasm_path() -> PathBuf {
         let changed = modified(Path::new(source)).is_none_or(|m| m > built);
         assert!(
             !changed,
-            "{source} changed after {} was built: run `make build`",
+            "{source} changed after {} was built: run `{make}`",
             wasm.display()
         );
     }

@@ -20,6 +20,7 @@ mod reload;
 mod retries;
 mod smoke;
 mod upstream;
+mod vm_failure;
 mod wire;
 
 #[path = "../common/http.rs"]

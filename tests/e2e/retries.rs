@@ -24,12 +24,13 @@ fn documented_policy(marker: &str) -> serde_json::Value {
 }
 
 /// A pool of one slot and a bucket of one token a second, both refusing in the filter's
-/// default way (503 and 429, each with `Retry-After: 1`).
+/// default way (503 and 429, each with `Retry-After: 1`), and idempotency keys.
 const POLICIES: &str = r#"{
     "load_shedding": {"pools": [{"name": "p", "max_in_flight": 1, "scope": {"match": {"path_prefix": "/pooled/"}}}],
                       "shed_at": {"high": 1, "normal": 1}},
     "rate_limit": {"rules": [{"name": "r", "match": {"path_prefix": "/limited/"},
-                              "capacity": 1, "refill": {"tokens": 1, "interval": "1s"}}]}
+                              "capacity": 1, "refill": {"tokens": 1, "interval": "1s"}}]},
+    "idempotency": {}
 }"#;
 
 /// How many requests the filter saw: one per attempt the front Envoy made.
@@ -103,6 +104,20 @@ async fn the_interactive_front_policy_retries_what_is_safe_and_never_a_refusal()
         (502, 1),
         "a POST without a key"
     );
+    // A keyed POST the upstream got but answered too late (the route's idle timeout: 504):
+    // the retry finds its key still claimed and gets 409, so the order executes once.
+    let late = client
+        .post(envoy.front_url("/idle/order"))
+        .header("idempotency-key", "late")
+        .header(DELAY_HEADER, "1000")
+        .body("{}");
+    assert_eq!(attempts_of(&envoy, &mut seen, late).await, (409, 2));
+    let executed = upstream
+        .received()
+        .iter()
+        .filter(|r| r.uri == "/idle/order")
+        .count();
+    assert_eq!(executed, 1, "the retried POST reached the upstream once");
     let failing = client
         .get(envoy.front_url("/a"))
         .header(STATUS_HEADER, "503");

@@ -206,11 +206,19 @@ async fn respond(state: &State, request: Request<Incoming>) -> Response<Frames> 
             .map(|(name, value)| (name.to_owned(), value.to_owned()))
             .collect::<Vec<_>>()
     };
+    // A name asked once replaces the default; asked again, it gets another line.
+    let mut named = Vec::new();
     for (name, value) in asked(RESPOND_HEADER) {
         let value =
             HeaderValue::from_bytes(&percent_decode(value.as_bytes())).expect("header bytes");
         if let Some(headers) = response.headers_mut() {
-            headers.insert(HeaderName::try_from(name).expect("header name"), value);
+            let header = HeaderName::try_from(name).expect("header name");
+            if named.contains(&header) {
+                headers.append(header, value);
+            } else {
+                named.push(header.clone());
+                headers.insert(header, value);
+            }
         }
     }
     let mut trailers = HeaderMap::new();

@@ -18,6 +18,8 @@ pub struct WireResponse {
     pub status: u16,
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: Vec<u8>,
+    /// HTTP/2 only.
+    pub trailers: Vec<(String, Vec<u8>)>,
 }
 
 impl WireResponse {
@@ -88,6 +90,7 @@ fn parse_http1(raw: &[u8]) -> WireResponse {
         status,
         headers,
         body,
+        trailers: Vec::new(),
     }
 }
 
@@ -143,6 +146,7 @@ pub async fn http2(
     WireResponse {
         status,
         headers,
+        trailers: collected.trailers().map(pairs).unwrap_or_default(),
         body: collected.to_bytes().to_vec(),
     }
 }
