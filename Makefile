@@ -24,7 +24,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 SHELL := /bin/bash
 
 .PHONY: setup targets envoy grpcio wasm-bindgen tools wasm-opt build test unit wasm-test e2e e2e-oldest docker-test run bench lint clean \
-	fuzz-tools fuzz fuzz-short build-fault \
+	fuzz-tools fuzz fuzz-short build-fault soak \
 	docker-image etcd-image oci
 
 setup: targets envoy grpcio wasm-bindgen tools fuzz-tools
@@ -122,6 +122,10 @@ e2e: build build-fault envoy grpcio tools
 # The filter with the `fault-injection` feature, for the VM-failure tests: a VM that traps.
 build-fault: targets
 	cargo build --release --target wasm32-wasip1 --features fault-injection --target-dir target/fault
+
+# The chaos soak's long form: 50,000 requests (`make e2e` runs 3,000 of them).
+soak: build build-fault envoy grpcio tools
+	SOAK_REQUESTS=50000 cargo test --test e2e soak -- --nocapture
 
 # The same tests on the oldest Envoy supported.
 e2e-oldest: build build-fault envoy grpcio tools $(OLDEST_VENV)/bin/envoy

@@ -19,6 +19,7 @@ mod rate_limit;
 mod reload;
 mod retries;
 mod smoke;
+mod soak;
 mod upstream;
 mod vm_failure;
 mod wire;
