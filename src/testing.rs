@@ -140,3 +140,45 @@ pub fn record(
         }
     }
 }
+
+/// A deterministic stream of cases for property tests (SplitMix64): the same cases run
+/// natively and under wasm32, and a failure's message names the case that reproduces it.
+pub struct Cases(u64);
+
+impl Cases {
+    pub fn new(seed: u64) -> Cases {
+        Cases(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `low..=high`: a quarter of the draws are an edge (`low`, `low + 1`,
+    /// `high - 1`, `high`), the rest spread over every order of magnitude of the range, so
+    /// that 10 and 10^15 are drawn as often as each other.
+    pub fn in_range(&mut self, low: u64, high: u64) -> u64 {
+        let span = high - low;
+        let pick = self.next();
+        if pick % 4 == 0 {
+            return match (pick >> 2) % 4 {
+                0 => low,
+                1 => low.saturating_add(1).min(high),
+                2 => high.saturating_sub(1).max(low),
+                _ => high,
+            };
+        }
+        let bits = 64 - span.leading_zeros();
+        let width = (self.next() % u64::from(bits + 1)) as u32;
+        let mask = match width {
+            0 => 0,
+            64 => u64::MAX,
+            width => (1 << width) - 1,
+        };
+        low + (self.next() & mask).min(span)
+    }
+}

@@ -466,4 +466,82 @@ mod tests {
             "the TAT still lies 2 s ahead: a second later 3 tokens are back at 7/s, one taken"
         );
     }
+
+    /// Every rule the configuration accepts, over the whole range of its numbers (capacity,
+    /// refill tokens and interval, cost), is enforced as written: from a full bucket, what
+    /// requests at any times get admitted never exceeds the capacity plus what the refill
+    /// gave back meanwhile, and a refused request passes once its Retry-After has passed.
+    /// What the configuration refuses is exactly what cannot be enforced so.
+    #[test]
+    fn every_accepted_rule_admits_at_most_its_capacity_plus_its_refill() {
+        use crate::pipeline::config::Config;
+        use crate::testing::{Cases, T0};
+        const YEAR_NS: u64 = 366 * 86_400 * 1_000_000_000;
+        let mut cases = Cases::new(0x00b0_cce7);
+        for case in 0..2_000 {
+            let capacity = cases.in_range(1, 1_000_000_001);
+            let interval_ns = cases.in_range(999_999, YEAR_NS + 1);
+            let tokens = cases.in_range(1, interval_ns.saturating_mul(2));
+            let cost = cases.in_range(1, capacity + 1);
+            let json = format!(
+                r#"{{"rate_limit": {{"rules": [{{"name": "r", "capacity": {capacity}, "cost": {cost},
+                    "refill": {{"tokens": {tokens}, "interval": "{interval_ns}ns"}}}}]}}}}"#
+            );
+            let enforceable = (1..=1_000_000_000).contains(&capacity)
+                && (1_000_000..=YEAR_NS).contains(&interval_ns)
+                && tokens <= interval_ns
+                && cost <= capacity;
+            let rule = match Config::parse(json.as_bytes()) {
+                Ok(config) => config.rate_limit.and_then(|r| r.rules.into_iter().next()),
+                Err(err) => {
+                    assert!(!enforceable, "case {case}: {json} refused: {err}");
+                    assert!(err.path.starts_with("rate_limit.rules[0]."), "{err}");
+                    continue;
+                }
+            };
+            assert!(enforceable, "case {case}: {json} accepted");
+            let Some(rule) = rule else {
+                panic!("case {case}: no rule")
+            };
+            let (bucket, cost) = (rule.bucket, rule.cost);
+            let (mut tat, mut now, mut admitted) = (None, T0, 0u128);
+            for _ in 0..64 {
+                // Mostly bursts, sometimes waits of up to three refills of the whole bucket.
+                let gap = match cases.next() % 4 {
+                    0 | 1 => 0,
+                    2 => cases.in_range(0, interval_ns),
+                    _ => cases.in_range(
+                        0,
+                        u64::try_from(bucket.window().as_nanos())
+                            .unwrap_or(u64::MAX)
+                            .saturating_mul(3)
+                            .min(1 << 56),
+                    ),
+                };
+                now = now.saturating_add(Duration::from_nanos(gap));
+                let check = bucket.check(tat, now, cost);
+                if check.admitted {
+                    tat = Some(check.tat);
+                    admitted += u128::from(cost);
+                    let elapsed = u128::from(now.as_nanos() - T0.as_nanos());
+                    let allowed = u128::from(capacity) * u128::from(interval_ns)
+                        + u128::from(tokens) * elapsed;
+                    assert!(
+                        admitted * u128::from(interval_ns) <= allowed,
+                        "case {case}: {json}: {admitted} admitted in {elapsed} ns"
+                    );
+                } else if u128::from(now.as_nanos()) + check.retry_after.as_nanos()
+                    <= u128::from(u64::MAX)
+                {
+                    // (A wait past the year 2554, the clock's end, is exact too: the request
+                    // is refused until then.)
+                    let later = now.saturating_add(check.retry_after);
+                    assert!(
+                        bucket.check(tat, later, cost).admitted,
+                        "case {case}: {json}: refused again after its Retry-After"
+                    );
+                }
+            }
+        }
+    }
 }

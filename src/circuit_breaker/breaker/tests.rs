@@ -586,3 +586,69 @@ fn eight_workers_trip_once_and_share_the_probe_budget() {
         .count();
     assert_eq!((probes, half_opened), (3, 1), "of 160 requests");
 }
+
+/// Every open duration, backoff multiplier and cap the configuration accepts is honoured:
+/// the first trip opens for exactly the configured duration, each trip in a row for no less
+/// than the one before, never beyond the cap, and never less than the duration times the
+/// multiplier to the trips before it, when that is under the cap.
+#[test]
+fn every_accepted_open_duration_and_backoff_is_honoured() {
+    use crate::testing::Cases;
+    const DAY_NS: u64 = 86_400 * 1_000_000_000;
+    let mut cases = Cases::new(0x00b4_c0ff);
+    for case in 0..2_000 {
+        let duration_ns = cases.in_range(999_999, DAY_NS + 1);
+        let millionths = cases.in_range(999_999, 10_000_001);
+        let multiplier = format!("{}.{:06}", millionths / 1_000_000, millionths % 1_000_000);
+        let max_ns = cases.in_range(duration_ns - 1, DAY_NS + 1);
+        let json = format!(
+            r#"{{"circuit_breaker": {{"breakers": [{{"name": "b", "scope": {{"match": {{}}}},
+                "trip": {{"consecutive_failures": 1}},
+                "open": {{"duration": "{duration_ns}ns", "backoff_multiplier": {multiplier},
+                          "max_duration": "{max_ns}ns"}}}}]}}}}"#
+        );
+        let enforceable = (1_000_000..=DAY_NS).contains(&duration_ns)
+            && (1_000_000..=10_000_000).contains(&millionths)
+            && (duration_ns..=DAY_NS).contains(&max_ns);
+        let breaker = match Config::parse(json.as_bytes()) {
+            Ok(config) => config
+                .circuit_breaker
+                .and_then(|c| c.breakers.into_iter().next()),
+            Err(err) => {
+                assert!(!enforceable, "case {case}: {json} refused: {err}");
+                continue;
+            }
+        };
+        assert!(enforceable, "case {case}: {json} accepted");
+        let Some(breaker) = breaker else {
+            panic!("case {case}: no breaker")
+        };
+        let (duration, max) = (
+            Duration::from_nanos(duration_ns),
+            Duration::from_nanos(max_ns),
+        );
+        assert_eq!(breaker.open_for(1), duration, "case {case}: {json}");
+        let mut before = duration;
+        let mut trips: Vec<u32> = (1..=40).collect();
+        trips.extend([1_000, 65_536, u32::MAX - 1, u32::MAX]);
+        for trips in trips {
+            let open = breaker.open_for(trips);
+            assert!(
+                open >= before && open <= max,
+                "case {case}: {json}: trip {trips} opens for {open:?} after {before:?}"
+            );
+            // The exact growth, in nanoseconds: duration × multiplier^(trips − 1), capped.
+            let exact = (1..trips.min(64)).try_fold(u128::from(duration_ns), |ns, _| {
+                let grown = ns * u128::from(millionths) / 1_000_000;
+                (grown <= u128::from(max_ns)).then_some(grown)
+            });
+            if let Some(exact) = exact.filter(|_| trips < 64) {
+                assert!(
+                    open.as_nanos() + 1 >= exact,
+                    "case {case}: {json}: trip {trips} opens for {open:?}, not {exact} ns"
+                );
+            }
+            before = open;
+        }
+    }
+}

@@ -625,3 +625,64 @@ fn a_clock_stepping_back_keeps_slots_counted() {
     assert_eq!(b.in_flight("all"), 0);
     assert!(b.admitted(&plain(), at(0)));
 }
+
+/// Every cap and share the configuration accepts is enforced as written: a class is admitted
+/// into an idle pool until exactly ⌊cap × share⌋ requests are in flight (at least one, so an
+/// idle pool admits every class), never beyond the cap; shares out of range, with more than
+/// six decimals, or rising from critical to low are refused.
+#[test]
+fn every_accepted_cap_and_share_sheds_exactly_where_written() {
+    use crate::pipeline::config::Config;
+    use crate::testing::Cases;
+    let mut cases = Cases::new(0x005e_ed00);
+    for case in 0..2_000 {
+        let cap = cases.in_range(0, 1_000_001);
+        let mut shares: Vec<u64> = (0..4).map(|_| cases.in_range(9_999, 1_000_001)).collect();
+        if cases.next() % 4 != 0 {
+            shares.sort_unstable_by(|a, b| b.cmp(a));
+        }
+        let decimal =
+            |millionths: u64| format!("{}.{:06}", millionths / 1_000_000, millionths % 1_000_000);
+        let json = format!(
+            r#"{{"load_shedding": {{"pools": [{{"name": "p", "max_in_flight": {cap}}}],
+                "shed_at": {{"critical": {}, "high": {}, "normal": {}, "low": {}}}}}}}"#,
+            decimal(shares[0]),
+            decimal(shares[1]),
+            decimal(shares[2]),
+            decimal(shares[3]),
+        );
+        let enforceable = (1..=1_000_000).contains(&cap)
+            && shares.iter().all(|s| (10_000..=1_000_000).contains(s))
+            && shares.windows(2).all(|pair| pair[0] >= pair[1]);
+        let config = match Config::parse(json.as_bytes()) {
+            Ok(config) => config.load_shedding,
+            Err(err) => {
+                assert!(!enforceable, "case {case}: {json} refused: {err}");
+                continue;
+            }
+        };
+        assert!(enforceable, "case {case}: {json} accepted");
+        let Some(config) = config else {
+            panic!("case {case}: no section")
+        };
+        let pool = &config.pools[0];
+        for (class, share) in config.shed_at.iter().zip(&shares) {
+            let written = (u128::from(cap) * u128::from(*share) / 1_000_000).max(1);
+            assert_eq!(u128::from(threshold(pool.max_in_flight, *class)), written);
+            if written > 5_000 {
+                continue;
+            }
+            let (mut state, mut admitted) = (None, 0u128);
+            loop {
+                let admission = pool.admit(state, T0, *class);
+                if admission.epoch.is_none() {
+                    break;
+                }
+                state = admission.next;
+                admitted += 1;
+                assert!(admitted <= u128::from(cap), "case {case}: past the cap");
+            }
+            assert_eq!(admitted, written, "case {case}: {json}");
+        }
+    }
+}
