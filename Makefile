@@ -57,9 +57,10 @@ wasm-bindgen: Cargo.lock
 	@wasm-bindgen-test-runner --version 2>/dev/null | grep -qF "$(WASM_BINDGEN_VERSION)" \
 		|| cargo install wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION)
 
-Cargo.lock: Cargo.toml
+# Only when missing: regenerating it whenever Cargo.toml is newer would upgrade every
+# dependency behind an unrelated change (cargo itself updates it for Cargo.toml's edits).
+Cargo.lock:
 	cargo generate-lockfile
-	@touch $@
 
 # binaryen's wasm-opt shrinks what cargo built by a sixth. -Os, not -Oz: -Oz saves a few KB
 # more but cost idempotent POSTs 18 µs of CPU more in `make bench`. The features are those

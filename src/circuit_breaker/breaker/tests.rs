@@ -652,3 +652,45 @@ fn every_accepted_open_duration_and_backoff_is_honoured() {
         }
     }
 }
+
+/// Every count window, failure rate and minimum the configuration accepts trips exactly as
+/// written: the breaker opens at the first call after which the last `calls` calls hold at
+/// least `minimum_calls` calls and at least `percent`% failures, and not one call before.
+#[test]
+fn every_accepted_failure_rate_trips_exactly_where_written() {
+    use crate::testing::Cases;
+    let mut cases = Cases::new(0x00fa_11ed);
+    for case in 0..300 {
+        let calls = cases.in_range(1, 1_000);
+        let percent = cases.in_range(1, 100);
+        let minimum = cases.in_range(1, calls);
+        let failing_in_1000 = cases.in_range(0, 1_000);
+        let mut b = Bench::new(&format!(
+            r#""trip": {{"failure_rate_percent": {percent}, "minimum_calls": {minimum},
+                "window": {{"calls": {calls}}}}}, "open": {{"duration": "1h"}}"#
+        ));
+        let mut last: std::collections::VecDeque<bool> = std::collections::VecDeque::new();
+        for call in 0..(calls * 2).min(600) {
+            let failed = cases.next() % 1_000 < failing_in_1000;
+            assert!(
+                b.call(if failed { FAIL } else { OK }, T0),
+                "case {case}: closed, yet refused"
+            );
+            last.push_back(failed);
+            if last.len() > calls as usize {
+                last.pop_front();
+            }
+            let failures = last.iter().filter(|f| **f).count() as u64;
+            let due = last.len() as u64 >= minimum && failures * 100 >= percent * last.len() as u64;
+            assert_eq!(
+                b.phase() == Phase::Open,
+                due,
+                "case {case}: calls {calls}, {percent}%, minimum {minimum}: call {call} with {failures} failures in {}",
+                last.len()
+            );
+            if due {
+                break;
+            }
+        }
+    }
+}
