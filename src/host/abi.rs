@@ -1,10 +1,10 @@
 //! The proxy-wasm hostcalls the filter makes, each returning the host's status.
 //!
-//! The SDK's own wrappers (proxy-wasm 0.2.5) panic on any status they do not expect, and its
-//! `String` getters unwrap UTF-8; a panic is a Wasm trap, which takes the worker's VM (and
-//! every later request on that worker) down. These never panic: header values and bodies are
-//! bytes, and every failure is a `Status` the caller decides about. The SDK still provides
-//! the entry points, context dispatch and memory allocation.
+//! A panic is a Wasm trap, which takes the worker's VM (and every later request on that
+//! worker) down; the SDK's wrappers (proxy-wasm 0.2.5) panic on any status they do not expect,
+//! and its `String` getters unwrap UTF-8. These never panic: header values and bodies are
+//! bytes, and every failure is a `Status` the caller decides about. The entry points Envoy
+//! calls are ours too ([`super::exports`]).
 
 use super::tally::{count, Call};
 use crate::clock::Instant;
@@ -109,6 +109,18 @@ extern "C" {
         grpc_status: i32,
     ) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_http_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        trailers_data: *const u8,
+        trailers_size: usize,
+        timeout_milliseconds: u32,
+        return_token: *mut u32,
+    ) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_define_metric(
         metric_type: u32,
@@ -127,8 +139,8 @@ fn check(status: u32) -> Result<(), Status> {
     }
 }
 
-/// Takes ownership of bytes the host wrote into memory it allocated through the SDK's
-/// `proxy_on_memory_allocate` (a `Vec<u8>` of exactly `size`).
+/// Takes ownership of bytes the host wrote into memory it allocated through
+/// [`super::exports::proxy_on_memory_allocate`] (a `Vec<u8>` of exactly `size`).
 ///
 /// # Safety
 /// `data` must be null or such an allocation of `size` bytes, owned by no one else.
@@ -334,6 +346,35 @@ pub fn send_local_response(reply: &Reply) -> Result<(), Status> {
 pub fn continue_request() -> Result<(), Status> {
     count(Call::ContinueRequest);
     check(unsafe { proxy_continue_stream(0) })
+}
+
+/// Sends an HTTP call to `cluster`; its answer comes to `proxy_on_http_call_response` with
+/// the returned token.
+pub fn http_call(
+    cluster: &str,
+    headers: &[(String, Vec<u8>)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<u32, Status> {
+    count(Call::DispatchHttp);
+    let headers = serialize_pairs(headers);
+    let trailers = serialize_pairs(&[]);
+    let mut token = 0;
+    check(unsafe {
+        proxy_http_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            headers.as_ptr(),
+            headers.len(),
+            body.as_ptr(),
+            body.len(),
+            trailers.as_ptr(),
+            trailers.len(),
+            u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+            &mut token,
+        )
+    })?;
+    Ok(token)
 }
 
 /// Makes a later hostcall act on stream `context_id` (from a timer, outside its callbacks).

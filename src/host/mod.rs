@@ -6,6 +6,7 @@
 //! never panics.
 
 mod abi;
+mod exports;
 mod shared_data;
 mod tally;
 
@@ -20,19 +21,12 @@ use crate::reply::Reply;
 use crate::request::{parse_peer, RequestInfo};
 use crate::telemetry::{Counts, Event, Level, MetricId, Telemetry, METRICS_FLUSH};
 use abi::{Buffer, Map};
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use exports::Action;
 use shared_data::SharedData;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use tally::{count, Call};
-
-proxy_wasm::main! {{
-    // Installs the SDK's panic hook, which logs a panic before the trap: none is expected.
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
-}}
 
 /// A configured filter instance and the Envoy stats its metrics live in.
 struct Configured {
@@ -186,6 +180,8 @@ type Writes = Rc<RefCell<FleetWrites>>;
 
 #[derive(Default)]
 struct Root {
+    /// Envoy's id for this root context: calls it sends are answered to it.
+    id: u32,
     configured: Option<Rc<Configured>>,
     sweeper: Option<Sweeper>,
     waiting: Waiting,
@@ -200,24 +196,19 @@ struct Root {
     replaced: Vec<Weak<Configured>>,
 }
 
-/// Sends a call to the fleet store from the context whose callback is running; its answer
-/// comes back to that context's `on_http_call_response`. (The SDK's wrapper is used because
-/// only it registers the token for that dispatch; it panics only on statuses Envoy's
-/// `proxy_http_call` never returns: Envoy answers Ok, BadArgument or InternalFailure.)
-fn dispatch(context: &dyn Context, call: &StoreCall) -> Result<u32, proxy_wasm::types::Status> {
-    count(Call::DispatchHttp);
-    context.dispatch_http_call(
-        &call.cluster,
-        vec![
-            (":method", "POST"),
-            (":path", call.path),
-            (":authority", &call.authority),
-            ("content-type", "application/json"),
-        ],
-        Some(&call.body),
-        vec![],
-        call.timeout,
-    )
+/// Sends a call to the fleet store for context `from`; its answer comes back to that
+/// context's `on_http_call_response`.
+fn dispatch(from: u32, call: &StoreCall) -> Result<u32, abi::Status> {
+    let headers = [
+        (":method", "POST".as_bytes()),
+        (":path", call.path.as_bytes()),
+        (":authority", call.authority.as_bytes()),
+        ("content-type", b"application/json"),
+    ]
+    .map(|(name, value)| (name.to_owned(), value.to_vec()));
+    let token = abi::http_call(&call.cluster, &headers, &call.body, call.timeout)?;
+    exports::calls_back(token, from);
+    Ok(token)
 }
 
 /// The answer to a call: its status and body (Envoy's own 503 or 504 when no member
@@ -269,12 +260,13 @@ impl Root {
                 let polls = exchange
                     .upgrade()
                     .is_some_and(|e| e.try_borrow().is_ok_and(|e| e.polls()));
-                let mut waiting = self.waiting.borrow_mut();
-                if polls && !waiting.iter().any(|(waiting_id, _)| *waiting_id == id) {
-                    waiting.push((id, exchange));
+                if let Ok(mut waiting) = self.waiting.try_borrow_mut() {
+                    if polls && !waiting.iter().any(|(waiting_id, _)| *waiting_id == id) {
+                        waiting.push((id, exchange));
+                    }
                 }
             }
-            Step::Call(call) => match dispatch(self, &call) {
+            Step::Call(call) => match dispatch(self.id, &call) {
                 Ok(token) => {
                     self.calls.insert(token, (id, exchange));
                 }
@@ -308,15 +300,21 @@ impl Root {
     /// Sends the fleet writes that are due; one that cannot be sent now waits its backoff.
     fn send_writes(&mut self, configured: &Configured) {
         let room = MAX_WRITES_IN_FLIGHT.saturating_sub(self.sent.len());
-        let due = self.writes.borrow_mut().take_due(abi::now(), room);
+        let Ok(due) = self
+            .writes
+            .try_borrow_mut()
+            .map(|mut writes| writes.take_due(abi::now(), room))
+        else {
+            return;
+        };
         for mut write in due {
-            match dispatch(self, &write.call()) {
+            match dispatch(self.id, &write.call()) {
                 Ok(token) => {
                     self.sent.insert(token, write);
                 }
                 Err(_) => configured.run(|filter, env| {
                     if filter.on_fleet_write_answer(env, &mut write, None) {
-                        filter.queue_fleet_write(env, &mut self.writes.borrow_mut(), write);
+                        queue(&self.writes, filter, env, write);
                     }
                 }),
             }
@@ -324,7 +322,7 @@ impl Root {
     }
 }
 
-impl Context for Root {
+impl Root {
     fn on_http_call_response(
         &mut self,
         token_id: u32,
@@ -352,7 +350,7 @@ impl Context for Root {
                 .as_ref()
                 .map(|(status, body)| (*status, body.as_slice()));
             if filter.on_fleet_write_answer(env, &mut write, answer) {
-                filter.queue_fleet_write(env, &mut self.writes.borrow_mut(), write);
+                queue(&self.writes, filter, env, write);
             }
         });
     }
@@ -368,7 +366,7 @@ impl Context for Root {
     }
 }
 
-impl RootContext for Root {
+impl Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         let name = abi::property(&["plugin_name"])
             .ok()
@@ -428,7 +426,10 @@ impl RootContext for Root {
                 filter.tick(env, sweeper);
             }
             let mut due: Vec<(StreamRef, Step)> = Vec::new();
-            waiting.borrow_mut().retain(|(id, exchange)| {
+            let Ok(mut waiting) = waiting.try_borrow_mut() else {
+                return Vec::new();
+            };
+            waiting.retain(|(id, exchange)| {
                 let Some(strong) = exchange.upgrade() else {
                     return false;
                 };
@@ -460,20 +461,16 @@ impl RootContext for Root {
         });
     }
 
-    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+    /// A stream of this root's configuration; an unconfigured VM's passes everything.
+    fn create_http_context(&self, context_id: u32) -> Stream {
         count(Call::OnContextCreate);
-        // The SDK traps on None, so an unconfigured VM gets a pass-through stream.
-        Some(Box::new(Stream {
+        Stream {
             id: context_id,
             configured: self.configured.clone(),
             exchange: Rc::default(),
             waiting: Rc::clone(&self.waiting),
             writes: Rc::clone(&self.writes),
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+        }
     }
 }
 
@@ -482,6 +479,14 @@ impl RootContext for Root {
 fn publish(configured: &Configured, exchange: &mut Exchange) {
     if let Some(decisions) = exchange.unpublished_decisions() {
         let _ = abi::set_filter_state(configured.filter.decision_state(), decisions.as_bytes());
+    }
+}
+
+/// Queues a fleet write for the root to send. The queue is never borrowed twice (nothing
+/// queues while a tick takes from it); were it ever, the write would be lost, not trap.
+fn queue(writes: &Writes, filter: &Filter, env: &mut Env<'_, SharedData>, write: FleetWrite) {
+    if let Ok(mut writes) = writes.try_borrow_mut() {
+        filter.queue_fleet_write(env, &mut writes, write);
     }
 }
 
@@ -504,11 +509,11 @@ struct Stream {
     writes: Writes,
 }
 
-impl Context for Stream {
+impl Stream {
     /// The fleet store answered the call the exchange asked for: the paused request goes on,
     /// is answered, or waits for the next call.
     fn on_http_call_response(
-        &mut self,
+        &self,
         _token_id: u32,
         num_headers: usize,
         body_size: usize,
@@ -563,7 +568,7 @@ impl Stream {
                 send(configured, &reply);
                 Action::Pause
             }
-            Step::Call(call) => match dispatch(self, &call) {
+            Step::Call(call) => match dispatch(self.id, &call) {
                 Ok(_) => Action::Pause,
                 Err(_) => self.step(|exchange, filter, env| {
                     exchange.on_store_answer(filter, env, Err(AnswerError::NotSent), request_body)
@@ -573,9 +578,10 @@ impl Stream {
     }
 
     fn watch(&self) {
-        let mut waiting = self.waiting.borrow_mut();
-        if !waiting.iter().any(|(id, _)| *id == self.id) {
-            waiting.push((self.id, Rc::downgrade(&self.exchange)));
+        if let Ok(mut waiting) = self.waiting.try_borrow_mut() {
+            if !waiting.iter().any(|(id, _)| *id == self.id) {
+                waiting.push((self.id, Rc::downgrade(&self.exchange)));
+            }
         }
     }
 }
@@ -620,8 +626,8 @@ fn via_upstream() -> bool {
         .is_some_and(|details| details == b"via_upstream")
 }
 
-impl HttpContext for Stream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+impl Stream {
+    fn on_http_request_headers(&self, _num_headers: usize, end_of_stream: bool) -> Action {
         count(Call::OnRequestHeaders);
         #[cfg(feature = "fault-injection")]
         if abi::header(Map::Request, "x-resilience-fault")
@@ -640,7 +646,7 @@ impl HttpContext for Stream {
         })
     }
 
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+    fn on_http_request_body(&self, body_size: usize, end_of_stream: bool) -> Action {
         count(Call::OnRequestBody);
         self.step(|exchange, filter, env| {
             exchange.on_request_body(filter, env, body_size, end_of_stream, |max| {
@@ -649,7 +655,7 @@ impl HttpContext for Stream {
         })
     }
 
-    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+    fn on_http_request_trailers(&self, _num_trailers: usize) -> Action {
         count(Call::OnRequestTrailers);
         self.step(|exchange, filter, env| {
             exchange.on_request_trailers(filter, env, |max| {
@@ -658,7 +664,7 @@ impl HttpContext for Stream {
         })
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&self, _num_headers: usize, end_of_stream: bool) -> Action {
         count(Call::OnResponseHeaders);
         let (Some(configured), Ok(mut exchange)) =
             (&self.configured, self.exchange.try_borrow_mut())
@@ -684,7 +690,7 @@ impl HttpContext for Stream {
         Action::Continue
     }
 
-    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+    fn on_http_response_body(&self, body_size: usize, end_of_stream: bool) -> Action {
         count(Call::OnResponseBody);
         if let (Some(configured), Ok(mut exchange)) =
             (&self.configured, self.exchange.try_borrow_mut())
@@ -697,7 +703,7 @@ impl HttpContext for Stream {
         Action::Continue
     }
 
-    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+    fn on_http_response_trailers(&self, _num_trailers: usize) -> Action {
         count(Call::OnResponseTrailers);
         if let Ok(mut exchange) = self.exchange.try_borrow_mut() {
             exchange.on_response_trailers();
@@ -714,7 +720,7 @@ impl HttpContext for Stream {
         Action::Continue
     }
 
-    fn on_log(&mut self) {
+    fn on_log(&self) {
         count(Call::OnLog);
         #[cfg(feature = "host-calls")]
         let _report = Report;
@@ -752,7 +758,7 @@ impl HttpContext for Stream {
                 ..Completion::default()
             });
             if let Some(write) = write {
-                filter.queue_fleet_write(env, &mut self.writes.borrow_mut(), write);
+                queue(&self.writes, filter, env, write);
             }
         });
     }
