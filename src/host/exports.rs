@@ -25,6 +25,7 @@ thread_local! {
     static STREAMS: RefCell<HashMap<u32, Rc<Stream>>> = RefCell::new(HashMap::new());
     /// The context each call in flight was sent for, by token.
     static CALLS: RefCell<HashMap<u32, u32>> = RefCell::new(HashMap::new());
+    static UNKNOWN_ROOT_LOGGED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// The answer to call `token` goes to context `context`.
@@ -77,11 +78,16 @@ pub extern "C" fn _initialize() {
 #[no_mangle]
 pub extern "C" fn proxy_abi_version_0_2_1() {}
 
-/// Memory the host fills for the VM: a `Vec<u8>` of exactly `size`, which [`abi`] takes back.
+/// Memory the host fills for the VM: exactly `size` bytes, laid out as a `Vec<u8>` of that
+/// capacity, which [`abi`] takes back. Memory that cannot be had is a null pointer (the
+/// hostcall then fails), not the trap `Vec::with_capacity` would make of it.
 #[no_mangle]
 pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
-    let mut bytes = std::mem::ManuallyDrop::new(Vec::<u8>::with_capacity(size));
-    bytes.as_mut_ptr()
+    match std::alloc::Layout::array::<u8>(size) {
+        Ok(_) if size == 0 => std::ptr::NonNull::dangling().as_ptr(),
+        Ok(layout) => unsafe { std::alloc::alloc(layout) },
+        Err(_) => std::ptr::null_mut(),
+    }
 }
 
 #[no_mangle]
@@ -91,16 +97,28 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, root_context_id: u32)
             id: context_id,
             ..Root::default()
         };
+        // Created once: a root Envoy starts again keeps its configurations and streams.
         ROOTS.with(|roots| {
             if let Ok(mut roots) = roots.try_borrow_mut() {
-                roots.insert(context_id, Rc::new(RefCell::new(root)));
+                roots
+                    .entry(context_id)
+                    .or_insert_with(|| Rc::new(RefCell::new(root)));
             }
         });
         return;
     }
-    let Some(stream) = with_root(root_context_id, None, |root| {
+    let stream = root(root_context_id).and_then(|root| {
+        let root = root.try_borrow().ok()?;
         Some(root.create_http_context(context_id))
-    }) else {
+    });
+    let Some(stream) = stream else {
+        // Its requests pass without policies: said once, as it would be said for every one.
+        if !UNKNOWN_ROOT_LOGGED.replace(true) {
+            abi::log(
+                Level::Error,
+                &format!("resilience filter: stream {context_id} of root context {root_context_id}, which this VM does not have: its requests pass without policies"),
+            );
+        }
         return;
     };
     STREAMS.with(|streams| {
@@ -142,6 +160,12 @@ pub extern "C" fn proxy_on_delete(context_id: u32) {
     ROOTS.with(|roots| {
         if let Ok(mut roots) = roots.try_borrow_mut() {
             roots.remove(&context_id);
+        }
+    });
+    // Envoy cancels the calls of a context it deletes: their answers never come.
+    CALLS.with(|calls| {
+        if let Ok(mut calls) = calls.try_borrow_mut() {
+            calls.retain(|_, context| *context != context_id);
         }
     });
 }

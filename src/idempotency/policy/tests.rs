@@ -780,3 +780,71 @@ fn a_key_sent_twice_is_invalid() {
         "answered at once, without waiting for the body"
     );
 }
+
+/// Every table the configuration accepts fits its memory budget as written: `records` ×
+/// (`max_response_bytes` + 4096) within 1 GiB, or the configuration is refused; and every
+/// response the capture may store (at most `max_response_bytes` of headers, framing and body,
+/// within the record's fixed-width lengths) encodes to a record of at most its fixed fields
+/// plus that size, so a slot never holds more than the budget counted for it.
+#[test]
+fn every_accepted_table_stays_within_its_memory_budget() {
+    use crate::idempotency::{
+        Entry, IdempotencyRecord, StoredResponse, MAX_STORED_HEADERS, RECORD_FIXED_BYTES,
+    };
+    use crate::testing::Cases;
+    const OVERHEAD: u64 = 4096;
+    let mut cases = Cases::new(0x7ab1_e5e5);
+    for case in 0..2_000 {
+        let records = cases.in_range(0, (1 << 20) + 1);
+        let max_response_bytes = cases.in_range(0, (1 << 20) + 1);
+        let json = format!(
+            r#"{{"idempotency": {{"records": {records}, "max_response_bytes": {max_response_bytes}}}}}"#
+        );
+        let enforceable = (1..=1 << 20).contains(&records)
+            && max_response_bytes <= 1 << 20
+            && records * (max_response_bytes + OVERHEAD) <= 1 << 30;
+        let config = match Config::parse(json.as_bytes()) {
+            Ok(config) => config.idempotency,
+            Err(err) => {
+                assert!(!enforceable, "case {case}: {json} refused: {err}");
+                continue;
+            }
+        };
+        assert!(enforceable, "case {case}: {json} accepted");
+        let Some(config) = config else {
+            panic!("case {case}: no section")
+        };
+        // A response of exactly the largest size stored: headers, then the rest as body.
+        let limit = config.max_response_bytes;
+        let mut headers = Vec::new();
+        let mut left = limit;
+        while headers.len() < MAX_STORED_HEADERS && left > 8 && cases.next() % 3 != 0 {
+            let value_len = (cases.in_range(0, 300) as usize).min(left - 5);
+            headers.push(("x-h".to_owned(), vec![0xff; value_len.saturating_sub(3)]));
+            left -= 4 + 3 + value_len.saturating_sub(3);
+        }
+        let response = StoredResponse {
+            status: 201,
+            headers,
+            body: vec![b'x'; left],
+        };
+        assert_eq!(response.size(), limit, "case {case}");
+        assert!(response.fits_record());
+        let record = IdempotencyRecord {
+            owner: u64::MAX,
+            fingerprint: [0xff; 32],
+            deadline: Instant::from_nanos(u64::MAX),
+            entry: Entry::Completed(response),
+        };
+        let bytes = crate::store::encode(&record).len();
+        assert!(
+            bytes <= RECORD_FIXED_BYTES + limit,
+            "case {case}: {bytes} bytes for a {limit}-byte response"
+        );
+        assert!(
+            bytes as u64 <= limit as u64 + OVERHEAD,
+            "case {case}: the budget counts {} bytes for the slot, it holds {bytes}",
+            limit as u64 + OVERHEAD
+        );
+    }
+}
