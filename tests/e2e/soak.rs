@@ -1,11 +1,12 @@
 //! The chaos soak: real Envoy with 4 workers and all four policies in one instance, mixed
 //! traffic over HTTP/1.1 and HTTP/2 with faults (clients that leave mid-request and
-//! mid-response, upstream timeouts, connect failures, a failing upstream behind a breaker,
-//! bodies that arrive late), then the invariants, from what clients and the upstream saw and
+//! mid-response, an upstream that resets after taking a request, upstream timeouts, connect
+//! failures, a failing upstream behind a breaker, bodies that arrive late), then the
+//! invariants, from what clients and the upstream saw and
 //! from the gauges. `SOAK_REQUESTS` requests (3,000 in `make test`; `make soak` runs 50,000).
 
 use super::envoy::{envoy, Envoy};
-use super::upstream::{Upstream, DELAY_HEADER, STATUS_HEADER};
+use super::upstream::{Upstream, DELAY_HEADER, RESET_HEADER, STATUS_HEADER};
 use super::wire::http1;
 use super::{clients, METRICS_FLUSHED};
 use std::collections::HashMap;
@@ -36,7 +37,7 @@ const CONFIG: &str = r#"{
 /// Distinct API keys on /keyed/, and how many requests share one idempotency key.
 const API_KEYS: u64 = 20;
 const SENDS_PER_ORDER: u64 = 3;
-const KINDS: u64 = 12;
+const KINDS: u64 = 14;
 
 #[derive(Default)]
 struct Tally {
@@ -99,6 +100,36 @@ async fn send(i: u64, envoy: &Envoy, http: &reqwest::Client, tally: &Mutex<Tally
             http.get(url("/idle/")).header(DELAY_HEADER, "700"),
         ),
         9 => ("connect-failure", http.get(url("/dead/"))),
+        // The upstream takes a keyed POST, then resets: it may have executed, so the key stays
+        // claimed and the next two sends of it get 409.
+        11 => (
+            "reset-order",
+            http.post(url("/orders/"))
+                .header(
+                    "idempotency-key",
+                    format!("r{}", i / KINDS / SENDS_PER_ORDER),
+                )
+                .header(RESET_HEADER, "1")
+                .body("{}"),
+        ),
+        12 => {
+            // A keyed POST whose body arrives late, but within body_timeout.
+            let head = format!(
+                "POST /orders/ HTTP/1.1\r\nhost: soak\r\nidempotency-key: slow{i}\r\nx-upstream-status: 201\r\ncontent-length: 10"
+            );
+            let parts: &[(Duration, &[u8])] = &[
+                (Duration::ZERO, b"{\"a\":"),
+                (Duration::from_millis(300), b" 1}  "),
+            ];
+            let status = http1(envoy.port, &head, parts).await.status;
+            *tally
+                .lock()
+                .unwrap()
+                .statuses
+                .entry(("slow-body", status))
+                .or_default() += 1;
+            return;
+        }
         10 => {
             // The client leaves while the upstream still works on the response.
             let request = http.get(url("/plain/slow")).header(DELAY_HEADER, "300");
@@ -235,6 +266,8 @@ async fn a_chaos_soak_keeps_every_invariant() {
             "plain" | "batch" | "critical" | "unkeyed-order" => &[200, 503],
             "limited" | "keyed" => &[200, 429, 503],
             "order" => &[201, 409, 503],
+            "reset-order" => &[503, 409],
+            "slow-body" => &[201, 503],
             "flaky" => &[200, 500, 503],
             "timeout" => &[504, 503],
             "connect-failure" => &[503],

@@ -31,6 +31,9 @@ pub const SEQUENCE_HEADER: &str = "x-upstream-seq";
 pub const RESPOND_HEADER: &str = "x-upstream-respond-header";
 /// `name: value`: end the response with this trailer. Repeatable.
 pub const TRAILER_HEADER: &str = "x-upstream-trailer";
+/// Present: the upstream takes the request (it is recorded and executed), then drops the
+/// connection instead of answering: Envoy sees an upstream reset.
+pub const RESET_HEADER: &str = "x-upstream-reset";
 /// `h2`: Envoy routes the request to the upstream over HTTP/2, which carries trailers.
 pub const H2_ROUTE_HEADER: &str = "x-upstream-protocol";
 
@@ -89,7 +92,15 @@ impl Upstream {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
                         let state = Arc::clone(&state);
-                        async move { Ok::<_, hyper::Error>(respond(&state, request).await) }
+                        async move {
+                            let reset = request.headers().contains_key(RESET_HEADER);
+                            let response = respond(&state, request).await;
+                            if reset {
+                                Err(std::io::Error::other("reset, as the request asked"))
+                            } else {
+                                Ok(response)
+                            }
+                        }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)

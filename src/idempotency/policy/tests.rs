@@ -848,3 +848,82 @@ fn every_accepted_table_stays_within_its_memory_budget() {
         );
     }
 }
+
+/// Every lease and TTL the configuration accepts (1 ms to 30 days) holds exactly as written:
+/// a response is replayed until its TTL has passed since it was stored (that of its class:
+/// success, client error, server error when kept) and the key is free from that instant; a
+/// claim holds the key until its lease has passed; anything outside the range is refused.
+#[test]
+fn every_accepted_lease_and_ttl_holds_exactly_as_written() {
+    use crate::testing::Cases;
+    const MONTH_NS: u64 = 30 * 86_400 * 1_000_000_000;
+    let mut cases = Cases::new(0x0077_1e55);
+    for case in 0..1_000 {
+        let [lease, ttl, client_error_ttl, server_error_ttl] =
+            [(); 4].map(|()| cases.in_range(999_999, MONTH_NS + 1));
+        let json = format!(
+            r#"{{"lease": "{lease}ns", "ttl": "{ttl}ns", "client_error_ttl": "{client_error_ttl}ns",
+                "server_error_ttl": "{server_error_ttl}ns"}}"#
+        );
+        let enforceable = [lease, ttl, client_error_ttl, server_error_ttl]
+            .iter()
+            .all(|d| (1_000_000..=MONTH_NS).contains(d));
+        let parsed = Config::parse(format!(r#"{{"idempotency": {json}}}"#).as_bytes());
+        if let Err(err) = parsed {
+            assert!(!enforceable, "case {case}: {json} refused: {err}");
+            continue;
+        }
+        assert!(enforceable, "case {case}: {json} accepted");
+        let b = Bench::new(&json);
+        let after = |ns: u64| T0.saturating_add(std::time::Duration::from_nanos(ns));
+        // A claim never answered (its request may still run) frees the key at its lease.
+        let k = b.pending(&post(Some("unanswered"), "a"));
+        assert_eq!(b.decide(k, b"{}", 1, T0), KeyCheck::Claimed);
+        let k = b.pending(&post(Some("unanswered"), "a"));
+        assert!(
+            matches!(
+                b.decide(k, b"{}", 2, after(lease - 1)),
+                KeyCheck::InFlight { .. }
+            ),
+            "case {case}: {json}: held until its lease"
+        );
+        let k = b.pending(&post(Some("unanswered"), "a"));
+        assert_eq!(
+            b.decide(k, b"{}", 3, after(lease)),
+            KeyCheck::Claimed,
+            "case {case}: {json}: free at its lease"
+        );
+        for (status, kept) in [(201, ttl), (404, client_error_ttl), (503, server_error_ttl)] {
+            let key = format!("k{status}");
+            let k = b.pending(&post(Some(&key), "a"));
+            assert_eq!(b.decide(k, b"{}", 1, T0), KeyCheck::Claimed, "case {case}");
+            // Before it completes, the claim holds the key until exactly its lease.
+            let k = b.pending(&post(Some(&key), "a"));
+            assert!(
+                matches!(
+                    b.decide(k, b"{}", 2, after(lease - 1)),
+                    KeyCheck::InFlight { .. }
+                ),
+                "case {case}: {json}: lease"
+            );
+            let k = b.pending(&post(Some(&key), "a"));
+            let response = StoredResponse {
+                status,
+                ..created()
+            };
+            b.finish(k, 1, Outcome::Response(response.clone()), T0);
+            let k = b.pending(&post(Some(&key), "a"));
+            assert_eq!(
+                b.decide(k, b"{}", 3, after(kept - 1)),
+                KeyCheck::Replay(response),
+                "case {case}: {json}: {status} replayed until its TTL"
+            );
+            let k = b.pending(&post(Some(&key), "a"));
+            assert_eq!(
+                b.decide(k, b"{}", 4, after(kept)),
+                KeyCheck::Claimed,
+                "case {case}: {json}: {status} free once its TTL passed"
+            );
+        }
+    }
+}

@@ -686,3 +686,69 @@ fn every_accepted_cap_and_share_sheds_exactly_where_written() {
         }
     }
 }
+
+/// Every adaptive pool the configuration accepts keeps its limit within what was written,
+/// whatever the latencies: never under `min_limit`, never over `max_in_flight`, however fast
+/// or slow, steady or wild the samples, over any sampling interval and tolerance.
+#[test]
+fn every_accepted_adaptive_limit_stays_between_its_bounds() {
+    use crate::pipeline::config::Config;
+    use crate::testing::Cases;
+    use std::time::Duration;
+    let mut cases = Cases::new(0x00ad_a971);
+    for case in 0..500 {
+        let cap = cases.in_range(1, 10_000);
+        let min_limit = cases.in_range(0, cap + 1);
+        let interval_ms = cases.in_range(9, 60_001);
+        let window_ms = cases.in_range(interval_ms.saturating_sub(1), 3_600_001);
+        let tolerance_hundredths = cases.in_range(99, 1_001);
+        let json = format!(
+            r#"{{"load_shedding": {{"pools": [{{"name": "p", "max_in_flight": {cap},
+                "adaptive": {{"min_limit": {min_limit}, "sample_interval": "{interval_ms}ms",
+                              "min_rtt_window": "{window_ms}ms",
+                              "tolerance": {}.{:02}}}}}]}}}}"#,
+            tolerance_hundredths / 100,
+            tolerance_hundredths % 100
+        );
+        let enforceable = (1..=cap).contains(&min_limit)
+            && (10..=60_000).contains(&interval_ms)
+            && (interval_ms..=3_600_000).contains(&window_ms)
+            && (100..=1_000).contains(&tolerance_hundredths);
+        let config = match Config::parse(json.as_bytes()) {
+            Ok(config) => config.load_shedding,
+            Err(err) => {
+                assert!(!enforceable, "case {case}: {json} refused: {err}");
+                continue;
+            }
+        };
+        assert!(enforceable, "case {case}: {json} accepted");
+        let Some(config) = config else {
+            panic!("case {case}: no section")
+        };
+        let pool = &config.pools[0];
+        let (mut state, mut now) = (None::<crate::load_shedding::PoolState>, T0);
+        // Latencies in phases: steady, then rising, then wild, then falling back.
+        for step in 0..400u64 {
+            let latency_us = match step / 100 {
+                0 => 1_000,
+                1 => 1_000 + step * cases.in_range(0, 1_000),
+                2 => cases.in_range(1, 10_000_000),
+                _ => cases.in_range(1, 2_000),
+            };
+            now = now.saturating_add(Duration::from_millis(cases.in_range(0, interval_ms)));
+            let admission = pool.admit(state, now, 1_000_000);
+            let Some(epoch) = admission.epoch else {
+                state = admission.next.or(state);
+                continue;
+            };
+            state = admission.next;
+            let release = pool.release(state, now, epoch, Some(Duration::from_micros(latency_us)));
+            let limit = release.next.limit;
+            assert!(
+                (min_limit..=cap).contains(&u64::from(limit)),
+                "case {case}: {json}: limit {limit} at step {step}"
+            );
+            state = Some(release.next);
+        }
+    }
+}
