@@ -87,7 +87,7 @@ test: unit wasm-test e2e e2e-oldest docker-test fuzz-short
 # tests/fuzz/corpus is read, never written); a crash lands in target/fuzz-artifacts/<target>/
 # and fails the run. -a: arithmetic overflow panics, as in debug builds.
 FUZZ_TARGETS := config request records pipeline
-FUZZ_SECONDS  ?= 600
+FUZZ_SECONDS  ?= 300
 
 fuzz-tools:
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
