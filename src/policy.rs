@@ -111,13 +111,19 @@ impl<S: Store> Env<'_, S> {
 
     /// Applies `shared_data.on_error` to an admission shared data could not answer: the one
     /// place that decides. `Ok`: go on without this policy's protection; `Err`: refuse.
-    /// `policy` is the policy's section name (`rate_limit`).
+    /// `policy` is the policy's section name (`rate_limit`). A rule, pool or breaker in dry run
+    /// (`shadow`) refuses nothing, not even when its state is out of reach.
     pub fn admission_failed(
         &mut self,
         policy: &'static str,
         what: &str,
         error: StoreError,
+        shadow: bool,
     ) -> Result<(), Reply> {
+        if shadow {
+            self.store_failed(&format!("shadow {what}"), error);
+            return Ok(());
+        }
         self.store_failed(what, error);
         match self.instance.settings.on_error {
             FailureMode::Allow => Ok(()),

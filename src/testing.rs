@@ -2,6 +2,7 @@
 //! policy as one worker would, recording what it reports.
 
 use crate::clock::Instant;
+use crate::config::ConfigError;
 use crate::pipeline::config::Config;
 use crate::policy::{Env, Instance};
 use crate::store::{MemoryStore, Namespace, Store, StoreError, Versioned};
@@ -181,4 +182,19 @@ impl Cases {
         };
         low + (self.next() & mask).min(span)
     }
+}
+
+/// Parses a configuration a property test drew, asserting the parser agrees with the test on
+/// whether it can be enforced as written: accepted exactly when `enforceable`.
+pub fn parsed_exactly_when(
+    enforceable: bool,
+    json: &str,
+    case: u32,
+) -> Result<Config, ConfigError> {
+    let parsed = Config::parse(json.as_bytes());
+    match &parsed {
+        Ok(_) => assert!(enforceable, "case {case}: {json} accepted"),
+        Err(err) => assert!(!enforceable, "case {case}: {json} refused: {err}"),
+    }
+    parsed
 }

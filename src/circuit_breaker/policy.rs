@@ -230,12 +230,11 @@ impl Policy for CircuitBreaker {
                         },
                     ));
                 }
-                Err(err) if breaker.shadow => {
-                    env.store_failed(&format!("shadow circuit breaker {:?}", breaker.name), err);
-                }
                 Err(err) => {
                     let what = format!("circuit breaker {:?}", breaker.name);
-                    if let Err(reply) = env.admission_failed("circuit_breaker", &what, err) {
+                    let failed =
+                        env.admission_failed("circuit_breaker", &what, err, breaker.shadow);
+                    if let Err(reply) = failed {
                         for h in held {
                             self.record(env, h, Outcome::Ignored);
                         }

@@ -664,7 +664,8 @@ impl Policy for Idempotency {
         let (decision, evicted) = match decided {
             Ok(decided) => decided,
             Err(err) => {
-                env.admission_failed("idempotency", "idempotency", err)?;
+                // Its dry run is the pipeline's: it lets the refusal through, named.
+                env.admission_failed("idempotency", "idempotency", err, false)?;
                 return Ok(None);
             }
         };

@@ -291,12 +291,11 @@ impl Policy for LoadShedding {
                         },
                     ));
                 }
-                Err(err) if pool.shadow => {
-                    env.store_failed(&format!("shadow load shedding pool {}", pool.name), err);
-                }
                 Err(err) => {
                     let what = format!("load shedding pool {}", pool.name);
-                    if let Err(reply) = env.admission_failed("load_shedding", &what, err) {
+                    if let Err(reply) =
+                        env.admission_failed("load_shedding", &what, err, pool.shadow)
+                    {
                         self.release_slots(env, &held, None);
                         return Err(reply);
                     }

@@ -655,12 +655,7 @@ impl RateLimit {
         err: store::StoreError,
     ) -> Outcome {
         let what = format!("rate limit rule {:?}", rule.name);
-        if rule.shadow {
-            // A trial refuses nothing, not even when its state is out of reach.
-            env.store_failed(&what, err);
-            return Outcome::Skipped;
-        }
-        match env.admission_failed("rate_limit", &what, err) {
+        match env.admission_failed("rate_limit", &what, err, rule.shadow) {
             Ok(()) => Outcome::Skipped,
             Err(reply) => Outcome::Failed(reply),
         }

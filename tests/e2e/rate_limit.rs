@@ -9,7 +9,13 @@ fn rule(fields: &str) -> String {
     format!(r#"{{"rate_limit": {{"rules": [{{{fields}}}]}}}}"#)
 }
 
-async fn statuses(client: &Client, url: &str, n: usize, headers: &[(&str, &str)]) -> Vec<u16> {
+/// The statuses of `n` GETs of `url`, one after the other, each with `headers`.
+pub(super) async fn statuses(
+    client: &Client,
+    url: &str,
+    n: usize,
+    headers: &[(&str, &str)],
+) -> Vec<u16> {
     let mut statuses = Vec::new();
     for _ in 0..n {
         let mut request = client.get(url);

@@ -4,6 +4,7 @@
 
 use super::envoy::{envoy, Envoy, Filter};
 use super::fresh_connections;
+use super::rate_limit::statuses;
 use super::upstream::Upstream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -56,16 +57,6 @@ async fn keyed_admissions(envoy: &Envoy) -> Vec<usize> {
         admitted.push(n);
     }
     admitted
-}
-
-async fn statuses(envoy: &Envoy, path: &str, n: usize) -> Vec<u16> {
-    let client = fresh_connections();
-    let mut got = Vec::new();
-    for _ in 0..n {
-        let response = client.get(envoy.url(path)).send().await.unwrap();
-        got.push(response.status().as_u16());
-    }
-    got
 }
 
 /// How many orders the upstream executed.
@@ -122,7 +113,10 @@ async fn configuration_pushed_under_traffic_keeps_what_the_docs_say() {
         })
     };
 
-    assert_eq!(statuses(&envoy, "/limited/", 3).await, [200; 3]);
+    assert_eq!(
+        statuses(&fresh_connections(), &envoy.url("/limited/"), 3, &[]).await,
+        [200; 3]
+    );
     let spent = keyed_admissions(&envoy).await;
     assert!(spent.iter().all(|&n| n <= 3), "{spent:?}");
     assert_eq!(order(&envoy, "k1").await, (200, false));
@@ -132,7 +126,7 @@ async fn configuration_pushed_under_traffic_keeps_what_the_docs_say() {
         .push_filters(&[filter(&config("r", 200, false))])
         .await;
     assert_eq!(
-        statuses(&envoy, "/limited/", 3).await,
+        statuses(&fresh_connections(), &envoy.url("/limited/"), 3, &[]).await,
         [200, 200, 429],
         "rule r kept its name: its bucket, and what was spent, carried over"
     );
@@ -161,7 +155,7 @@ async fn configuration_pushed_under_traffic_keeps_what_the_docs_say() {
     );
     assert_eq!(orders(&upstream), 2, "the replay reached no upstream");
     assert_eq!(
-        statuses(&envoy, "/limited/", 6).await,
+        statuses(&fresh_connections(), &envoy.url("/limited/"), 6, &[]).await,
         [200, 200, 200, 200, 200, 429],
         "a renamed rule is a new bucket"
     );
@@ -176,7 +170,7 @@ async fn configuration_pushed_under_traffic_keeps_what_the_docs_say() {
         rejected.map(|n| n + 1)
     );
     assert_eq!(
-        statuses(&envoy, "/limited/", 1).await,
+        statuses(&fresh_connections(), &envoy.url("/limited/"), 1, &[]).await,
         [429],
         "the previous configuration still enforces"
     );

@@ -4,6 +4,7 @@
 
 use super::envoy::{envoy, Envoy};
 use super::fresh_connections;
+use super::rate_limit::statuses;
 use super::upstream::Upstream;
 use std::time::{Duration, Instant};
 
@@ -17,23 +18,6 @@ async fn start(failure_policy: &'static str, upstream: &Upstream) -> Envoy {
         .filter("fault", FIVE)
         .start(upstream)
         .await
-}
-
-async fn statuses(envoy: &Envoy, n: usize) -> Vec<u16> {
-    let client = fresh_connections();
-    let mut got = Vec::new();
-    for _ in 0..n {
-        got.push(
-            client
-                .get(envoy.url("/"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16(),
-        );
-    }
-    got
 }
 
 /// The request that makes the VM trap: Envoy answers it itself.
@@ -51,11 +35,21 @@ async fn trap(envoy: &Envoy) -> u16 {
 async fn fail_closed_answers_503_until_envoy_restarts() {
     let upstream = Upstream::start().await;
     let envoy = start("FAIL_CLOSED", &upstream).await;
-    assert_eq!(statuses(&envoy, 2).await, [200, 200]);
+    assert_eq!(
+        statuses(&fresh_connections(), &envoy.url("/"), 2, &[]).await,
+        [200, 200]
+    );
     assert_eq!(trap(&envoy).await, 503);
-    assert_eq!(statuses(&envoy, 5).await, [503; 5]);
+    assert_eq!(
+        statuses(&fresh_connections(), &envoy.url("/"), 5, &[]).await,
+        [503; 5]
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(statuses(&envoy, 1).await, [503], "still, seconds later");
+    assert_eq!(
+        statuses(&fresh_connections(), &envoy.url("/"), 1, &[]).await,
+        [503],
+        "still, seconds later"
+    );
     assert_eq!(
         upstream.count(),
         2,
@@ -67,10 +61,13 @@ async fn fail_closed_answers_503_until_envoy_restarts() {
 async fn fail_open_lets_every_request_through_without_a_policy() {
     let upstream = Upstream::start().await;
     let envoy = start("FAIL_OPEN", &upstream).await;
-    assert_eq!(statuses(&envoy, 2).await, [200, 200]);
+    assert_eq!(
+        statuses(&fresh_connections(), &envoy.url("/"), 2, &[]).await,
+        [200, 200]
+    );
     assert_eq!(trap(&envoy).await, 503, "the request the VM failed on");
     assert_eq!(
-        statuses(&envoy, 8).await,
+        statuses(&fresh_connections(), &envoy.url("/"), 8, &[]).await,
         [200; 8],
         "a bucket of 5 no longer refuses anything"
     );
@@ -81,7 +78,10 @@ async fn fail_open_lets_every_request_through_without_a_policy() {
 async fn fail_reload_answers_503_briefly_then_a_new_vm_serves_with_the_state_intact() {
     let upstream = Upstream::start().await;
     let envoy = start("FAIL_RELOAD", &upstream).await;
-    assert_eq!(statuses(&envoy, 3).await, [200; 3]);
+    assert_eq!(
+        statuses(&fresh_connections(), &envoy.url("/"), 3, &[]).await,
+        [200; 3]
+    );
     assert_eq!(trap(&envoy).await, 503);
     let failed_at = Instant::now();
     let client = fresh_connections();
@@ -109,7 +109,10 @@ async fn fail_reload_answers_503_briefly_then_a_new_vm_serves_with_the_state_int
     );
     // 3 spent before the trap and 1 by the first request after it: shared data outlived the
     // VM, so the bucket has one token left, not five.
-    assert_eq!(statuses(&envoy, 2).await, [200, 429]);
+    assert_eq!(
+        statuses(&fresh_connections(), &envoy.url("/"), 2, &[]).await,
+        [200, 429]
+    );
     let reloads: u64 = envoy
         .admin("/stats?filter=vm_reload_success")
         .await

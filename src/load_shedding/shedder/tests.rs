@@ -632,8 +632,7 @@ fn a_clock_stepping_back_keeps_slots_counted() {
 /// six decimals, or rising from critical to low are refused.
 #[test]
 fn every_accepted_cap_and_share_sheds_exactly_where_written() {
-    use crate::pipeline::config::Config;
-    use crate::testing::Cases;
+    use crate::testing::{parsed_exactly_when, Cases};
     let mut cases = Cases::new(0x005e_ed00);
     for case in 0..2_000 {
         let cap = cases.in_range(0, 1_000_001);
@@ -654,14 +653,10 @@ fn every_accepted_cap_and_share_sheds_exactly_where_written() {
         let enforceable = (1..=1_000_000).contains(&cap)
             && shares.iter().all(|s| (10_000..=1_000_000).contains(s))
             && shares.windows(2).all(|pair| pair[0] >= pair[1]);
-        let config = match Config::parse(json.as_bytes()) {
-            Ok(config) => config.load_shedding,
-            Err(err) => {
-                assert!(!enforceable, "case {case}: {json} refused: {err}");
-                continue;
-            }
+        let Ok(config) = parsed_exactly_when(enforceable, &json, case) else {
+            continue;
         };
-        assert!(enforceable, "case {case}: {json} accepted");
+        let config = config.load_shedding;
         let Some(config) = config else {
             panic!("case {case}: no section")
         };
@@ -692,8 +687,7 @@ fn every_accepted_cap_and_share_sheds_exactly_where_written() {
 /// or slow, steady or wild the samples, over any sampling interval and tolerance.
 #[test]
 fn every_accepted_adaptive_limit_stays_between_its_bounds() {
-    use crate::pipeline::config::Config;
-    use crate::testing::Cases;
+    use crate::testing::{parsed_exactly_when, Cases};
     use std::time::Duration;
     let mut cases = Cases::new(0x00ad_a971);
     for case in 0..500 {
@@ -714,14 +708,10 @@ fn every_accepted_adaptive_limit_stays_between_its_bounds() {
             && (10..=60_000).contains(&interval_ms)
             && (interval_ms..=3_600_000).contains(&window_ms)
             && (100..=1_000).contains(&tolerance_hundredths);
-        let config = match Config::parse(json.as_bytes()) {
-            Ok(config) => config.load_shedding,
-            Err(err) => {
-                assert!(!enforceable, "case {case}: {json} refused: {err}");
-                continue;
-            }
+        let Ok(config) = parsed_exactly_when(enforceable, &json, case) else {
+            continue;
         };
-        assert!(enforceable, "case {case}: {json} accepted");
+        let config = config.load_shedding;
         let Some(config) = config else {
             panic!("case {case}: no section")
         };
