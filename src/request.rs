@@ -66,6 +66,11 @@ impl RequestInfo {
         }
     }
 
+    /// The headers [`RequestInfo::from_header_map`] reads whatever a configuration needs.
+    pub fn reads(name: &[u8]) -> bool {
+        matches!(name, b":method" | b":path" | b"content-type")
+    }
+
     /// A request from Envoy's request header map: `:method`, `:path`, and every line of the
     /// headers in `names`.
     pub fn from_header_map(map: Vec<(String, Vec<u8>)>, names: &[String]) -> RequestInfo {
@@ -139,6 +144,24 @@ impl RequestInfo {
             .and_then(|entry| std::str::from_utf8(entry.trim_ascii()).ok())
             .and_then(|entry| entry.parse().ok())
             .or(self.peer)
+    }
+}
+
+/// An address as `Display` writes it (an IPv4 address is written here: `core::fmt` cost more
+/// than the rest of building a client's key).
+pub fn address_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut text = String::with_capacity(15);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text.push('.');
+                }
+                text.push_str(itoa::Buffer::new().format(octet));
+            }
+            text
+        }
+        IpAddr::V6(_) => ip.to_string(),
     }
 }
 
@@ -323,6 +346,24 @@ mod tests {
     fn ip(text: &str) -> IpAddr {
         text.parse()
             .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+    }
+
+    /// The text is the bucket's key: any difference from `Display` would move every client
+    /// to another bucket after an upgrade.
+    #[test]
+    fn address_text_is_what_display_writes() {
+        for octets in [
+            [0, 0, 0, 0],
+            [255, 255, 255, 255],
+            [10, 0, 9, 100],
+            [1, 20, 199, 7],
+        ] {
+            let v4 = IpAddr::from(octets);
+            assert_eq!(address_text(v4), v4.to_string());
+        }
+        for text in ["::1", "2001:db8::8a2e:370:7334", "::ffff:10.0.0.1"] {
+            assert_eq!(address_text(ip(text)), ip(text).to_string());
+        }
     }
 
     #[test]

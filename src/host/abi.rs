@@ -201,16 +201,24 @@ pub fn header(map: Map, name: &str) -> Result<Option<Vec<u8>>, Status> {
 
 /// Every header of a map; names are tokens (ASCII), values any bytes.
 pub fn headers(map: Map) -> Result<Vec<(String, Vec<u8>)>, Status> {
+    headers_named(map, |_| true)
+}
+
+/// The lines of a map whose names `wanted` picks, in order: the others are never copied.
+pub fn headers_named(
+    map: Map,
+    wanted: impl Fn(&[u8]) -> bool,
+) -> Result<Vec<(String, Vec<u8>)>, Status> {
     count(Call::Headers);
     let (mut data, mut size) = (null_mut(), 0);
     check(unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) })?;
     let bytes = unsafe { take(data, size) };
-    Ok(parse_pairs(&bytes).unwrap_or_default())
+    Ok(parse_pairs(&bytes, wanted).unwrap_or_default())
 }
 
 /// The host's serialized map: a count, then a (name length, value length) pair per entry, then
 /// each name and value followed by a NUL. `None` if the bytes do not add up.
-fn parse_pairs(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
+fn parse_pairs(bytes: &[u8], wanted: impl Fn(&[u8]) -> bool) -> Option<Vec<(String, Vec<u8>)>> {
     if bytes.is_empty() {
         return Some(Vec::new());
     }
@@ -228,7 +236,9 @@ fn parse_pairs(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
         data = data.checked_add(name_len)?.checked_add(1)?;
         let value = bytes.get(data..data.checked_add(value_len)?)?;
         data = data.checked_add(value_len)?.checked_add(1)?;
-        pairs.push((String::from_utf8_lossy(name).into_owned(), value.to_vec()));
+        if wanted(name) {
+            pairs.push((String::from_utf8_lossy(name).into_owned(), value.to_vec()));
+        }
     }
     Some(pairs)
 }

@@ -123,7 +123,10 @@ impl Configured {
         if !needs.request {
             return RequestInfo::default();
         }
-        let map = abi::headers(Map::Request).unwrap_or_default();
+        let map = abi::headers_named(Map::Request, |name| {
+            RequestInfo::reads(name) || needs.headers.iter().any(|n| n.as_bytes() == name)
+        })
+        .unwrap_or_default();
         let mut request = RequestInfo::from_header_map(map, &needs.headers);
         request.peer = needs
             .peer

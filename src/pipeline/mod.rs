@@ -105,7 +105,7 @@ impl Filter {
             load_shedding.map(|c| LoadShedding::new(c, &mut catalog, &instance.namespace));
         let rate_limit = rate_limit
             .zip(hasher)
-            .map(|(c, hasher)| RateLimit::new(c, hasher, &mut catalog));
+            .map(|(c, hasher)| RateLimit::new(c, hasher, &mut catalog, &instance.namespace));
         let idempotency = idempotency
             .zip(hasher)
             .map(|(c, hasher)| Idempotency::new(c, hasher, &mut catalog));

@@ -15,7 +15,7 @@ use crate::hashing::{fleet_place, KeyHasher};
 use crate::policy::{Env, Needs};
 use crate::reply::{Refusal, Reply, QUOTA_EXCEEDED};
 use crate::request::{Field, KeyBuilder, RequestInfo};
-use crate::store::{self, FailureMode, Store};
+use crate::store::{self, FailureMode, Namespace, Store};
 use crate::telemetry::{Catalog, Level, MetricId};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -26,6 +26,8 @@ pub struct RateLimit {
     hasher: KeyHasher,
     /// Per rule, in configuration order.
     metrics: Vec<RuleMetrics>,
+    /// Per rule: the shared-data key of its slots, but for the slot's index.
+    slot_prefixes: Vec<String>,
 }
 
 struct RuleMetrics {
@@ -166,7 +168,17 @@ enum Flow {
 }
 
 impl RateLimit {
-    pub fn new(config: RateLimitConfig, hasher: KeyHasher, catalog: &mut Catalog) -> Self {
+    pub fn new(
+        config: RateLimitConfig,
+        hasher: KeyHasher,
+        catalog: &mut Catalog,
+        namespace: &Namespace,
+    ) -> Self {
+        let slot_prefixes = config
+            .rules
+            .iter()
+            .map(|rule| namespace.key(&format!("rl/{}/", rule.name)))
+            .collect();
         let metrics = config
             .rules
             .iter()
@@ -186,6 +198,7 @@ impl RateLimit {
             config,
             hasher,
             metrics,
+            slot_prefixes,
         }
     }
 
@@ -354,9 +367,8 @@ impl RateLimit {
     fn decide_local<S: Store>(&self, env: &mut Env<'_, S>, index: usize, key: &[u8]) -> Outcome {
         let rule = &self.config.rules[index];
         let placement = self.hasher.place(key, rule.table_size);
-        let slot_key = env
-            .namespace()
-            .key(&format!("rl/{}/{}", rule.name, placement.index));
+        let mut slot_key = self.slot_prefixes[index].clone();
+        slot_key.push_str(itoa::Buffer::new().format(placement.index));
         let now = env.now;
         let updated = store::update::<Slot, _>(
             env.store,
@@ -785,11 +797,17 @@ impl RateLimit {
     /// left and, unless the bucket is full, the seconds until another one is there.
     fn quota_item(&self, quota: &Quota) -> String {
         let rule = &self.config.rules[quota.rule];
-        let mut item = format!("\"{}\";r={}", rule.name, quota.remaining);
+        let mut item = String::with_capacity(rule.name.len() + 64);
+        item.push('"');
+        item.push_str(&rule.name);
+        item.push_str("\";r=");
+        item.push_str(itoa::Buffer::new().format(quota.remaining));
         if let Some(more_in) = quota.more_in {
-            item.push_str(&format!(";t={}", ceil_secs(more_in)));
+            item.push_str(";t=");
+            item.push_str(itoa::Buffer::new().format(ceil_secs(more_in)));
         }
-        item + &partition_param(quota.partition)
+        push_partition(&mut item, quota.partition);
+        item
     }
 
     /// Refunds what earlier rules took for a request that will not go ahead. It retries until
@@ -833,7 +851,7 @@ impl RateLimit {
                 KeyPart::ClientAddress => {
                     address = request
                         .client_address(self.config.trusted_hops)
-                        .map(|ip| ip.to_string());
+                        .map(crate::request::address_text);
                     address.as_deref().map(str::as_bytes)
                 }
                 KeyPart::Method => Some(request.method.as_bytes()),
@@ -867,15 +885,23 @@ fn fleet_scoped(rule: &str, key: &[u8]) -> Vec<u8> {
 
 /// A rule's `RateLimit-Policy` item (section 3), with its partition if it is keyed.
 fn policy_item(rule: &Rule, partition: Option<u64>) -> String {
-    rule.policy_item.clone() + &partition_param(partition)
+    let mut item = String::with_capacity(rule.policy_item.len() + PARTITION_PARAM_LEN);
+    item.push_str(&rule.policy_item);
+    push_partition(&mut item, partition);
+    item
 }
+
+/// `;pk=:` + 12 base64 characters + `:`.
+const PARTITION_PARAM_LEN: usize = 18;
 
 /// `;pk=:…:`, the draft's partition key (a Byte Sequence): a keyed hash of the request's key,
 /// the same for every request of one client, that shows nothing of the key itself.
-fn partition_param(partition: Option<u64>) -> String {
-    partition.map_or_else(String::new, |pk| {
-        format!(";pk=:{}:", STANDARD.encode(pk.to_be_bytes()))
-    })
+fn push_partition(item: &mut String, partition: Option<u64>) {
+    if let Some(pk) = partition {
+        item.push_str(";pk=:");
+        STANDARD.encode_string(pk.to_be_bytes(), item);
+        item.push(':');
+    }
 }
 
 #[cfg(test)]

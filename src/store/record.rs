@@ -44,8 +44,13 @@ impl fmt::Display for DecodeError {
     }
 }
 
+/// Room for every fixed-size record at once: growing the vector field by field was a tenth of
+/// the filter's own work on a request.
+const ENCODED_CAPACITY: usize = 128;
+
 pub fn encode<T: Record>(record: &T) -> Vec<u8> {
-    let mut out = vec![T::FORMAT];
+    let mut out = Vec::with_capacity(ENCODED_CAPACITY);
+    out.push(T::FORMAT);
     record.encode_fields(&mut out);
     out
 }

@@ -12,11 +12,11 @@ const NOW: Instant = T0;
 fn bench(rate_limit: &str) -> Bench<RateLimit> {
     Bench::new(
         &format!(r#"{{"rate_limit": {rate_limit}}}"#),
-        |config, catalog, _| {
+        |config, catalog, namespace| {
             let Some(config) = config.rate_limit else {
                 panic!("no rate_limit section")
             };
-            RateLimit::new(config, KeyHasher::new(Seed([11, 22])), catalog)
+            RateLimit::new(config, KeyHasher::new(Seed([11, 22])), catalog, namespace)
         },
     )
 }
