@@ -1,9 +1,10 @@
 //! The breaker's state machine: closed → open → half-open → closed (or open again).
 //!
 //! Pure functions of (stored state, now, event). The store functions at the bottom are the
-//! only ones that touch shared data: a closed breaker, or one still open, costs one read and
-//! no write; leaving open, taking a probe slot and recording an outcome that changes the
-//! state cost one compare-and-swap.
+//! only ones that touch shared data: a closed breaker, or one still open, is answered from
+//! the VM's [`Sighting`] of it while the breaker's epoch says it holds (a read of an empty
+//! value), and read (no write) when it does not; leaving open, taking a probe slot and
+//! recording an outcome that changes the state cost one compare-and-swap.
 
 use super::config::BreakerConfig;
 use super::window::{Window, WindowSpec};
@@ -12,6 +13,8 @@ use crate::policy::Completion;
 use crate::store::{
     self, DecodeError, Namespace, Reader, Record, SharedDataSettings, Store, StoreError,
 };
+use std::cell::Cell;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -420,29 +423,124 @@ impl BreakerConfig {
 }
 
 /// What the store functions report besides their answer.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Effects {
     pub transition: Option<Transition>,
     pub conflicts: u32,
+    /// The state was written but the epoch could not be: other workers may answer from
+    /// their sightings for up to [`MAX_SIGHTING`] (or the open duration) longer.
+    pub epoch_error: Option<StoreError>,
 }
 
-/// The shared-data key of a breaker's state.
-pub fn state_key(namespace: &Namespace, breaker: &BreakerConfig) -> String {
-    namespace.key(&format!("cb/{}", breaker.name))
+/// The longest a VM answers from one [`Sighting`]: never longer than the breaker's open
+/// duration (see there).
+pub const MAX_SIGHTING: Duration = Duration::from_secs(1);
+
+/// A breaker's two shared-data keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keys {
+    /// Its [`BreakerState`].
+    pub state: String,
+    /// A value that stays empty, written after every write of the state that changes what a
+    /// sighting answers from (phase, generation, open-until, failures in a row): its version
+    /// says whether a sighting still holds. Reading an empty value copies nothing into the VM,
+    /// which makes it a few µs cheaper than reading the state.
+    pub epoch: String,
 }
 
-/// Decides whether a request may pass `breaker`, whose state lives at `key`.
+pub fn keys(namespace: &Namespace, breaker: &BreakerConfig) -> Keys {
+    Keys {
+        state: namespace.key(&format!("cb/{}", breaker.name)),
+        epoch: namespace.key(&format!("cb-epoch/{}", breaker.name)),
+    }
+}
+
+/// What this VM last read of a breaker, read epoch first: a write the state read missed moves
+/// the epoch after it, so an unmoved epoch means the state is still as read.
+///
+/// The one gap: between a worker's write of the state and its write of the epoch (two
+/// hostcalls in a row), another worker still answers from its sighting, as it would have
+/// answered just before the write. An open breaker needs no epoch at all before its open
+/// duration ends: it changes only then. A sighting lasts at most [`MAX_SIGHTING`] and never
+/// longer than the open duration, so even an epoch write that failed cannot let a stale
+/// "closed" through a breaker that has gone half-open since: `max_probes` stays exact.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sighting {
+    state: Option<BreakerState>,
+    epoch: Option<NonZeroU32>,
+    at: Instant,
+}
+
+impl Sighting {
+    fn look(store: &impl Store, keys: &Keys, now: Instant) -> Result<Sighting, StoreError> {
+        let epoch = epoch(store, keys)?;
+        let state = store::read::<BreakerState>(store, &keys.state)?;
+        Ok(Sighting {
+            state,
+            epoch,
+            at: now,
+        })
+    }
+
+    fn lasts(&self, breaker: &BreakerConfig, now: Instant) -> bool {
+        let until = self
+            .at
+            .saturating_add(MAX_SIGHTING.min(breaker.open_duration));
+        self.at <= now && now < until
+    }
+
+    /// Still what shared data holds, as far as this VM can tell.
+    fn holds(
+        &self,
+        store: &impl Store,
+        keys: &Keys,
+        breaker: &BreakerConfig,
+        now: Instant,
+    ) -> Result<bool, StoreError> {
+        if !self.lasts(breaker, now) {
+            return Ok(false);
+        }
+        let still_open = self
+            .state
+            .as_ref()
+            .is_some_and(|s| s.phase == Phase::Open && now < s.open_until);
+        Ok(still_open || epoch(store, keys)? == self.epoch)
+    }
+}
+
+fn epoch(store: &impl Store, keys: &Keys) -> Result<Option<NonZeroU32>, StoreError> {
+    Ok(store.get(&keys.epoch)?.map(|value| value.version))
+}
+
+/// What a sighting answers from; a write that changes it moves the epoch.
+fn sighted(state: Option<&BreakerState>) -> (Phase, u32, Instant, u32) {
+    state.map_or((Phase::Closed, 0, Instant::default(), 0), |s| {
+        (s.phase, s.generation, s.open_until, s.consecutive_failures)
+    })
+}
+
+/// Moves the epoch after a write that changed what sightings answer from.
+fn advance_epoch(store: &impl Store, keys: &Keys) -> Option<StoreError> {
+    store.set(&keys.epoch, &[], None).err()
+}
+
+/// Decides whether a request may pass `breaker`; `seen` is this VM's last [`Sighting`] of
+/// it, answered from while it holds and kept up to date.
 pub fn admit(
     store: &impl Store,
     namespace: &Namespace,
-    key: &str,
+    keys: &Keys,
     breaker: &BreakerConfig,
     now: Instant,
     settings: SharedDataSettings,
+    seen: &Cell<Option<Sighting>>,
 ) -> Result<(Admission, Effects), StoreError> {
-    let stored = store::read::<BreakerState>(store, key)?;
-    // The stable states answer from the read alone.
-    let quick = match &stored {
+    let sighting = match seen.take() {
+        Some(sighting) if sighting.holds(store, keys, breaker, now)? => sighting,
+        _ => Sighting::look(store, keys, now)?,
+    };
+    // The stable states answer from the sighting alone.
+    let quick = match &sighting.state {
         None => Some(Admission::Pass(Permit::Closed { generation: 0 })),
         Some(s) if s.phase == Phase::Closed => Some(Admission::Pass(Permit::Closed {
             generation: s.generation,
@@ -453,25 +551,30 @@ pub fn admit(
         Some(_) => None,
     };
     if let Some(admission) = quick {
-        return Ok((
-            admission,
-            Effects {
-                transition: None,
-                conflicts: 0,
-            },
-        ));
+        seen.set(Some(sighting));
+        return Ok((admission, Effects::default()));
     }
-    let updated =
-        store::update::<BreakerState, _>(store, namespace, key, settings.max_attempts, |state| {
+    let updated = store::update::<BreakerState, _>(
+        store,
+        namespace,
+        &keys.state,
+        settings.max_attempts,
+        |state| {
+            let before = sighted(state.as_ref());
             let (admission, next, transition) = breaker.admit(state, now);
-            ((admission, transition), next)
-        })?;
-    let (admission, transition) = updated.decision;
+            let moved = next
+                .as_ref()
+                .is_some_and(|next| sighted(Some(next)) != before);
+            ((admission, transition, moved), next)
+        },
+    )?;
+    let (admission, transition, moved) = updated.decision;
     Ok((
         admission,
         Effects {
             transition,
             conflicts: updated.conflicts,
+            epoch_error: moved.then(|| advance_epoch(store, keys)).flatten(),
         },
     ))
 }
@@ -479,22 +582,50 @@ pub fn admit(
 /// Records the outcome of a request `breaker` let through with `permit`. It retries until
 /// it lands: a lost failure would trip the breaker late, and a lost probe would hold its slot
 /// until the probe timeout.
+///
+/// A breaker without a window, whose sighting holds and says the outcome changes nothing (a
+/// success with no failure streak), is left as it is without reading its state.
+#[allow(clippy::too_many_arguments)]
 pub fn record(
     store: &impl Store,
     namespace: &Namespace,
-    key: &str,
+    keys: &Keys,
     breaker: &BreakerConfig,
     permit: Permit,
     outcome: Outcome,
     now: Instant,
+    seen: &Cell<Option<Sighting>>,
 ) -> Result<Effects, StoreError> {
-    let updated = store::settle::<BreakerState, _>(store, namespace, key, |state| {
+    let mut sighting = seen.take();
+    if breaker.window == WindowSpec::None {
+        if let Some(held) = sighting.take() {
+            if held.holds(store, keys, breaker, now)? {
+                let (next, _) = breaker.record(held.state.clone(), permit, outcome, now);
+                if next.is_none() {
+                    seen.set(Some(held));
+                    return Ok(Effects::default());
+                }
+            }
+        }
+    }
+    let updated = store::settle::<BreakerState, _>(store, namespace, &keys.state, |state| {
+        let before = sighted(state.as_ref());
         let (next, transition) = breaker.record(state, permit, outcome, now);
-        (transition, next)
+        let moved = next
+            .as_ref()
+            .is_some_and(|next| sighted(Some(next)) != before);
+        ((transition, moved), next)
     })?;
+    let (transition, moved) = updated.decision;
+    // A write that left what sightings answer from as it was (a window's count) leaves this
+    // VM's sighting, if it still has one, as good as everyone else's.
+    if !moved {
+        seen.set(sighting);
+    }
     Ok(Effects {
-        transition: updated.decision,
+        transition,
         conflicts: updated.conflicts,
+        epoch_error: moved.then(|| advance_epoch(store, keys)).flatten(),
     })
 }
 

@@ -1,7 +1,7 @@
 //! The circuit-breaking policy: every breaker in scope admits the request or refuses it, and
 //! hears how it ended.
 
-use super::breaker::{self, phase_value, Admission, Effects, Outcome, Permit, Phase};
+use super::breaker::{self, phase_value, Admission, Effects, Outcome, Permit, Phase, Sighting};
 use super::config::{BreakerConfig, CircuitBreakerConfig};
 use crate::clock::retry_after_secs;
 use crate::decision::Decision;
@@ -12,6 +12,7 @@ use crate::request::RequestInfo;
 use crate::store::Namespace;
 use crate::store::Store;
 use crate::telemetry::{Catalog, Level, MetricId};
+use std::cell::Cell;
 
 /// The problem type of a refusal by an open breaker (or one whose probes are all taken).
 pub const CIRCUIT_OPEN: &str = "urn:envoy-resilience:circuit-breaker:open";
@@ -20,8 +21,10 @@ pub struct CircuitBreaker {
     config: CircuitBreakerConfig,
     /// Per breaker, in configuration order.
     metrics: Vec<BreakerMetrics>,
-    /// Per breaker: the shared-data key of its state, built once.
-    keys: Vec<String>,
+    /// Per breaker: its shared-data keys, built once.
+    keys: Vec<breaker::Keys>,
+    /// Per breaker: what this VM last read of its state.
+    seen: Vec<Cell<Option<Sighting>>>,
 }
 
 struct BreakerMetrics {
@@ -63,12 +66,14 @@ impl CircuitBreaker {
         let keys = config
             .breakers
             .iter()
-            .map(|breaker| breaker::state_key(namespace, breaker))
+            .map(|breaker| breaker::keys(namespace, breaker))
             .collect();
+        let seen = config.breakers.iter().map(|_| Cell::new(None)).collect();
         Self {
             config,
             metrics,
             keys,
+            seen,
         }
     }
 
@@ -77,9 +82,10 @@ impl CircuitBreaker {
     }
 
     fn record<S: Store>(&self, env: &mut Env<'_, S>, held: Held, outcome: Outcome) {
-        let (Some(breaker), Some(key)) = (
+        let (Some(breaker), Some(key), Some(seen)) = (
             self.config.breakers.get(held.breaker),
             self.keys.get(held.breaker),
+            self.seen.get(held.breaker),
         ) else {
             return;
         };
@@ -91,6 +97,7 @@ impl CircuitBreaker {
             held.permit,
             outcome,
             env.now,
+            seen,
         ) {
             Ok(effects) => self.apply(env, held.breaker, effects),
             Err(err) => env.store_failed(&format!("circuit breaker {:?}", breaker.name), err),
@@ -100,6 +107,9 @@ impl CircuitBreaker {
     /// Logs and counts a transition: only the worker whose compare-and-swap made it sees it.
     fn apply<S: Store>(&self, env: &mut Env<'_, S>, index: usize, effects: Effects) {
         env.conflicts(effects.conflicts);
+        if let (Some(err), Some(breaker)) = (effects.epoch_error, self.config.breakers.get(index)) {
+            env.store_failed(&format!("circuit breaker {:?} epoch", breaker.name), err);
+        }
         let (Some(transition), Some(breaker), Some(metrics)) = (
             effects.transition,
             self.config.breakers.get(index),
@@ -157,12 +167,13 @@ impl Policy for CircuitBreaker {
         request: &RequestInfo,
     ) -> Result<Permits, Reply> {
         let mut held = Vec::new();
-        for (index, ((breaker, metrics), key)) in self
+        for (index, (((breaker, metrics), key), seen)) in self
             .config
             .breakers
             .iter()
             .zip(&self.metrics)
             .zip(&self.keys)
+            .zip(&self.seen)
             .enumerate()
         {
             if !Scope::contains(&breaker.scope, request) {
@@ -175,6 +186,7 @@ impl Policy for CircuitBreaker {
                 breaker,
                 env.now,
                 env.settings(),
+                seen,
             );
             match admitted {
                 Ok((Admission::Pass(permit), effects)) => {

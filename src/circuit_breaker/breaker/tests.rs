@@ -30,6 +30,40 @@ struct Bench {
     settings: SharedDataSettings,
     store: MemoryStore,
     transitions: Vec<(Phase, Phase)>,
+    /// The VM's sighting (see [`Bench::on_another_worker`]).
+    seen: Cell<Option<Sighting>>,
+    /// Reads of the state made through `admit` and `finish`.
+    reads: Cell<u32>,
+    /// Writes of the epoch fail (as a host that failed between the two writes would).
+    epoch_lost: bool,
+}
+
+/// The bench's store: counts reads of the state, and may lose writes of the epoch.
+struct Counting<'a> {
+    store: &'a MemoryStore,
+    reads: &'a Cell<u32>,
+    epoch_lost: bool,
+}
+
+impl Store for Counting<'_> {
+    fn get(&self, key: &str) -> Result<Option<store::Versioned>, StoreError> {
+        if !key.contains("epoch") {
+            self.reads.set(self.reads.get() + 1);
+        }
+        self.store.get(key)
+    }
+
+    fn set(
+        &self,
+        key: &str,
+        value: &[u8],
+        cas: Option<std::num::NonZeroU32>,
+    ) -> Result<(), StoreError> {
+        if self.epoch_lost && key.contains("epoch") {
+            return Err(StoreError::Host(1));
+        }
+        self.store.set(key, value, cas)
+    }
 }
 
 impl Bench {
@@ -40,17 +74,41 @@ impl Bench {
             settings,
             store: MemoryStore::default(),
             transitions: Vec::new(),
+            seen: Cell::new(None),
+            reads: Cell::new(0),
+            epoch_lost: false,
         }
+    }
+
+    fn counting(&self) -> Counting<'_> {
+        Counting {
+            store: &self.store,
+            reads: &self.reads,
+            epoch_lost: self.epoch_lost,
+        }
+    }
+
+    /// Runs `act` as a worker whose VM has its own sighting, `seen`.
+    fn on_another_worker<R>(
+        &mut self,
+        seen: &Cell<Option<Sighting>>,
+        act: impl FnOnce(&mut Bench) -> R,
+    ) -> R {
+        self.seen.swap(seen);
+        let result = act(self);
+        self.seen.swap(seen);
+        result
     }
 
     fn admit(&mut self, now: Instant) -> Admission {
         let (admission, effects) = admit(
-            &self.store,
+            &self.counting(),
             &ns(),
-            &state_key(&ns(), &self.breaker),
+            &keys(&ns(), &self.breaker),
             &self.breaker,
             now,
             self.settings,
+            &self.seen,
         )
         .unwrap();
         self.note(effects);
@@ -59,13 +117,14 @@ impl Bench {
 
     fn finish(&mut self, permit: Permit, outcome: Outcome, now: Instant) {
         let effects = record(
-            &self.store,
+            &self.counting(),
             &ns(),
-            &state_key(&ns(), &self.breaker),
+            &keys(&ns(), &self.breaker),
             &self.breaker,
             permit,
             outcome,
             now,
+            &self.seen,
         )
         .unwrap();
         self.note(effects);
@@ -102,6 +161,114 @@ fn ns() -> Namespace {
 use crate::store::read;
 
 const CONSECUTIVE: &str = r#""trip": {"consecutive_failures": 3}, "open": {"duration": "10s"}, "half_open": {"max_probes": 2}"#;
+
+/// Steady successes through a closed breaker with no failure streak never read its state
+/// after the first request: each admission and each end reads only the empty epoch.
+#[test]
+fn a_closed_breaker_without_failures_reads_its_state_once() {
+    let mut b = Bench::new(CONSECUTIVE);
+    assert!(b.call(FAIL, at(0)) && b.call(OK, at(1)));
+    b.reads.set(0);
+    for ms in 2..102 {
+        assert!(b.call(OK, at(ms)));
+    }
+    assert_eq!(
+        b.reads.get(),
+        1,
+        "the first admission after the streak ended"
+    );
+    // A failure is read and written at its end; the success that ends the streak reads at
+    // its admission (the epoch moved) and at its end; the next success at its admission.
+    assert!(b.call(FAIL, at(102)));
+    assert_eq!(b.reads.get(), 2);
+    assert!(b.call(OK, at(103)));
+    assert_eq!(b.reads.get(), 4);
+    assert!(b.call(OK, at(104)) && b.call(OK, at(105)));
+    assert_eq!(b.reads.get(), 5);
+}
+
+/// Another worker trips the breaker: this worker's next admission sees it (the epoch moved),
+/// and the outcome it admitted before the trip belongs to the closed generation.
+#[test]
+fn a_trip_on_another_worker_is_seen_at_the_next_admission() {
+    let mut b = Bench::new(
+        r#""trip": {"consecutive_failures": 1}, "open": {"duration": "1s"}, "half_open": {"max_probes": 1}"#,
+    );
+    let Admission::Pass(held) = b.admit(at(0)) else {
+        panic!("closed")
+    };
+    let other = Cell::new(None);
+    assert!(b.on_another_worker(&other, |b| b.call(FAIL, at(1))));
+    assert!(matches!(b.admit(at(2)), Admission::Reject { .. }));
+    b.finish(held, FAIL, at(3));
+    assert_eq!(b.transitions, [(Phase::Closed, Phase::Open)]);
+    // Refused from the open sighting, without a read, until the breaker may leave open.
+    let reads = b.reads.get();
+    assert!(matches!(b.admit(at(999)), Admission::Reject { .. }));
+    assert_eq!(b.reads.get(), reads);
+    assert!(matches!(
+        b.admit(at(1_001)),
+        Admission::Pass(Permit::Probe { .. })
+    ));
+    assert!(
+        b.on_another_worker(&other, |b| !b.call(OK, at(1_001))),
+        "the one probe is out"
+    );
+}
+
+/// The epoch write after a trip is lost: a worker that saw the breaker closed goes on letting
+/// requests through on its sighting, but never past the open duration, so it reads the state
+/// by the time the breaker goes half-open and the probes stay within `max_probes`.
+#[test]
+fn a_lost_epoch_write_never_outlasts_the_open_duration() {
+    let mut b = Bench::new(
+        r#""trip": {"consecutive_failures": 1}, "open": {"duration": "1ms"}, "half_open": {"max_probes": 1}"#,
+    );
+    assert!(b.call(OK, at(0)));
+    let other = Cell::new(None);
+    let tripped_at = at(0).saturating_add(Duration::from_micros(500));
+    b.epoch_lost = true;
+    assert!(b.on_another_worker(&other, |b| b.call(FAIL, tripped_at)));
+    b.epoch_lost = false;
+    assert_eq!(b.phase(), Phase::Open);
+    let stale_at = tripped_at.saturating_add(Duration::from_micros(100));
+    assert!(matches!(
+        b.admit(stale_at),
+        Admission::Pass(Permit::Closed { .. })
+    ));
+    let half_open_at = tripped_at.saturating_add(Duration::from_millis(1));
+    assert!(matches!(
+        b.admit(half_open_at),
+        Admission::Pass(Permit::Probe { .. })
+    ));
+    assert!(matches!(b.admit(half_open_at), Admission::Reject { .. }));
+    assert!(b.on_another_worker(&other, |b| !b.call(OK, half_open_at)));
+}
+
+/// A clock that went back never extends a sighting: the VM reads the state.
+#[test]
+fn a_sighting_from_the_future_is_read_again() {
+    let mut b = Bench::new(CONSECUTIVE);
+    assert!(b.call(OK, at(1_000)));
+    let reads = b.reads.get();
+    assert!(b.call(OK, at(500)));
+    assert_eq!(b.reads.get(), reads + 1);
+}
+
+/// A breaker with a window records every outcome, so its ends read and write; its admissions
+/// answer from the sighting.
+#[test]
+fn a_windowed_breaker_reads_at_the_end_only() {
+    let mut b = Bench::new(
+        r#""trip": {"failure_rate_percent": 50, "minimum_calls": 10, "window": {"calls": 20}}"#,
+    );
+    assert!(b.call(OK, at(0)));
+    b.reads.set(0);
+    for ms in 1..=10 {
+        assert!(b.call(OK, at(ms)));
+    }
+    assert_eq!(b.reads.get(), 10);
+}
 
 #[test]
 fn opens_after_exactly_the_configured_consecutive_failures() {
@@ -528,14 +695,16 @@ fn eight_workers_trip_once_and_share_the_probe_budget() {
                 let shared = Arc::clone(&shared);
                 std::thread::spawn(move || {
                     let (breaker, store, log) = &*shared;
+                    let seen = Cell::new(None);
                     for _ in 0..20 {
                         let (admission, effects) = admit(
                             store,
                             &ns(),
-                            &state_key(&ns(), breaker),
+                            &keys(&ns(), breaker),
                             breaker,
                             at(phase_ms),
                             settings,
+                            &seen,
                         )
                         .unwrap();
                         log.lock()
@@ -547,11 +716,12 @@ fn eight_workers_trip_once_and_share_the_probe_budget() {
                             let effects = record(
                                 store,
                                 &ns(),
-                                &state_key(&ns(), breaker),
+                                &keys(&ns(), breaker),
                                 breaker,
                                 permit,
                                 FAIL,
                                 at(0),
+                                &seen,
                             )
                             .unwrap();
                             log.lock()
