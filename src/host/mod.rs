@@ -600,12 +600,30 @@ impl Drop for Report {
     }
 }
 
-/// The response, read from Envoy only when the exchange asks.
-struct EnvoyResponse;
+/// The response, read from Envoy only when the exchange asks; once the whole map was read,
+/// single headers come from it rather than from another hostcall.
+#[derive(Default)]
+struct EnvoyResponse {
+    map: RefCell<Option<HeaderMap>>,
+}
+
+type HeaderMap = Vec<(String, Vec<u8>)>;
+
+impl EnvoyResponse {
+    fn kept_header(&self, name: &str) -> Option<Option<Vec<u8>>> {
+        let map = self.map.try_borrow().ok()?;
+        let map = map.as_ref()?;
+        Some(
+            map.iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, value)| value.clone()),
+        )
+    }
+}
 
 impl ResponseView for EnvoyResponse {
     fn status(&self) -> Option<u16> {
-        let status = abi::header(Map::Response, ":status").ok()??;
+        let status = self.header(":status")?;
         std::str::from_utf8(&status).ok()?.parse().ok()
     }
 
@@ -614,11 +632,18 @@ impl ResponseView for EnvoyResponse {
     }
 
     fn headers(&self) -> Vec<(String, Vec<u8>)> {
-        abi::headers(Map::Response).unwrap_or_default()
+        let map = abi::headers(Map::Response).unwrap_or_default();
+        if let Ok(mut kept) = self.map.try_borrow_mut() {
+            *kept = Some(map.clone());
+        }
+        map
     }
 
     fn header(&self, name: &str) -> Option<Vec<u8>> {
-        abi::header(Map::Response, name).ok()?
+        match self.kept_header(name) {
+            Some(value) => value,
+            None => abi::header(Map::Response, name).ok()?,
+        }
     }
 }
 
@@ -674,7 +699,11 @@ impl Stream {
         else {
             return Action::Continue;
         };
-        let edits = exchange.on_response_headers(&configured.filter, &EnvoyResponse, end_of_stream);
+        let edits = exchange.on_response_headers(
+            &configured.filter,
+            &EnvoyResponse::default(),
+            end_of_stream,
+        );
         for (name, value) in edits.added {
             let _ = abi::add_header(Map::Response, name, value.as_bytes());
         }
@@ -687,7 +716,7 @@ impl Stream {
         }
         if exchange.judged_at_start() {
             configured.run(|filter, env| {
-                exchange.judge_start(filter, env, &EnvoyResponse, end_of_stream);
+                exchange.judge_start(filter, env, &EnvoyResponse::default(), end_of_stream);
             });
         }
         Action::Continue
@@ -741,24 +770,30 @@ impl Stream {
         }
         let grpc_response = exchange.grpc_response();
         let needs_upstream_host = exchange.holds_claim();
+        let judged = exchange.judges_outcome(&configured.filter);
         configured.run(|filter, env| {
-            let write = exchange.finish(filter, env, || Completion {
-                // Envoy reports a grpc-status that is missing or not a code as -1; a gRPC
-                // client takes it as UNKNOWN.
-                grpc_status: grpc_response.then(|| {
-                    abi::int_property(&["response", "grpc_status"])
-                        .and_then(|code| GrpcStatus::from_code(i64::try_from(code).ok()?))
-                        .unwrap_or(GrpcStatus::UNKNOWN)
-                }),
-                status: abi::int_property(&["response", "code"])
-                    .and_then(|code| u16::try_from(code).ok())
-                    .filter(|&code| code > 0),
-                flags: abi::int_property(&["response", "flags"]).unwrap_or(0),
-                via_upstream: via_upstream(),
-                upstream_host: needs_upstream_host
-                    && abi::property(&["upstream", "address"])
-                        .is_ok_and(|address| address.is_some_and(|a| !a.is_empty())),
-                ..Completion::default()
+            let write = exchange.finish(filter, env, || {
+                if !judged {
+                    return Completion::default();
+                }
+                Completion {
+                    // Envoy reports a grpc-status that is missing or not a code as -1; a gRPC
+                    // client takes it as UNKNOWN.
+                    grpc_status: grpc_response.then(|| {
+                        abi::int_property(&["response", "grpc_status"])
+                            .and_then(|code| GrpcStatus::from_code(i64::try_from(code).ok()?))
+                            .unwrap_or(GrpcStatus::UNKNOWN)
+                    }),
+                    status: abi::int_property(&["response", "code"])
+                        .and_then(|code| u16::try_from(code).ok())
+                        .filter(|&code| code > 0),
+                    flags: abi::int_property(&["response", "flags"]).unwrap_or(0),
+                    via_upstream: via_upstream(),
+                    upstream_host: needs_upstream_host
+                        && abi::property(&["upstream", "address"])
+                            .is_ok_and(|address| address.is_some_and(|a| !a.is_empty())),
+                    ..Completion::default()
+                }
             });
             if let Some(write) = write {
                 queue(&self.writes, filter, env, write);

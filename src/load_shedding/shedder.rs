@@ -41,6 +41,16 @@ struct PoolMetrics {
 pub type Slots = Vec<(usize, u64)>;
 
 impl LoadShedding {
+    /// Whether releasing `slots` uses the request's latency: only an adaptive pool does.
+    pub fn samples_latency(&self, slots: &Slots) -> bool {
+        slots.iter().any(|&(index, _)| {
+            self.config
+                .pools
+                .get(index)
+                .is_some_and(|pool| pool.adaptive.is_some())
+        })
+    }
+
     pub fn new(config: LoadSheddingConfig, catalog: &mut Catalog, namespace: &Namespace) -> Self {
         let metrics = config
             .pools

@@ -558,11 +558,13 @@ impl Exchange {
                 .header("content-type")
                 .is_some_and(|t| grpc::is_grpc(&t));
         if let (Some(claim), Some(policy)) = (&mut self.claim, &filter.idempotency) {
+            // The map first: the host then answers the status from it.
+            let headers = response.headers();
             claim.capture.headers(
                 policy.config(),
                 response.status(),
                 response.via_upstream(),
-                &response.headers(),
+                &headers,
                 end_of_stream,
             );
         }
@@ -662,6 +664,24 @@ impl Exchange {
             || self.claim.is_some()
             || self.permits.is_some()
             || self.rate.as_ref().is_some_and(Admission::asks)
+    }
+
+    /// Whether a policy holding this stream's loans judges how it ended (a breaker, an
+    /// idempotency claim, an adaptive pool's latency): only then does the host read the
+    /// response's code, flags and details for [`Exchange::finish`], three hostcalls that cost
+    /// more than everything a pool that only counts does. For the others it passes
+    /// [`Completion::default`].
+    pub fn judges_outcome(&self, filter: &Filter) -> bool {
+        self.permits
+            .as_ref()
+            .is_some_and(|permits| !permits.is_empty())
+            || self.claim.is_some()
+            || self.slots.as_ref().is_some_and(|slots| {
+                filter
+                    .load_shedding
+                    .as_ref()
+                    .is_some_and(|policy| policy.samples_latency(slots))
+            })
     }
 
     /// The stream ended holding nothing: nothing to give back, nothing to read.

@@ -764,6 +764,30 @@ fn shared_data_failures_follow_on_error_for_every_policy() {
     }
 }
 
+/// The host reads how a stream ended (three hostcalls) only for the policies that judge it: a
+/// pool that only counts gives its slot back without them; an adaptive pool, a breaker in
+/// scope and an idempotency claim need them.
+#[test]
+fn only_streams_whose_outcome_is_judged_read_it() {
+    let judged = |json: &str, request: RequestInfo| {
+        let proxy = Proxy::new(json);
+        let mut exchange = Exchange::default();
+        assert_eq!(proxy.send(&mut exchange, request, b"{}"), Step::Continue);
+        exchange.judges_outcome(&proxy.filter)
+    };
+    let pool = r#"{"load_shedding": {"pools": [{"name": "p", "max_in_flight": 9}]}}"#;
+    assert!(!judged(pool, post("/", &[])));
+    let adaptive = r#"{"load_shedding": {"pools": [{"name": "p", "max_in_flight": 9, "adaptive": {"min_limit": 2}}]}}"#;
+    assert!(judged(adaptive, post("/", &[])));
+    let breaker = r#"{"circuit_breaker": {"breakers": [{"name": "b", "scope": {"match": {"path_prefix": "/api"}}, "trip": {"consecutive_failures": 1}}]}}"#;
+    assert!(judged(breaker, post("/api", &[])));
+    assert!(!judged(breaker, post("/other", &[])), "no breaker in scope");
+    let keyed = r#"{"idempotency": {}}"#;
+    assert!(judged(keyed, post("/", &[("idempotency-key", "k1")])));
+    let bucket = r#"{"rate_limit": {"rules": [{"name": "r", "capacity": 5, "refill": {"tokens": 5, "interval": "1s"}}]}}"#;
+    assert!(!judged(bucket, post("/", &[])));
+}
+
 /// The host fetches only what the filter needs: a policy missing here silently sees nothing.
 #[test]
 fn every_policy_declares_the_request_parts_it_reads() {
