@@ -23,7 +23,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 # Recipes use bash's PIPESTATUS.
 SHELL := /bin/bash
 
-.PHONY: setup targets envoy grpcio wasm-bindgen tools wasm-opt build test unit wasm-test e2e e2e-oldest docker-test run bench lint clean \
+.PHONY: setup targets envoy grpcio wasm-bindgen tools wasm-opt build test unit wasm-test e2e e2e-oldest docker-test run bench bench-instructions lint clean \
 	fuzz-tools fuzz fuzz-short build-fault soak \
 	docker-image etcd-image oci
 
@@ -48,7 +48,7 @@ $(GRPCIO): $(ENVOY)
 
 # wrk drives the end-to-end memory test: a million requests in about a minute. A registry
 # (docker-registry) and a client (skopeo) on loopback read back what `make oci` builds.
-TOOLS := wrk:wrk docker-registry:docker-registry skopeo:skopeo etcd:etcd-server wasm-opt:binaryen
+TOOLS := wrk:wrk docker-registry:docker-registry skopeo:skopeo etcd:etcd-server wasm-opt:binaryen valgrind:valgrind
 tools:
 	@missing=$$(for t in $(TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done); \
 	[ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; }
@@ -175,6 +175,12 @@ bench: build envoy tools
 	cargo build --release --target wasm32-wasip1 --manifest-path tests/bench/probe/Cargo.toml --target-dir target/probe
 	python3 tests/bench/bench.py --host-calls target/host-calls/wasm32-wasip1/release/envoy_resilience.wasm \
 		--probe target/probe/wasm32-wasip1/release/bench_probe.wasm $(BENCH_ARGS)
+
+# The same configurations' instructions per request under callgrind: repeatable to the
+# instruction where CPU time is not (tests/bench/instructions.py; BENCH_ARGS as above, e.g.
+# --baseline-wasm OLD.wasm or --only 'all four'). About a minute per configuration.
+bench-instructions: build envoy tools
+	python3 tests/bench/instructions.py $(BENCH_ARGS)
 
 lint: targets
 	cargo fmt --check

@@ -96,6 +96,10 @@ impl Scope {
     pub fn needs_cluster(&self) -> bool {
         matches!(self, Scope::Cluster(_))
     }
+
+    pub fn reads_request_line(&self) -> bool {
+        matches!(self, Scope::Match(m) if m.reads_request_line())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -205,6 +209,11 @@ impl Match {
     }
 
     /// Header names this match reads.
+    /// Whether it looks at `:method` or `:path`.
+    pub fn reads_request_line(&self) -> bool {
+        self.path != PathMatch::Any || !self.methods.is_empty()
+    }
+
     pub fn header_names(&self) -> impl Iterator<Item = &str> {
         let authority = self.host.as_ref().map(|_| ":authority");
         self.headers

@@ -35,8 +35,12 @@ pub trait Policy {
 /// The request parts admission reads.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Needs {
-    /// Anything at all (the method and path at least): false only for a filter with no policy.
+    /// Anything at all: false only for a filter with no policy.
     pub request: bool,
+    /// `:method` and `:path`: for matchers and keys on them, and the logs of dry-run
+    /// refusals, which name them. Without them and without headers, the host reads only
+    /// `content-type` (every policy answers gRPC calls as gRPC), one value instead of the map.
+    pub request_line: bool,
     /// Lower-case header names, each once.
     pub headers: Vec<String>,
     /// The downstream peer address (`source.address`).
@@ -53,6 +57,7 @@ impl Needs {
             }
         }
         self.request |= other.request;
+        self.request_line |= other.request_line;
         self.peer |= other.peer;
         self.cluster |= other.cluster;
     }

@@ -148,6 +148,11 @@ impl Policy for CircuitBreaker {
     fn needs(&self) -> Needs {
         Needs {
             request: true,
+            request_line: self
+                .config
+                .breakers
+                .iter()
+                .any(|b| b.shadow || b.scope.reads_request_line()),
             headers: self
                 .config
                 .breakers

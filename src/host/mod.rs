@@ -123,10 +123,18 @@ impl Configured {
         if !needs.request {
             return RequestInfo::default();
         }
-        let map = abi::headers_named(Map::Request, |name| {
-            RequestInfo::reads(name) || needs.headers.iter().any(|n| n.as_bytes() == name)
-        })
-        .unwrap_or_default();
+        let map = if needs.request_line || !needs.headers.is_empty() {
+            abi::headers_named(Map::Request, |name| {
+                RequestInfo::reads(name) || needs.headers.iter().any(|n| n.as_bytes() == name)
+            })
+            .unwrap_or_default()
+        } else {
+            abi::header(Map::Request, "content-type")
+                .ok()
+                .flatten()
+                .map(|value| vec![("content-type".to_owned(), value)])
+                .unwrap_or_default()
+        };
         let mut request = RequestInfo::from_header_map(map, &needs.headers);
         request.peer = needs
             .peer

@@ -622,6 +622,8 @@ impl Policy for Idempotency {
         });
         Needs {
             request: true,
+            // Its methods, and the fingerprint of every keyed request.
+            request_line: true,
             headers: identity
                 .chain(self.config.matcher.header_names())
                 .chain(std::iter::once(self.config.header.as_str()))

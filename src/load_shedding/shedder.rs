@@ -204,8 +204,19 @@ impl Policy for LoadShedding {
             .class_rules
             .iter()
             .flat_map(|(m, _)| m.header_names());
+        let request_line = self
+            .config
+            .pools
+            .iter()
+            .any(|p| p.shadow || p.scope.as_ref().is_some_and(Scope::reads_request_line))
+            || self
+                .config
+                .class_rules
+                .iter()
+                .any(|(m, _)| m.reads_request_line());
         Needs {
             request: true,
+            request_line,
             headers: scopes
                 .chain(rules)
                 .chain(self.config.priority_header.as_deref())

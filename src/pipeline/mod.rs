@@ -148,8 +148,8 @@ impl Filter {
             rate_limit,
             idempotency,
             circuit_breaker,
-            // Matched on the method and path alone, which every request carries.
-            long_lived: _,
+            // Matched on the method and path alone.
+            long_lived,
             decision_header: _,
             decision_state: _,
         } = self;
@@ -158,6 +158,7 @@ impl Filter {
         rate_limit.iter().for_each(|p| needs.merge(p.needs()));
         idempotency.iter().for_each(|p| needs.merge(p.needs()));
         circuit_breaker.iter().for_each(|p| needs.merge(p.needs()));
+        needs.request_line |= !long_lived.is_empty();
         needs.headers.sort();
         needs
     }

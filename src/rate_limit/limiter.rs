@@ -219,8 +219,17 @@ impl RateLimit {
             .iter()
             .flat_map(|rule| rule.matcher.header_names());
         let forwarded = (self.config.trusted_hops > 0).then_some("x-forwarded-for");
+        let request_line = self.config.rules.iter().any(|rule| {
+            rule.shadow
+                || rule.matcher.reads_request_line()
+                || rule
+                    .key
+                    .iter()
+                    .any(|part| matches!(part, KeyPart::Method | KeyPart::Path))
+        });
         Needs {
             request: true,
+            request_line,
             headers: keyed
                 .chain(matched)
                 .chain(forwarded)

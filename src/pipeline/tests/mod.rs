@@ -823,6 +823,84 @@ fn every_policy_declares_the_request_parts_it_reads() {
     assert_eq!(Proxy::new("{}").filter.needs(), &Needs::default());
 }
 
+/// `:method` and `:path` are declared by exactly what reads them: matchers and keys on them,
+/// dry-run refusals (their logs name them), idempotency and long-lived requests.
+#[test]
+fn the_request_line_is_declared_by_what_reads_it() {
+    let reads = |json: &str| Proxy::new(json).filter.needs().request_line;
+    let breaker = |fields: &str| {
+        format!(
+            r#"{{"circuit_breaker": {{"breakers": [{{"name": "b", {fields} "trip": {{"consecutive_failures": 1}}}}]}}}}"#
+        )
+    };
+    assert!(!reads(&breaker(r#""scope": {"match": {}},"#)));
+    assert!(!reads(&breaker(
+        r#""scope": {"match": {"headers": [{"name": "x-t", "present": true}]}},"#
+    )));
+    assert!(reads(&breaker(
+        r#""scope": {"match": {"path_prefix": "/api"}},"#
+    )));
+    assert!(reads(&breaker(
+        r#""scope": {"match": {"methods": ["GET"]}},"#
+    )));
+    assert!(reads(&breaker(
+        r#""scope": {"match": {}}, "shadow": true,"#
+    )));
+    let rule = |fields: &str| {
+        format!(
+            r#"{{"rate_limit": {{"rules": [{{"name": "r", {fields} "capacity": 1, "refill": {{"tokens": 1, "interval": "1s"}}}}]}}}}"#
+        )
+    };
+    assert!(!reads(&rule(r#""key": ["client_address"],"#)));
+    assert!(reads(&rule(r#""key": ["method"],"#)));
+    assert!(reads(&rule(r#""key": ["path"],"#)));
+    assert!(reads(&rule(r#""match": {"path": "/x"},"#)));
+    assert!(reads(&rule(r#""shadow": true,"#)));
+    assert!(!reads(
+        r#"{"load_shedding": {"pools": [{"name": "p", "max_in_flight": 1}]}}"#
+    ));
+    assert!(reads(
+        r#"{"load_shedding": {"pools": [{"name": "p", "max_in_flight": 1, "shadow": true}]}}"#
+    ));
+    assert!(reads(
+        r#"{"load_shedding": {"pools": [{"name": "p", "max_in_flight": 1}], "priority": {"rules": [{"match": {"path_prefix": "/batch"}, "class": "low"}]}}}"#
+    ));
+    assert!(reads(r#"{"idempotency": {}}"#));
+    assert!(reads(&format!(
+        r#"{{"load_shedding": {{"pools": [{{"name": "p", "max_in_flight": 1}}]}}, {}}}"#,
+        r#""long_lived": {"match": [{"path": "/demo.Orders/Watch"}]}"#
+    )));
+}
+
+/// Where nothing declares `:method` and `:path`, the host reads only `content-type`: every
+/// decision must come out the same without them.
+#[test]
+fn what_does_not_read_the_request_line_decides_the_same_without_it() {
+    let request = |line: bool| {
+        let mut map = vec![("content-type".to_owned(), b"application/json".to_vec())];
+        if line {
+            map.push((":method".to_owned(), b"POST".to_vec()));
+            map.push((":path".to_owned(), b"/orders".to_vec()));
+        }
+        let mut request = RequestInfo::from_header_map(map, &[]);
+        request.peer = "192.0.2.1".parse().ok();
+        request
+    };
+    for json in [
+        r#"{"circuit_breaker": {"breakers": [{"name": "b", "scope": {"match": {}}, "trip": {"consecutive_failures": 2}}]}}"#,
+        r#"{"load_shedding": {"pools": [{"name": "p", "max_in_flight": 1}]}}"#,
+        r#"{"rate_limit": {"rules": [{"name": "r", "key": ["client_address"], "capacity": 3, "refill": {"tokens": 1, "interval": "1h"}}]}}"#,
+    ] {
+        let (with, without) = (Proxy::new(json), Proxy::new(json));
+        assert!(!with.filter.needs().request_line, "{json}");
+        for upstream in [200, 500, 500, 200, 500] {
+            let statuses = [(&with, true), (&without, false)]
+                .map(|(proxy, line)| status(&proxy.call(request(line), b"", upstream)));
+            assert_eq!(statuses[0], statuses[1], "{json}");
+        }
+    }
+}
+
 #[test]
 fn every_request_is_counted_and_an_empty_filter_lets_it_through() {
     let proxy = Proxy::new("{}");
