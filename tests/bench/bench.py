@@ -83,9 +83,9 @@ CASES = [
 # is the calls' own price, which no change inside the filter can take off.
 PROBES = [
     ("probe, as {}", {"now": 1}),
-    ("probe, as one bucket", {"headers": 1, "now": 1, "get": 1, "set": 1, "add_header": 2}),
-    ("probe, as a closed breaker", {"headers": 1, "now": 2, "get": 2, "property": 3}),
-    ("probe, as one pool", {"headers": 1, "now": 2, "get": 2, "set": 2, "gauge": 2}),
+    ("probe, as one bucket", {"header": 1, "now": 1, "get": 1, "set": 1, "add_header": 2}),
+    ("probe, as a closed breaker", {"header": 1, "now": 2, "get": 2, "property": 3}),
+    ("probe, as one pool", {"header": 1, "now": 2, "get": 2, "set": 2, "gauge": 2}),
     ("probe, as all four, GET", {"headers": 1, "now": 2, "get": 5, "set": 3, "property": 4,
                                  "add_header": 2, "gauge": 2}),
 ]

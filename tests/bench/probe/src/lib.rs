@@ -4,7 +4,8 @@
 //! filter's own work.
 //!
 //! Configuration: a flat JSON object of counts, e.g. `{"get": 5, "set": 3, "property": 4}`:
-//! `headers` (reads of the request header map), `now` (clock reads), `get` and `set`
+//! `headers` (reads of the request header map), `header` (reads of one request header,
+//! `content-type`, which a GET lacks), `now` (clock reads), `get` and `set`
 //! (shared-data reads, and compare-and-swaps with the version the read returned: half at the
 //! request, half at its end), `property` (at the end), `add_header` (on the response) and
 //! `gauge` (one move at the request, one at the end).
@@ -16,6 +17,7 @@ use std::rc::Rc;
 #[derive(Default)]
 struct Spec {
     headers: u32,
+    header: u32,
     now: u32,
     get: u32,
     set: u32,
@@ -52,6 +54,7 @@ impl RootContext for Root {
             let count = count.trim().parse().unwrap_or(0);
             match name.trim().trim_matches('"') {
                 "headers" => spec.headers = count,
+                "header" => spec.header = count,
                 "now" => spec.now = count,
                 "get" => spec.get = count,
                 "set" => spec.set = count,
@@ -116,6 +119,9 @@ impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         for _ in 0..self.spec.headers {
             let _ = self.get_http_request_headers_bytes();
+        }
+        for _ in 0..self.spec.header {
+            let _ = self.get_http_request_header_bytes("content-type");
         }
         for _ in 0..self.spec.now.div_ceil(2) {
             let _ = self.get_current_time();
