@@ -208,12 +208,12 @@ impl Match {
             })
     }
 
-    /// Header names this match reads.
     /// Whether it looks at `:method` or `:path`.
     pub fn reads_request_line(&self) -> bool {
         self.path != PathMatch::Any || !self.methods.is_empty()
     }
 
+    /// Header names this match reads.
     pub fn header_names(&self) -> impl Iterator<Item = &str> {
         let authority = self.host.as_ref().map(|_| ":authority");
         self.headers

@@ -1,10 +1,11 @@
 //! The breaker's state machine: closed → open → half-open → closed (or open again).
 //!
 //! Pure functions of (stored state, now, event). The store functions at the bottom are the
-//! only ones that touch shared data: a closed breaker, or one still open, is answered from
-//! the VM's [`Sighting`] of it while the breaker's epoch says it holds (a read of an empty
-//! value), and read (no write) when it does not; leaving open, taking a probe slot and
-//! recording an outcome that changes the state cost one compare-and-swap.
+//! only ones that touch shared data: a clean breaker (closed, no failure streak) is answered
+//! from the VM's [`Sighting`] of it while the breaker's alarm stays down (a read of an empty
+//! value), one still open from its sighting alone, any other read (no write); leaving open,
+//! taking a probe slot and recording an outcome that changes the state cost one
+//! compare-and-swap.
 
 use super::config::BreakerConfig;
 use super::window::{Window, WindowSpec};
@@ -427,57 +428,72 @@ impl BreakerConfig {
 pub struct Effects {
     pub transition: Option<Transition>,
     pub conflicts: u32,
-    /// The state was written but the epoch could not be: other workers may answer from
-    /// their sightings for up to [`MAX_SIGHTING`] (or the open duration) longer.
-    pub epoch_error: Option<StoreError>,
 }
 
 /// The longest a VM answers from one [`Sighting`]: never longer than the breaker's open
 /// duration (see there).
-pub const MAX_SIGHTING: Duration = Duration::from_secs(1);
+pub const MAX_SIGHTING: Duration = Duration::from_millis(100);
 
 /// A breaker's two shared-data keys.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Keys {
     /// Its [`BreakerState`].
     pub state: String,
-    /// A value that stays empty, written after every write of the state that changes what a
-    /// sighting answers from (phase, generation, open-until, failures in a row): its version
-    /// says whether a sighting still holds. Reading an empty value copies nothing into the VM,
-    /// which makes it a few µs cheaper than reading the state.
-    pub epoch: String,
+    /// Empty (or absent) while the breaker is *clean*: closed with no failure streak. A
+    /// writer about to make it anything else sets it to one byte first, and one that made it
+    /// clean again empties it after, with a compare-and-swap against the version it read
+    /// before the state, so that it never empties an alarm another writer raised meanwhile.
+    /// So whenever the alarm is empty, the state is clean. Reading an empty value copies
+    /// nothing into the VM, which makes checking it a few µs cheaper than reading the state.
+    pub alarm: String,
 }
 
 pub fn keys(namespace: &Namespace, breaker: &BreakerConfig) -> Keys {
     Keys {
         state: namespace.key(&format!("cb/{}", breaker.name)),
-        epoch: namespace.key(&format!("cb-epoch/{}", breaker.name)),
+        alarm: namespace.key(&format!("cb-alarm/{}", breaker.name)),
     }
 }
 
-/// What this VM last read of a breaker, read epoch first: a write the state read missed moves
-/// the epoch after it, so an unmoved epoch means the state is still as read.
+/// Closed with no failure streak: what an empty alarm vouches for.
+fn clean(state: Option<&BreakerState>) -> bool {
+    state.is_none_or(|s| s.phase == Phase::Closed && s.consecutive_failures == 0)
+}
+
+/// The alarm as read: `Some(version)` while it is down (empty; `None` inside for a breaker
+/// never raised), `None` while it is raised.
+fn alarm_down(store: &impl Store, keys: &Keys) -> Result<Option<Option<NonZeroU32>>, StoreError> {
+    Ok(match store.get(&keys.alarm)? {
+        None => Some(None),
+        Some(value) if value.bytes.is_empty() => Some(Some(value.version)),
+        Some(_) => None,
+    })
+}
+
+/// What this VM last read of a breaker.
 ///
-/// The one gap: between a worker's write of the state and its write of the epoch (two
-/// hostcalls in a row), another worker still answers from its sighting, as it would have
-/// answered just before the write. An open breaker needs no epoch at all before its open
-/// duration ends: it changes only then. A sighting lasts at most [`MAX_SIGHTING`] and never
-/// longer than the open duration, so even an epoch write that failed cannot let a stale
-/// "closed" through a breaker that has gone half-open since: `max_probes` stays exact.
+/// A clean breaker's sighting holds while the alarm is down at the version read before the
+/// state: the alarm goes up before any write that makes the breaker unclean, so an unmoved,
+/// empty alarm means the state is still as read (and its generation the same). An open
+/// breaker's sighting needs no alarm before its open duration ends: it changes only then.
+/// A clean sighting lasts at most [`MAX_SIGHTING`], and never longer than the open duration: a VM
+/// of an older build, which does not raise the alarm, can leave another VM answering from a
+/// clean sighting that long after it tripped the breaker, never past its half-open.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sighting {
     state: Option<BreakerState>,
-    epoch: Option<NonZeroU32>,
+    /// The alarm's version, read down before the state; `None` when it was up.
+    alarm: Option<Option<NonZeroU32>>,
     at: Instant,
 }
 
 impl Sighting {
     fn look(store: &impl Store, keys: &Keys, now: Instant) -> Result<Sighting, StoreError> {
-        let epoch = epoch(store, keys)?;
+        let alarm = alarm_down(store, keys)?;
         let state = store::read::<BreakerState>(store, &keys.state)?;
         Ok(Sighting {
             state,
-            epoch,
+            alarm,
             at: now,
         })
     }
@@ -497,31 +513,83 @@ impl Sighting {
         breaker: &BreakerConfig,
         now: Instant,
     ) -> Result<bool, StoreError> {
-        if !self.lasts(breaker, now) {
-            return Ok(false);
-        }
         let still_open = self
             .state
             .as_ref()
             .is_some_and(|s| s.phase == Phase::Open && now < s.open_until);
-        Ok(still_open || epoch(store, keys)? == self.epoch)
+        if still_open && self.at <= now {
+            return Ok(true);
+        }
+        if !self.lasts(breaker, now) {
+            return Ok(false);
+        }
+        Ok(self.alarm.is_some()
+            && clean(self.state.as_ref())
+            && alarm_down(store, keys)? == self.alarm)
     }
 }
 
-fn epoch(store: &impl Store, keys: &Keys) -> Result<Option<NonZeroU32>, StoreError> {
-    Ok(store.get(&keys.epoch)?.map(|value| value.version))
-}
-
-/// What a sighting answers from; a write that changes it moves the epoch.
-fn sighted(state: Option<&BreakerState>) -> (Phase, u32, Instant, u32) {
-    state.map_or((Phase::Closed, 0, Instant::default(), 0), |s| {
-        (s.phase, s.generation, s.open_until, s.consecutive_failures)
+/// Read, decide, write with compare-and-swap, as [`store::update`] does (`max_attempts`;
+/// `None`: until it lands, as [`store::settle`]), keeping the alarm: raised before a write
+/// that makes the breaker unclean, lowered after one that makes it clean again.
+fn change<R>(
+    store: &impl Store,
+    namespace: &Namespace,
+    keys: &Keys,
+    max_attempts: Option<u32>,
+    mut decide: impl FnMut(Option<BreakerState>) -> (R, Option<BreakerState>),
+) -> Result<store::Updated<R>, StoreError> {
+    let mut conflicts: u32 = 0;
+    while max_attempts.is_none_or(|max| conflicts < max) {
+        let alarm = store.get(&keys.alarm)?.map(|value| value.version);
+        let current = store.get(&keys.state)?;
+        let state = current
+            .as_ref()
+            .and_then(|c| store::decode::<BreakerState>(&c.bytes).ok());
+        let was_clean = clean(state.as_ref());
+        let (decision, next) = decide(state);
+        let Some(next) = next else {
+            return Ok(store::Updated {
+                decision,
+                conflicts,
+                replaced_unreadable: false,
+            });
+        };
+        let goes_clean = clean(Some(&next));
+        if was_clean && !goes_clean {
+            store.set(&keys.alarm, &[1], None)?;
+        }
+        let bytes = store::encode(&next);
+        let won = match current {
+            Some(current) => match store.set(&keys.state, &bytes, Some(current.version)) {
+                Ok(()) => true,
+                Err(StoreError::CasMismatch) => false,
+                Err(other) => return Err(other),
+            },
+            None => {
+                store::create_absent(store, namespace, &keys.state, &bytes)?
+                    == store::Creation::Created
+            }
+        };
+        if won {
+            // Lowered only if nobody raised it since it was read; otherwise it stays up
+            // (readers then read the state) until the next write that makes it clean.
+            if goes_clean && !was_clean {
+                if let Some(version) = alarm {
+                    let _ = store.set(&keys.alarm, &[], Some(version));
+                }
+            }
+            return Ok(store::Updated {
+                decision,
+                conflicts,
+                replaced_unreadable: false,
+            });
+        }
+        conflicts = conflicts.saturating_add(1);
+    }
+    Err(StoreError::Contended {
+        attempts: conflicts,
     })
-}
-
-/// Moves the epoch after a write that changed what sightings answer from.
-fn advance_epoch(store: &impl Store, keys: &Keys) -> Option<StoreError> {
-    store.set(&keys.epoch, &[], None).err()
 }
 
 /// Decides whether a request may pass `breaker`; `seen` is this VM's last [`Sighting`] of
@@ -554,27 +622,22 @@ pub fn admit(
         seen.set(Some(sighting));
         return Ok((admission, Effects::default()));
     }
-    let updated = store::update::<BreakerState, _>(
+    let updated = change(
         store,
         namespace,
-        &keys.state,
-        settings.max_attempts,
+        keys,
+        Some(settings.max_attempts),
         |state| {
-            let before = sighted(state.as_ref());
             let (admission, next, transition) = breaker.admit(state, now);
-            let moved = next
-                .as_ref()
-                .is_some_and(|next| sighted(Some(next)) != before);
-            ((admission, transition, moved), next)
+            ((admission, transition), next)
         },
     )?;
-    let (admission, transition, moved) = updated.decision;
+    let (admission, transition) = updated.decision;
     Ok((
         admission,
         Effects {
             transition,
             conflicts: updated.conflicts,
-            epoch_error: moved.then(|| advance_epoch(store, keys)).flatten(),
         },
     ))
 }
@@ -608,24 +671,21 @@ pub fn record(
             }
         }
     }
-    let updated = store::settle::<BreakerState, _>(store, namespace, &keys.state, |state| {
-        let before = sighted(state.as_ref());
+    let updated = change(store, namespace, keys, None, |state| {
+        let before = clean(state.as_ref());
         let (next, transition) = breaker.record(state, permit, outcome, now);
-        let moved = next
-            .as_ref()
-            .is_some_and(|next| sighted(Some(next)) != before);
-        ((transition, moved), next)
+        let stays = next.as_ref().is_none_or(|next| clean(Some(next)) == before);
+        ((transition, stays), next)
     })?;
-    let (transition, moved) = updated.decision;
-    // A write that left what sightings answer from as it was (a window's count) leaves this
-    // VM's sighting, if it still has one, as good as everyone else's.
-    if !moved {
+    let (transition, stays) = updated.decision;
+    // A write that left a clean breaker clean (a window's count) leaves this VM's sighting,
+    // if it still has one, as good as before: the alarm says whether it holds.
+    if stays {
         seen.set(sighting);
     }
     Ok(Effects {
         transition,
         conflicts: updated.conflicts,
-        epoch_error: moved.then(|| advance_epoch(store, keys)).flatten(),
     })
 }
 

@@ -107,9 +107,6 @@ impl CircuitBreaker {
     /// Logs and counts a transition: only the worker whose compare-and-swap made it sees it.
     fn apply<S: Store>(&self, env: &mut Env<'_, S>, index: usize, effects: Effects) {
         env.conflicts(effects.conflicts);
-        if let (Some(err), Some(breaker)) = (effects.epoch_error, self.config.breakers.get(index)) {
-            env.store_failed(&format!("circuit breaker {:?} epoch", breaker.name), err);
-        }
         let (Some(transition), Some(breaker), Some(metrics)) = (
             effects.transition,
             self.config.breakers.get(index),

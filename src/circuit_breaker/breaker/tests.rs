@@ -34,20 +34,17 @@ struct Bench {
     seen: Cell<Option<Sighting>>,
     /// Reads of the state made through `admit` and `finish`.
     reads: Cell<u32>,
-    /// Writes of the epoch fail (as a host that failed between the two writes would).
-    epoch_lost: bool,
 }
 
-/// The bench's store: counts reads of the state, and may lose writes of the epoch.
+/// The bench's store, counting reads of the state.
 struct Counting<'a> {
     store: &'a MemoryStore,
     reads: &'a Cell<u32>,
-    epoch_lost: bool,
 }
 
 impl Store for Counting<'_> {
     fn get(&self, key: &str) -> Result<Option<store::Versioned>, StoreError> {
-        if !key.contains("epoch") {
+        if !key.contains("alarm") {
             self.reads.set(self.reads.get() + 1);
         }
         self.store.get(key)
@@ -59,9 +56,6 @@ impl Store for Counting<'_> {
         value: &[u8],
         cas: Option<std::num::NonZeroU32>,
     ) -> Result<(), StoreError> {
-        if self.epoch_lost && key.contains("epoch") {
-            return Err(StoreError::Host(1));
-        }
         self.store.set(key, value, cas)
     }
 }
@@ -76,7 +70,6 @@ impl Bench {
             transitions: Vec::new(),
             seen: Cell::new(None),
             reads: Cell::new(0),
-            epoch_lost: false,
         }
     }
 
@@ -84,7 +77,6 @@ impl Bench {
         Counting {
             store: &self.store,
             reads: &self.reads,
-            epoch_lost: self.epoch_lost,
         }
     }
 
@@ -162,14 +154,14 @@ use crate::store::read;
 
 const CONSECUTIVE: &str = r#""trip": {"consecutive_failures": 3}, "open": {"duration": "10s"}, "half_open": {"max_probes": 2}"#;
 
-/// Steady successes through a closed breaker with no failure streak never read its state
-/// after the first request: each admission and each end reads only the empty epoch.
+/// Steady successes through a closed breaker with no failure streak read its state once per
+/// 100 ms: each admission and each end reads only the empty alarm.
 #[test]
 fn a_closed_breaker_without_failures_reads_its_state_once() {
     let mut b = Bench::new(CONSECUTIVE);
     assert!(b.call(FAIL, at(0)) && b.call(OK, at(1)));
     b.reads.set(0);
-    for ms in 2..102 {
+    for ms in 2..52 {
         assert!(b.call(OK, at(ms)));
     }
     assert_eq!(
@@ -178,16 +170,19 @@ fn a_closed_breaker_without_failures_reads_its_state_once() {
         "the first admission after the streak ended"
     );
     // A failure is read and written at its end; the success that ends the streak reads at
-    // its admission (the epoch moved) and at its end; the next success at its admission.
-    assert!(b.call(FAIL, at(102)));
+    // its admission (the alarm is up) and at its end; the next success at its admission.
+    assert!(b.call(FAIL, at(52)));
     assert_eq!(b.reads.get(), 2);
-    assert!(b.call(OK, at(103)));
+    assert!(b.call(OK, at(53)));
     assert_eq!(b.reads.get(), 4);
-    assert!(b.call(OK, at(104)) && b.call(OK, at(105)));
+    assert!(b.call(OK, at(54)) && b.call(OK, at(55)));
     assert_eq!(b.reads.get(), 5);
+    // A sighting lasts 100 ms: then one read renews it.
+    assert!(b.call(OK, at(155)) && b.call(OK, at(156)));
+    assert_eq!(b.reads.get(), 6);
 }
 
-/// Another worker trips the breaker: this worker's next admission sees it (the epoch moved),
+/// Another worker trips the breaker: this worker's next admission sees it (the alarm is up),
 /// and the outcome it admitted before the trip belongs to the closed generation.
 #[test]
 fn a_trip_on_another_worker_is_seen_at_the_next_admission() {
@@ -216,21 +211,27 @@ fn a_trip_on_another_worker_is_seen_at_the_next_admission() {
     );
 }
 
-/// The epoch write after a trip is lost: a worker that saw the breaker closed goes on letting
-/// requests through on its sighting, but never past the open duration, so it reads the state
-/// by the time the breaker goes half-open and the probes stay within `max_probes`.
+/// A VM of an older build trips the breaker without raising the alarm (as during an upgrade
+/// that keeps the `vm_id`): a worker that saw it clean goes on answering from its sighting,
+/// but never past the open duration, so it reads the state by the time the breaker goes
+/// half-open and the probes stay within `max_probes`.
 #[test]
-fn a_lost_epoch_write_never_outlasts_the_open_duration() {
+fn a_trip_without_the_alarm_never_outlasts_the_open_duration() {
     let mut b = Bench::new(
         r#""trip": {"consecutive_failures": 1}, "open": {"duration": "1ms"}, "half_open": {"max_probes": 1}"#,
     );
     assert!(b.call(OK, at(0)));
-    let other = Cell::new(None);
     let tripped_at = at(0).saturating_add(Duration::from_micros(500));
-    b.epoch_lost = true;
-    assert!(b.on_another_worker(&other, |b| b.call(FAIL, tripped_at)));
-    b.epoch_lost = false;
-    assert_eq!(b.phase(), Phase::Open);
+    let (open, _) = b.breaker.trip(
+        &BreakerState::closed(b.breaker.window, 0),
+        tripped_at,
+        Phase::Closed,
+        "an older build".to_owned(),
+    );
+    assert!(b
+        .store
+        .set("resilience/t/cb/b", &store::encode(&open), None)
+        .is_ok());
     let stale_at = tripped_at.saturating_add(Duration::from_micros(100));
     assert!(matches!(
         b.admit(stale_at),
@@ -242,7 +243,88 @@ fn a_lost_epoch_write_never_outlasts_the_open_duration() {
         Admission::Pass(Permit::Probe { .. })
     ));
     assert!(matches!(b.admit(half_open_at), Admission::Reject { .. }));
+    let other = Cell::new(None);
     assert!(b.on_another_worker(&other, |b| !b.call(OK, half_open_at)));
+}
+
+/// Whenever the alarm is down, the state is clean: a failure raises it before its write, and
+/// the success that ends the streak lowers it after its own.
+#[test]
+fn the_alarm_is_up_exactly_while_the_breaker_is_not_clean() {
+    let mut b = Bench::new(CONSECUTIVE);
+    let up = |b: &Bench| {
+        b.store
+            .get("resilience/t/cb-alarm/b")
+            .unwrap()
+            .is_some_and(|v| !v.bytes.is_empty())
+    };
+    assert!(b.call(OK, at(0)));
+    assert!(!up(&b));
+    assert!(b.call(FAIL, at(1)));
+    assert!(up(&b));
+    assert!(b.call(OK, at(2)));
+    assert!(!up(&b));
+    assert!(b.call(FAIL, at(3)) && b.call(FAIL, at(4)) && b.call(FAIL, at(5)));
+    assert_eq!(b.phase(), Phase::Open);
+    assert!(up(&b));
+    assert!(b.call(OK, at(10_005)) && b.call(OK, at(10_005)));
+    assert_eq!(b.phase(), Phase::Closed);
+    assert!(!up(&b), "closed again, clean");
+}
+
+/// A raise another writer made after this writer read the alarm is never lowered by it.
+#[test]
+fn a_writer_never_lowers_an_alarm_raised_after_it_read_it() {
+    let mut b = Bench::new(CONSECUTIVE);
+    assert!(b.call(FAIL, at(0)));
+    // The streak's end reads the alarm, then the state; meanwhile another failure raises the
+    // alarm again (a new version): the compare-and-swap that would lower it fails.
+    let store = RaceAfterAlarmRead {
+        inner: &b.store,
+        raced: Cell::new(false),
+    };
+    let effects = record(
+        &store,
+        &ns(),
+        &keys(&ns(), &b.breaker),
+        &b.breaker,
+        Permit::Closed { generation: 0 },
+        OK,
+        at(1),
+        &Cell::new(None),
+    );
+    assert!(effects.is_ok());
+    assert!(store.raced.get());
+    assert!(b
+        .store
+        .get("resilience/t/cb-alarm/b")
+        .unwrap()
+        .is_some_and(|v| !v.bytes.is_empty()));
+}
+
+/// Raises the alarm once, right after the first read of it.
+struct RaceAfterAlarmRead<'a> {
+    inner: &'a MemoryStore,
+    raced: Cell<bool>,
+}
+
+impl Store for RaceAfterAlarmRead<'_> {
+    fn get(&self, key: &str) -> Result<Option<store::Versioned>, StoreError> {
+        let got = self.inner.get(key);
+        if key.contains("alarm") && !self.raced.replace(true) {
+            self.inner.set(key, &[1], None)?;
+        }
+        got
+    }
+
+    fn set(
+        &self,
+        key: &str,
+        value: &[u8],
+        cas: Option<std::num::NonZeroU32>,
+    ) -> Result<(), StoreError> {
+        self.inner.set(key, value, cas)
+    }
 }
 
 /// A clock that went back never extends a sighting: the VM reads the state.
