@@ -541,7 +541,9 @@ fn change<R>(
 ) -> Result<store::Updated<R>, StoreError> {
     let mut conflicts: u32 = 0;
     while max_attempts.is_none_or(|max| conflicts < max) {
-        let alarm = store.get(&keys.alarm)?.map(|value| value.version);
+        let alarm = store.get(&keys.alarm)?;
+        let alarm_up = alarm.as_ref().is_some_and(|value| !value.bytes.is_empty());
+        let alarm = alarm.map(|value| value.version);
         let current = store.get(&keys.state)?;
         let state = current
             .as_ref()
@@ -549,6 +551,20 @@ fn change<R>(
         let was_clean = clean(state.as_ref());
         let (decision, next) = decide(state);
         let Some(next) = next else {
+            // Up over a clean state: its raiser lost its race or failed, or a lowering lost
+            // to a newer raise. Writing the state back as read proves no write landed since
+            // it was read; then it comes down as after any clean write. Otherwise every
+            // reader would read the state until the next failure streak ended.
+            if let (true, true, Some(current), Some(version)) =
+                (alarm_up, was_clean, &current, alarm)
+            {
+                if store
+                    .set(&keys.state, &current.bytes, Some(current.version))
+                    .is_ok()
+                {
+                    let _ = store.set(&keys.alarm, &[], Some(version));
+                }
+            }
             return Ok(store::Updated {
                 decision,
                 conflicts,
@@ -574,7 +590,7 @@ fn change<R>(
         if won {
             // Lowered only if nobody raised it since it was read; otherwise it stays up
             // (readers then read the state) until the next write that makes it clean.
-            if goes_clean && !was_clean {
+            if goes_clean && (alarm_up || !was_clean) {
                 if let Some(version) = alarm {
                     let _ = store.set(&keys.alarm, &[], Some(version));
                 }

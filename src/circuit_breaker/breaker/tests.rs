@@ -272,6 +272,40 @@ fn the_alarm_is_up_exactly_while_the_breaker_is_not_clean() {
     assert!(!up(&b), "closed again, clean");
 }
 
+/// An alarm left up over a clean state (its raiser lost a race, or failed) comes down at the
+/// next write, or the next recording that writes nothing, so readers stop reading the state.
+#[test]
+fn an_alarm_left_up_over_a_clean_state_comes_down() {
+    let mut b = Bench::new(CONSECUTIVE);
+    assert!(b.call(OK, at(0)));
+    let up = |b: &Bench| {
+        b.store
+            .get("resilience/t/cb-alarm/b")
+            .unwrap()
+            .is_some_and(|v| !v.bytes.is_empty())
+    };
+    // State must exist for a write-back: a failure and the success that ends it.
+    assert!(b.call(FAIL, at(1)) && b.call(OK, at(2)));
+    assert!(b.store.set("resilience/t/cb-alarm/b", &[1], None).is_ok());
+    assert!(b.call(OK, at(3)));
+    assert!(!up(&b));
+    let reads = b.reads.get();
+    assert!(b.call(OK, at(4)) && b.call(OK, at(5)));
+    assert_eq!(
+        b.reads.get(),
+        reads + 1,
+        "one read to see it down, then none"
+    );
+    // A windowed breaker's clean write lowers it too.
+    let mut w = Bench::new(
+        r#""trip": {"failure_rate_percent": 50, "minimum_calls": 10, "window": {"calls": 20}}"#,
+    );
+    assert!(w.call(OK, at(0)));
+    assert!(w.store.set("resilience/t/cb-alarm/b", &[1], None).is_ok());
+    assert!(w.call(OK, at(1)));
+    assert!(!up(&w));
+}
+
 /// A raise another writer made after this writer read the alarm is never lowered by it.
 #[test]
 fn a_writer_never_lowers_an_alarm_raised_after_it_read_it() {
