@@ -402,7 +402,9 @@ static_resources:
   # Nothing listens here: requests under /dead/ fail to connect (response flag UF).
 {dead}{named_clusters}{filtered}"#,
             upstream = cluster("upstream", upstream.addr.port()),
-            dead = cluster("dead", free_port()),
+            // On 127.0.0.2, which no test binds: a port free on 127.0.0.1 now may be another
+            // test's upstream a second later (seen: a soak's connect failures answered 200).
+            dead = cluster_at("dead", "127.0.0.2", free_port()),
             stats_config = if self.prometheus_labels {
                 format!("\nstats_config: {}", demo()["stats_config"])
             } else {
@@ -658,6 +660,10 @@ pub fn repo_root() -> &'static Path {
 /// A cluster of one local endpoint that Envoy speaks HTTP/2 to.
 /// A static cluster of one endpoint on loopback.
 fn cluster(name: &str, port: u16) -> String {
+    cluster_at(name, "127.0.0.1", port)
+}
+
+fn cluster_at(name: &str, host: &str, port: u16) -> String {
     format!(
         r#"  - name: {name}
     type: STATIC
@@ -667,7 +673,7 @@ fn cluster(name: &str, port: u16) -> String {
       endpoints:
       - lb_endpoints:
         - endpoint:
-            address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}"#
+            address: {{socket_address: {{address: {host}, port_value: {port}}}}}"#
     )
 }
 
