@@ -576,18 +576,7 @@ fn change<R>(
             store.set(&keys.alarm, &[1], None)?;
         }
         let bytes = store::encode(&next);
-        let won = match current {
-            Some(current) => match store.set(&keys.state, &bytes, Some(current.version)) {
-                Ok(()) => true,
-                Err(StoreError::CasMismatch) => false,
-                Err(other) => return Err(other),
-            },
-            None => {
-                store::create_absent(store, namespace, &keys.state, &bytes)?
-                    == store::Creation::Created
-            }
-        };
-        if won {
+        if store::write_over(store, namespace, &keys.state, current.as_ref(), &bytes)? {
             // Lowered only if nobody raised it since it was read; otherwise it stays up
             // (readers then read the state) until the next write that makes it clean.
             if goes_clean && (alarm_up || !was_clean) {

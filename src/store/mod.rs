@@ -202,16 +202,7 @@ fn retry<T: Record, R>(
                 replaced_unreadable: false,
             });
         };
-        let bytes = encode(&next);
-        let won = match current {
-            Some(current) => match store.set(key, &bytes, Some(current.version)) {
-                Ok(()) => true,
-                Err(StoreError::CasMismatch) => false,
-                Err(other) => return Err(other),
-            },
-            None => create_absent(store, namespace, key, &bytes)? == Creation::Created,
-        };
-        if won {
+        if write_over(store, namespace, key, current.as_ref(), &encode(&next))? {
             return Ok(Updated {
                 decision,
                 conflicts,
@@ -223,6 +214,25 @@ fn retry<T: Record, R>(
     Err(StoreError::Contended {
         attempts: conflicts,
     })
+}
+
+/// One attempt's write of `bytes` at `key`: a compare-and-swap over the value `read` there,
+/// or, if it was missing, [`create_absent`]. `false`: another worker's write landed first.
+pub fn write_over(
+    store: &impl Store,
+    namespace: &Namespace,
+    key: &str,
+    read: Option<&Versioned>,
+    bytes: &[u8],
+) -> Result<bool, StoreError> {
+    match read {
+        Some(read) => match store.set(key, bytes, Some(read.version)) {
+            Ok(()) => Ok(true),
+            Err(StoreError::CasMismatch) => Ok(false),
+            Err(other) => Err(other),
+        },
+        None => Ok(create_absent(store, namespace, key, bytes)? == Creation::Created),
+    }
 }
 
 /// Reads `key` without writing: for checks on state that rarely changes (a closed breaker).

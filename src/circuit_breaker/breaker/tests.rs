@@ -73,6 +73,13 @@ impl Bench {
         }
     }
 
+    fn alarm_up(&self) -> bool {
+        self.store
+            .get("resilience/t/cb-alarm/b")
+            .unwrap()
+            .is_some_and(|v| !v.bytes.is_empty())
+    }
+
     fn counting(&self) -> Counting<'_> {
         Counting {
             store: &self.store,
@@ -252,24 +259,18 @@ fn a_trip_without_the_alarm_never_outlasts_the_open_duration() {
 #[test]
 fn the_alarm_is_up_exactly_while_the_breaker_is_not_clean() {
     let mut b = Bench::new(CONSECUTIVE);
-    let up = |b: &Bench| {
-        b.store
-            .get("resilience/t/cb-alarm/b")
-            .unwrap()
-            .is_some_and(|v| !v.bytes.is_empty())
-    };
     assert!(b.call(OK, at(0)));
-    assert!(!up(&b));
+    assert!(!b.alarm_up());
     assert!(b.call(FAIL, at(1)));
-    assert!(up(&b));
+    assert!(b.alarm_up());
     assert!(b.call(OK, at(2)));
-    assert!(!up(&b));
+    assert!(!b.alarm_up());
     assert!(b.call(FAIL, at(3)) && b.call(FAIL, at(4)) && b.call(FAIL, at(5)));
     assert_eq!(b.phase(), Phase::Open);
-    assert!(up(&b));
+    assert!(b.alarm_up());
     assert!(b.call(OK, at(10_005)) && b.call(OK, at(10_005)));
     assert_eq!(b.phase(), Phase::Closed);
-    assert!(!up(&b), "closed again, clean");
+    assert!(!b.alarm_up(), "closed again, clean");
 }
 
 /// An alarm left up over a clean state (its raiser lost a race, or failed) comes down at the
@@ -278,17 +279,11 @@ fn the_alarm_is_up_exactly_while_the_breaker_is_not_clean() {
 fn an_alarm_left_up_over_a_clean_state_comes_down() {
     let mut b = Bench::new(CONSECUTIVE);
     assert!(b.call(OK, at(0)));
-    let up = |b: &Bench| {
-        b.store
-            .get("resilience/t/cb-alarm/b")
-            .unwrap()
-            .is_some_and(|v| !v.bytes.is_empty())
-    };
     // State must exist for a write-back: a failure and the success that ends it.
     assert!(b.call(FAIL, at(1)) && b.call(OK, at(2)));
     assert!(b.store.set("resilience/t/cb-alarm/b", &[1], None).is_ok());
     assert!(b.call(OK, at(3)));
-    assert!(!up(&b));
+    assert!(!b.alarm_up());
     let reads = b.reads.get();
     assert!(b.call(OK, at(4)) && b.call(OK, at(5)));
     assert_eq!(
@@ -303,7 +298,7 @@ fn an_alarm_left_up_over_a_clean_state_comes_down() {
     assert!(w.call(OK, at(0)));
     assert!(w.store.set("resilience/t/cb-alarm/b", &[1], None).is_ok());
     assert!(w.call(OK, at(1)));
-    assert!(!up(&w));
+    assert!(!w.alarm_up());
 }
 
 /// A raise another writer made after this writer read the alarm is never lowered by it.
@@ -329,11 +324,7 @@ fn a_writer_never_lowers_an_alarm_raised_after_it_read_it() {
     );
     assert!(effects.is_ok());
     assert!(store.raced.get());
-    assert!(b
-        .store
-        .get("resilience/t/cb-alarm/b")
-        .unwrap()
-        .is_some_and(|v| !v.bytes.is_empty()));
+    assert!(b.alarm_up());
 }
 
 /// Raises the alarm once, right after the first read of it.
